@@ -1,0 +1,274 @@
+"""Block-benefit probes and their window accumulator (p3b_fx/benefit.py)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from p3b_fx.benefit import BenefitAccumulator, BenefitProbes, ProbeKind, ProbeOutput, probe_params
+from p3b_fx.errors import CheckpointError, ConfigError, TrainingError
+
+DIM, CLASSES, BATCH = 16, 4, 8
+
+
+def make_probes(kind: ProbeKind = ProbeKind.PATCH_CONV, blocks: int = 3, **kw: object) -> BenefitProbes:
+    cfg: dict[str, object] = {"grid_size": 3, "num_prefix_tokens": 1, "has_class_token": True, "hidden": 8}
+    cfg.update(kw)
+    return BenefitProbes(blocks, DIM, CLASSES, patch_kind=kind, **cfg)  # type: ignore[arg-type]
+
+
+def features(blocks: int, tokens: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(BATCH, tokens, DIM, generator=g) for _ in range(blocks + 1)]
+
+
+LABELS = torch.arange(BATCH) % CLASSES
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: threads only add overhead on the shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", [ProbeKind.PATCH_CONV, ProbeKind.PATCH_LINEAR])
+def test_probes_never_reach_the_backbone(kind: ProbeKind) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(DIM, requires_grad=True)  # stand-in backbone parameter
+    feats = [(w * f) for f in features(2, 10)]
+    probes = make_probes(kind, blocks=2)
+    out = probes(feats, LABELS)
+    out.loss.backward()
+    assert w.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in probes.parameters())
+    assert out.benefit_cls is not None and not out.benefit_cls.requires_grad
+    assert not out.benefit_patch.requires_grad
+
+
+def test_same_probe_reads_input_and_output() -> None:
+    """With x_i == x_{i-1} every probe sees the same map twice, so every benefit is exactly 0."""
+    probes = make_probes(ProbeKind.PATCH_LINEAR, blocks=3).eval()
+    same = features(0, 10)[0]
+    out = probes([same] * 4, LABELS)
+    assert out.benefit_cls is not None
+    assert torch.equal(out.benefit_cls, torch.zeros(3))
+    assert torch.equal(out.benefit_patch, torch.zeros(3))
+
+
+def test_loss_is_sum_of_probe_cross_entropies() -> None:
+    probes = make_probes(ProbeKind.PATCH_LINEAR, blocks=1)
+    feats = features(1, 10)
+    out = probes(feats, LABELS)
+    ce = torch.nn.functional.cross_entropy
+    cls_w, cls_b = probes.cls_probes.weight[0], probes.cls_probes.bias[0]  # type: ignore[union-attr]
+    pat_w, pat_b = probes.patch_linear.weight[0], probes.patch_linear.bias[0]  # type: ignore[union-attr]
+    terms = [
+        ce(f[:, 0] @ cls_w + cls_b, LABELS) + ce(f[:, 1:].mean(1) @ pat_w + pat_b, LABELS) for f in feats
+    ]
+    torch.testing.assert_close(out.loss, terms[0] + terms[1])
+    assert out.benefit_cls is not None
+    torch.testing.assert_close(
+        out.benefit_cls[0],
+        ce(feats[0][:, 0] @ cls_w + cls_b, LABELS) - ce(feats[1][:, 0] @ cls_w + cls_b, LABELS),
+    )
+
+
+@pytest.mark.parametrize("kind", [ProbeKind.PATCH_CONV, ProbeKind.PATCH_LINEAR])
+def test_benefit_sign_on_constructed_blocks(kind: ProbeKind) -> None:
+    """Block 1 adds a class signal (more separable: ΔΨ > 0); block 2 replaces it by noise (ΔΨ < 0)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(CLASSES, DIM, generator=g)
+
+    def batch() -> tuple[list[torch.Tensor], torch.Tensor]:
+        y = torch.randint(0, CLASSES, (64,), generator=g)
+        x0 = torch.randn(64, 10, DIM, generator=g)
+        return [x0, x0 + 1.5 * mu[y][:, None, :], torch.randn(64, 10, DIM, generator=g)], y
+
+    probes = make_probes(kind, blocks=2)
+    opt = torch.optim.SGD(probes.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(60):
+        feats, y = batch()
+        opt.zero_grad()
+        probes(feats, y).loss.backward()
+        opt.step()
+    out = probes(*batch())
+    assert out.benefit_cls is not None
+    assert out.benefit_cls[0] > 0.5 and out.benefit_cls[1] < -0.5
+    assert out.benefit_patch[0] > 0.5 and out.benefit_patch[1] < -0.5
+
+
+@pytest.mark.parametrize("kind", [ProbeKind.PATCH_CONV, ProbeKind.PATCH_LINEAR])
+@pytest.mark.parametrize(
+    ("has_cls", "prefix", "grid"),
+    [
+        (True, 1, (3, 3)),  # plain ViT
+        (True, 2, (2, 4)),  # class + distillation token, non-square grid
+        (True, 5, (3, 3)),  # class + 4 registers
+        (False, 0, (4, 4)),  # global-average-pooled, no prefix
+        (False, 4, (2, 3)),  # registers only
+    ],
+)
+def test_shapes(kind: ProbeKind, has_cls: bool, prefix: int, grid: tuple[int, int]) -> None:
+    blocks = 3
+    probes = make_probes(kind, blocks, grid_size=grid, num_prefix_tokens=prefix, has_class_token=has_cls)
+    out = probes(features(blocks, prefix + grid[0] * grid[1]), LABELS)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.benefit_patch.shape == (blocks,)
+    assert (out.benefit_cls is None) == (not has_cls)
+    if out.benefit_cls is not None:
+        assert out.benefit_cls.shape == (blocks,)
+
+
+def test_square_grid_is_inferred_and_soft_labels_work() -> None:
+    probes = make_probes(ProbeKind.PATCH_CONV, blocks=2, grid_size=None, num_prefix_tokens=2)
+    soft = torch.nn.functional.one_hot(LABELS, CLASSES).float() * 0.9 + 0.1 / CLASSES
+    out = probes(features(2, 2 + 16), soft)
+    assert out.benefit_patch.shape == (2,) and torch.isfinite(out.loss)
+
+
+def test_hard_and_one_hot_labels_agree() -> None:
+    probes = make_probes(ProbeKind.PATCH_LINEAR, blocks=2)
+    feats = features(2, 10)
+    hard, onehot = probes(feats, LABELS), probes(feats, torch.nn.functional.one_hot(LABELS, CLASSES).float())
+    torch.testing.assert_close(hard.loss, onehot.loss)
+    torch.testing.assert_close(hard.benefit_patch, onehot.benefit_patch)
+
+
+@pytest.mark.parametrize(
+    ("feats", "labels", "match"),
+    [
+        (features(2, 10), LABELS, "expected 4 feature maps"),
+        (features(3, 11), LABELS, "do not fill the patch grid"),
+        ([*features(3, 10)[:3], torch.randn(BATCH, 10, DIM + 1)], LABELS, "x_3 is"),
+        (features(3, 10), LABELS[:3], "labels"),
+    ],
+)
+def test_bad_inputs_raise(feats: list[torch.Tensor], labels: torch.Tensor, match: str) -> None:
+    with pytest.raises(TrainingError, match=match):
+        make_probes(blocks=3)(feats, labels)
+
+
+def test_non_square_tokens_without_grid_raise() -> None:
+    with pytest.raises(TrainingError, match="inferred as square"):
+        make_probes(blocks=1, grid_size=None)(features(1, 1 + 6), LABELS)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"patch_kind": ProbeKind.CLS_LINEAR}, "patch_kind"),
+        ({"has_class_token": True, "num_prefix_tokens": 0}, "num_prefix_tokens"),
+        ({"grid_size": (0, 3)}, "grid_size"),
+    ],
+)
+def test_bad_config_raises(kw: dict[str, object], match: str) -> None:
+    cfg: dict[str, object] = {"grid_size": 3, "num_prefix_tokens": 1, "has_class_token": True} | kw
+    with pytest.raises(ConfigError, match=match):
+        BenefitProbes(2, DIM, CLASSES, **cfg)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "hidden", "has_cls"),
+    [
+        (ProbeKind.PATCH_CONV, None, True),
+        (ProbeKind.PATCH_CONV, 8, False),
+        (ProbeKind.PATCH_LINEAR, None, True),
+    ],
+)
+def test_probe_params_matches_module(kind: ProbeKind, hidden: int | None, has_cls: bool) -> None:
+    probes = make_probes(kind, blocks=3, hidden=hidden, has_class_token=has_cls)
+    per_block = probe_params(kind, DIM, CLASSES, hidden) + (
+        probe_params("cls_linear", DIM, CLASSES) if has_cls else 0
+    )
+    assert probes.num_probe_params() == 3 * per_block
+
+
+def test_probe_params_vit_b() -> None:
+    """ViT-B (dim 768, 1000 classes): each of the two 3x3 convs is ~5.3 M, the conv probe ~11.4 M."""
+    assert 9 * 768 * 768 == 5_308_416
+    assert probe_params(ProbeKind.PATCH_CONV, 768, 1000) == 2 * 5_308_416 + 4 * 768 + 768 * 1000 + 1000
+    assert (
+        probe_params(ProbeKind.PATCH_LINEAR, 768, 1000)
+        == probe_params(ProbeKind.CLS_LINEAR, 768, 1000)
+        == 769_000
+    )
+
+
+# --- accumulator ---------------------------------------------------------------------------------
+
+
+def step(cls: list[float] | None, patch: list[float]) -> ProbeOutput:
+    return ProbeOutput(
+        loss=torch.zeros(()),
+        benefit_cls=None if cls is None else torch.tensor(cls),
+        benefit_patch=torch.tensor(patch),
+    )
+
+
+def test_accumulator_mean_and_reset() -> None:
+    acc = BenefitAccumulator(3, has_class_token=True)
+    acc.add(step([1.0, 2.0, 3.0], [0.5, -1.0, 0.0]))
+    acc.add(step([3.0, 0.0, -3.0], [1.5, 1.0, 2.0]))
+    cls, patch = acc.mean()
+    assert cls is not None and cls.dtype == np.float64
+    np.testing.assert_allclose(cls, [2.0, 1.0, 0.0])
+    np.testing.assert_allclose(patch, [1.0, 0.0, 1.0])
+    acc.reset()
+    with pytest.raises(TrainingError, match="since the last reset"):
+        acc.mean()
+    acc.add(step([1.0, 1.0, 1.0], [7.0, 7.0, 7.0]))
+    np.testing.assert_allclose(acc.mean()[1], [7.0, 7.0, 7.0])
+
+
+def test_accumulator_without_class_token_and_nonfinite_steps() -> None:
+    acc = BenefitAccumulator(2, has_class_token=False)
+    acc.add(step(None, [1.0, math.inf]))
+    acc.add(step(None, [3.0, 2.0]))
+    cls, patch = acc.mean()
+    assert cls is None
+    np.testing.assert_allclose(patch, [2.0, 2.0])
+    np.testing.assert_array_equal(acc.counts()[1], [2, 1])
+
+
+@pytest.mark.parametrize(
+    ("has_cls", "out"),
+    [(True, step(None, [1.0, 2.0])), (False, step([1.0, 2.0], [1.0, 2.0])), (True, step([1.0], [1.0]))],
+)
+def test_accumulator_rejects_mismatched_output(has_cls: bool, out: ProbeOutput) -> None:
+    with pytest.raises(TrainingError, match="expected ΔΨ of shape"):
+        BenefitAccumulator(2, has_class_token=has_cls).add(out)
+
+
+def test_accumulator_state_dict_round_trip() -> None:
+    acc = BenefitAccumulator(2, has_class_token=True)
+    acc.add(step([1.0, 2.0], [3.0, 4.0]))
+    state = acc.state_dict()
+    restored = BenefitAccumulator(2, has_class_token=True)
+    restored.load_state_dict(state)
+    for a, b in zip(acc.mean(), restored.mean(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    acc.add(step([3.0, 0.0], [1.0, 0.0]))
+    restored.add(step([3.0, 0.0], [1.0, 0.0]))
+    np.testing.assert_array_equal(acc.mean()[1], restored.mean()[1])
+    with pytest.raises(CheckpointError, match="resume with the model"):
+        BenefitAccumulator(3, has_class_token=True).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="malformed"):
+        restored.load_state_dict({"sums": state["sums"]})
+
+
+def test_accumulator_all_reduce_is_noop_without_distributed() -> None:
+    assert not torch.distributed.is_initialized()
+    acc = BenefitAccumulator(2, has_class_token=True)
+    acc.add(step([1.0, 2.0], [3.0, 4.0]))
+    acc.all_reduce_()
+    cls, patch = acc.mean()
+    np.testing.assert_array_equal(cls, [1.0, 2.0])
+    np.testing.assert_array_equal(patch, [3.0, 4.0])
