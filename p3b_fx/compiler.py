@@ -1,0 +1,74 @@
+"""The compiler facade: find groups, mask, slim. Thin glue over the passes."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import fx
+
+from p3b_fx.core.groups import GroupSet
+from p3b_fx.core.masks import MASK_MODULE, MaskBank
+from p3b_fx.core.pass_infra import PassManager
+from p3b_fx.core.plan import KeepPlan
+from p3b_fx.errors import PassError, PlanError
+from p3b_fx.tracing import copy_graph_module
+from passes.find_groups import find_groups as _find_groups
+from passes.insert_masks import InsertMasksPass
+from passes.rewrite_slim import slim_passes
+
+logger = logging.getLogger(__name__)
+
+
+def find_groups(gm: fx.GraphModule) -> GroupSet:
+    """The groups of coupled parameter slices of a traced model (see ``passes.find_groups``)."""
+    if any(n.op == "call_module" and n.target == MASK_MODULE for n in gm.graph.nodes):
+        raise PlanError("this graph already carries P3B masks: find groups on the unmasked traced model")
+    return _find_groups(gm)
+
+
+def insert_masks(gm: fx.GraphModule, groups: GroupSet) -> tuple[fx.GraphModule, MaskBank]:
+    """A copy of ``gm`` with every gate in place and open (outputs unchanged)."""
+    out = copy_graph_module(gm)
+    InsertMasksPass(groups)(out)
+    bank = out.get_submodule(MASK_MODULE)
+    assert isinstance(bank, MaskBank)
+    return out, bank
+
+
+def set_hard_masks(bank: MaskBank, groups: GroupSet, plan: KeepPlan) -> None:
+    """Gates = 1 on kept elements, 0 elsewhere (every gate of a removed block is 0)."""
+    kept = plan.effective(groups)
+    for name in bank.group_attrs:
+        gate = bank.gate(name).detach().clone().zero_()
+        gate[list(kept[name])] = 1.0
+        bank.set_gate(name, gate)
+
+
+def apply_masks(gm: fx.GraphModule, plan: KeepPlan, groups: GroupSet | None = None) -> fx.GraphModule:
+    """The same model with every element the plan prunes zeroed by a hard mask."""
+    groups = groups or find_groups(gm)
+    plan.validate(groups)
+    out, bank = insert_masks(gm, groups)
+    set_hard_masks(bank, groups, plan)
+    return out
+
+
+def slim(gm: fx.GraphModule, plan: KeepPlan, groups: GroupSet | None = None) -> fx.GraphModule:
+    """A dense slim GraphModule computing what ``apply_masks(gm, plan)`` computes.
+
+    Its parameter count equals ``plan.predicted_params(groups)`` exactly; it holds only torch
+    modules and index buffers, so ``torch.save`` / ``torch.load`` need no p3b_fx.
+    """
+    groups = groups or find_groups(gm)
+    plan.validate(groups)
+    work = copy_graph_module(gm)
+    work = PassManager(slim_passes(groups, plan)).run(work).graph_module
+    out = fx.GraphModule(work, work.graph, class_name=type(gm).__name__.replace("Traced", "Slim"))
+    out.meta.update(work.meta)
+    out.train(gm.training)
+    params = sum(p.numel() for p in out.parameters())
+    expected = plan.predicted_params(groups)
+    if params != expected:
+        raise PassError(f"slim model has {params} parameters but the plan predicts {expected}: a rewrite bug")
+    logger.info("slim: %d -> %d parameters", groups.params_total, params)
+    return out

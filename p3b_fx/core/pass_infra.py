@@ -1,0 +1,129 @@
+"""Pass contract and pass manager.
+
+A transform is a frozen dataclass with ``call(gm) -> PassResult``; it declares whether it edits
+its input in place. Optional ``requires`` / ``ensures`` check pre- and post-conditions (the
+post-check runs on the *result*). The manager owns graph hygiene: dead-code elimination,
+``graph.lint()`` and ``recompile()`` run once after each pass that changed something, and every
+error names the failing pass and the ones that ran before it. In debug mode the manager replays
+fixed inputs after each semantics-preserving pass and names the pass whose output drifted.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from p3b_fx.errors import PassError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+class GraphPass(abc.ABC):
+    """Base of every transform pass. Subclasses are ``@dataclass(frozen=True)``."""
+
+    preserves_semantics: ClassVar[bool] = True  # outputs unchanged (checked in debug mode)
+
+    def requires(self, gm: fx.GraphModule) -> None:  # noqa: B027 - optional hook
+        """Raise ``PassError`` if ``gm`` does not meet this pass's precondition."""
+
+    def ensures(self, gm: fx.GraphModule) -> None:  # noqa: B027 - optional hook
+        """Raise ``PassError`` if the result does not meet this pass's postcondition."""
+
+    @abc.abstractmethod
+    def call(self, gm: fx.GraphModule) -> PassResult: ...
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        self.requires(gm)
+        result = self.call(gm)
+        if result.modified:
+            tidy(result.graph_module)
+            self.ensures(result.graph_module)
+        return result
+
+
+def tidy(gm: fx.GraphModule) -> None:
+    """Dead-code elimination, unused submodule removal, lint and recompile."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    _delete_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _delete_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop parameters/buffers no ``get_attr`` or ``call_module`` node refers to any more."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def is_used(name: str) -> bool:
+        return any(name == u or name.startswith(u + ".") for u in used)
+
+    for kind in ("parameters", "buffers"):
+        for name, _ in list(getattr(gm, f"named_{kind}")()):
+            if not is_used(name):
+                owner_name, _, attr = name.rpartition(".")
+                owner = gm.get_submodule(owner_name) if owner_name else gm
+                delattr(owner, attr)
+
+
+class PassManager:
+    """Runs an explicit list of passes; optional debug replay of fixed inputs."""
+
+    def __init__(
+        self,
+        passes: Sequence[GraphPass],
+        *,
+        debug_inputs: tuple[torch.Tensor, ...] | None = None,
+        atol: float = 1e-5,
+    ) -> None:
+        self.passes = tuple(passes)
+        self.debug_inputs = debug_inputs
+        self.atol = atol
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        modified_any = False
+        reference = self._replay(gm)
+        for i, p in enumerate(self.passes):
+            before = [q.name for q in self.passes[:i]] or ["(none)"]
+            try:
+                result = p(gm)
+            except PassError as exc:
+                raise PassError(f"pass {p.name} failed (after {', '.join(before)}): {exc}") from exc
+            gm = result.graph_module
+            modified_any |= result.modified
+            logger.debug("pass %s: modified=%s", p.name, result.modified)
+            if result.modified and p.preserves_semantics and reference is not None:
+                self._check_drift(p, gm, reference)
+            if result.modified and not p.preserves_semantics:
+                reference = self._replay(gm)
+        return PassResult(gm, modified_any)
+
+    def _replay(self, gm: fx.GraphModule) -> torch.Tensor | None:
+        if self.debug_inputs is None:
+            return None
+        with torch.no_grad():
+            out = gm(*self.debug_inputs)
+        return out if isinstance(out, torch.Tensor) else None
+
+    def _check_drift(self, p: GraphPass, gm: fx.GraphModule, reference: torch.Tensor) -> None:
+        out = self._replay(gm)
+        if out is None or out.shape != reference.shape:
+            raise PassError(f"debug replay: pass {p.name} changed the output structure")
+        drift = (out - reference).abs().max().item()
+        if drift > self.atol:
+            raise PassError(f"debug replay: pass {p.name} drifted the output by {drift:.3g} (> {self.atol})")

@@ -1,0 +1,55 @@
+"""AnnotateShapesPass: every node → ``node.meta[SHAPE]`` (its output shape, batch 2).
+
+Pattern: any traced graph. Result: the same graph, each tensor-valued node annotated with its
+output shape (a tuple of shapes for tuple outputs, ``None`` for non-tensors). Why: the grouping
+rules map indices through reshapes by comparing concrete shapes, and FLOP counts need token
+counts. Shapes come from fake tensors, so no arithmetic runs (ViT-L annotates in well under 1 s).
+A batch of 2 keeps the batch axis distinct from size-1 axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from p3b_fx.core import meta
+from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.errors import PassError
+
+
+def _shape_of(val: Any) -> Any:
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+        return tuple(tuple(int(s) for s in v.shape) for v in val)
+    return None
+
+
+@dataclass(frozen=True)
+class AnnotateShapesPass(GraphPass):
+    input_shape: tuple[int, ...]
+    batch: int = 2
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        shape = (self.batch, *self.input_shape[1:])
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            with torch.no_grad():
+                FakeTensorProp(gm, mode).propagate_dont_convert_inputs(mode.from_tensor(torch.empty(shape)))
+        except Exception as exc:  # shape propagation surfaces the model's own errors
+            raise PassError(
+                f"shape propagation with an input of shape {shape} failed: {type(exc).__name__}: {exc}. "
+                "Pass the model's real input shape to p3b_fx.trace(model, input_shape=...)"
+            ) from exc
+        modified = False
+        for node in gm.graph.nodes:
+            new = _shape_of(node.meta.pop("val", None))
+            if node.meta.get(meta.SHAPE) != new:
+                node.meta[meta.SHAPE] = new
+                modified = True
+        return PassResult(gm, modified)

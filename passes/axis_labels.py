@@ -1,0 +1,119 @@
+"""Axis labels: the index bookkeeping behind coupled groups.
+
+Every tracked tensor axis carries a tuple of *labels* (row-major factors). A label is a named
+index space of fixed size; a reshape can refine it into child labels (``qkv`` out → 3 × heads ×
+head_dim), a permute moves it, a contraction or a broadcast ties two axes to the same label.
+Leaves of the refinement tree become groups. A rule that cannot prove exactness *marks* the
+labels it touches with a reason; a marked label (or any label under a marked one) is unprunable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from p3b_fx.core.groups import Role
+
+State = tuple[tuple[str, ...], ...]
+"""Labels along each axis of one tensor; ``()`` for an axis no label runs along."""
+
+
+class Unsupported(Exception):  # noqa: N818 - internal control flow, never escapes the pass
+    """Raised by a rule that has no exact answer; the driver marks the labels involved."""
+
+
+@dataclass
+class Labels:
+    prefix: str
+    sizes: dict[str, int] = field(default_factory=dict)
+    children: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    marks: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, Role] = field(default_factory=dict)
+    contracted: set[str] = field(default_factory=set)
+
+    def new(self, size: int) -> str:
+        name = f"{self.prefix}#{len(self.sizes)}"
+        self.sizes[name] = size
+        return name
+
+    def leaves(self, name: str) -> tuple[str, ...]:
+        kids = self.children.get(name)
+        if kids is None:
+            return (name,)
+        return tuple(leaf for k in kids for leaf in self.leaves(k))
+
+    def axis_leaves(self, axis: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(leaf for label in axis for leaf in self.leaves(label))
+
+    def split(self, name: str, first: int) -> tuple[str, str]:
+        """Refine ``name`` into (size ``first``, the rest), reusing an earlier identical split."""
+        size = self.sizes[name]
+        if first <= 0 or size % first:
+            raise Unsupported(f"cannot split an axis of {size} elements into {first} × rest")
+        kids = self.children.get(name)
+        if kids is not None:
+            if len(kids) == 2 and self.sizes[kids[0]] == first:
+                return kids[0], kids[1]
+            raise Unsupported(f"an axis of {size} elements is split two different ways")
+        a, b = self.new(first), self.new(size // first)
+        self.children[name] = (a, b)
+        return a, b
+
+    def mark(self, state: State | None, reason: str) -> None:
+        for axis in state or ():
+            for label in axis:
+                self.marks.setdefault(label, reason)
+
+    def mark_all(self, reason: str) -> None:
+        for label in self.sizes:
+            self.marks.setdefault(label, reason)
+
+    def reason(self, leaf: str) -> str:
+        """Why ``leaf`` is unprunable ('' if it is prunable): its own mark or an ancestor's."""
+        if leaf in self.marks:
+            return self.marks[leaf]
+        for parent, kids in self.children.items():
+            if leaf in kids:
+                return self.reason(parent)
+        return ""
+
+
+def reshape_state(labels: Labels, state: State, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> State:
+    """Map labels through a reshape by matching row-major factors of the two shapes."""
+    segs: list[tuple[str | None, int]] = []
+    for axis, size in zip(state, in_shape, strict=True):
+        if axis:
+            segs.extend((label, labels.sizes[label]) for label in axis)
+        elif size != 1:
+            segs.append((None, size))
+    out: list[tuple[str, ...]] = []
+    for size in out_shape:
+        out.append(_take(labels, segs, size))
+    if segs:
+        raise Unsupported(f"reshape {in_shape} → {out_shape} leaves factors unmatched")
+    return tuple(out)
+
+
+def _take(labels: Labels, segs: list[tuple[str | None, int]], size: int) -> tuple[str, ...]:
+    taken: list[str | None] = []
+    prod = 1
+    while prod < size:
+        if not segs:
+            raise Unsupported("reshape factors do not line up")
+        label, seg_size = segs.pop(0)
+        need = size // prod
+        if size % prod or seg_size % need and need % seg_size:
+            raise Unsupported("reshape factors do not line up")
+        if seg_size > need:
+            if label is None:
+                segs.insert(0, (None, seg_size // need))
+            else:
+                head, rest = labels.split(label, need)
+                segs.insert(0, (rest, labels.sizes[rest]))
+                label = head
+            seg_size = need
+        taken.append(label)
+        prod *= seg_size
+    named = [t for t in taken if t is not None]
+    if named and len(named) != len(taken):
+        raise Unsupported("reshape merges a group axis with an axis no group runs along")
+    return tuple(named)

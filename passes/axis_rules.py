@@ -1,0 +1,316 @@
+"""One small rule per op kind: how group labels travel through a node.
+
+Each rule takes the node and the tracker and returns the node's output state (labels per axis),
+or raises ``Unsupported`` with a reason; the tracker then marks every label on the node's inputs
+unprunable with that reason and the node's name. Rules also note *zero preservation* (a pruned
+element that is 0 stays 0), which contractions need so that masking equals removal.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import fx, nn
+
+from p3b_fx.core import meta
+from p3b_fx.core.groups import Role
+from passes.axis_labels import State, Unsupported, reshape_state
+
+if TYPE_CHECKING:
+    from passes.track_axes import Tracker
+
+Rule = Callable[[fx.Node, "Tracker"], Any]
+
+_ZERO_KEEPING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Hardswish, nn.Mish, nn.LeakyReLU,
+    nn.ELU, nn.ReLU6, DropPath,
+)  # fmt: skip
+_OTHER_UNARY_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid)
+_ZERO_KEEPING_FUNCTIONS = {F.gelu, F.relu, torch.relu, F.silu, torch.tanh, F.dropout, F.hardswish, operator.neg}
+_OTHER_UNARY_FUNCTIONS = {torch.sigmoid, F.sigmoid, torch.exp, F.softplus}
+_ZERO_KEEPING_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach", "relu",
+                         "tanh", "neg"}  # fmt: skip
+_OTHER_UNARY_METHODS = {"sigmoid", "exp"}
+_MUL = {operator.mul, torch.mul, "mul"}
+_DIV = {operator.truediv, torch.div, "div"}
+_ADD = {operator.add, torch.add, operator.sub, torch.sub, "add", "sub"}
+
+
+def node_key(gm: fx.GraphModule, node: fx.Node) -> Any:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target)))
+    return node.target
+
+
+def first_state(node: fx.Node, t: Tracker) -> State:
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src not in t.states:
+        raise Unsupported("the tracked value is not the first argument")
+    for a in node.all_input_nodes[1:]:
+        if a in t.states and a is not src:
+            raise Unsupported("two tracked values meet in a unary op")
+    return t.states[src]
+
+
+def unary(zero_keeping: bool) -> Rule:
+    def rule(node: fx.Node, t: Tracker) -> State:
+        state = first_state(node, t)
+        src = node.args[0]
+        assert isinstance(src, fx.Node)
+        t.zero[node] = zero_keeping and t.zero.get(src, False)
+        return state
+
+    return rule
+
+
+def _dim(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
+
+
+def _norm_over_last(node: fx.Node, t: Tracker, count: int) -> State:
+    state = first_state(node, t)
+    t.labels.mark(state[-count:], f"normalised over (its statistics would change) at node '{node.name}'")
+    t.zero[node] = False
+    return state
+
+
+def layer_norm_fn(node: fx.Node, t: Tracker) -> State:
+    shape = _dim(node, 1, "normalized_shape")
+    return _norm_over_last(node, t, len(shape) if isinstance(shape, (tuple, list)) else 1)
+
+
+def layer_norm_module(node: fx.Node, t: Tracker) -> State:
+    mod = t.gm.get_submodule(str(node.target))
+    return _norm_over_last(node, t, len(getattr(mod, "normalized_shape", (1,))))
+
+
+def softmax(node: fx.Node, t: Tracker) -> State:
+    state = first_state(node, t)
+    dim = _dim(node, 1, "dim")
+    if dim is None:
+        raise Unsupported("softmax without an explicit dim")
+    t.labels.mark((state[dim],), f"softmax over it at node '{node.name}'")
+    t.zero[node] = False
+    return state
+
+
+def reshape(node: fx.Node, t: Tracker) -> State:
+    state = first_state(node, t)
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    t.zero[node] = t.zero.get(src, False)
+    return reshape_state(t.labels, state, src.meta[meta.SHAPE], node.meta[meta.SHAPE])
+
+
+def _dims(node: fx.Node) -> list[int]:
+    rest = list(node.args[1:]) or list(node.kwargs.get("dims", ()))
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = list(rest[0])
+    return [int(d) for d in rest]
+
+
+def permute(node: fx.Node, t: Tracker) -> State:
+    state = unary(True)(node, t)
+    return tuple(state[d] for d in _dims(node))
+
+
+def transpose(node: fx.Node, t: Tracker) -> State:
+    state = list(unary(True)(node, t))
+    d0, d1 = (int(d) for d in node.args[1:3])
+    state[d0], state[d1] = state[d1], state[d0]
+    return tuple(state)
+
+
+def unbind(node: fx.Node, t: Tracker) -> tuple[State, ...]:
+    state = unary(True)(node, t)
+    dim = int(_dim(node, 1, "dim", 0))
+    for label in state[dim]:
+        t.labels.roles[label] = Role.SELECT
+    t.labels.mark((state[dim],), f"indexed by unbind at node '{node.name}' (e.g. the q/k/v selector)")
+    rest = state[:dim] + state[dim + 1 :]
+    return tuple(rest for _ in node.meta[meta.SHAPE])
+
+
+def getitem(node: fx.Node, t: Tracker) -> Any:
+    src, idx = node.args[0], node.args[1]
+    assert isinstance(src, fx.Node)
+    state = t.states[src]
+    if isinstance(state, tuple) and state and isinstance(state[0], tuple) and state[0] and isinstance(
+        state[0][0], tuple
+    ):  # a tuple of states (unbind / split output)
+        t.zero[node] = t.zero.get(src, False)
+        return state[int(idx)]  # type: ignore[call-overload]
+    return _index_tensor(node, t, state, idx)
+
+
+def _index_tensor(node: fx.Node, t: Tracker, state: State, idx: Any) -> State:
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        fill = len(state) - (len(items) - 1 - items.count(None))
+        items[at : at + 1] = [slice(None)] * fill
+    out: list[tuple[str, ...]] = []
+    axis = 0
+    for it in items:
+        if it is None:
+            out.append(())
+            continue
+        if state[axis] and it != slice(None):
+            raise Unsupported("indexes into a group axis")
+        if not isinstance(it, int):
+            out.append(state[axis])
+        axis += 1
+    out.extend(state[axis:])
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    t.zero[node] = t.zero.get(src, False)
+    return tuple(out)
+
+
+def shape_access(node: fx.Node, t: Tracker) -> None:
+    """``x.shape`` / ``x.size()`` of a tracked tensor: allowed when sizes of group axes only feed
+    reshape arguments (the rewrite replaces those); anything else would bake a dense size."""
+    state = first_state(node, t)
+    for user in node.users:
+        pos = user.args[1] if user.target is operator.getitem else None
+        if isinstance(pos, int) and state[pos] and not all(_is_reshape(u) for u in user.users):
+            raise Unsupported(f"the size of a group axis feeds '{next(iter(user.users)).name}'")
+    if node.op == "call_method" and len(node.args) > 1 and state[int(node.args[1])]:  # x.size(d)
+        if not all(_is_reshape(u) for u in node.users):
+            raise Unsupported("the size of a group axis is used outside a reshape")
+    return None
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return node.target in ("reshape", "view", "unflatten", torch.reshape)
+
+
+def binary(node: fx.Node, t: Tracker) -> State:
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    kind = "mul" if node.target in _MUL else "div" if node.target in _DIV else "add"
+    out_shape = node.meta[meta.SHAPE]
+    ta = isinstance(a, fx.Node) and a in t.states
+    tb = isinstance(b, fx.Node) and b in t.states
+    if ta and tb:
+        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+        state = t.unify(node, t.states[a], t.states[b], len(out_shape))
+        za, zb = t.zero.get(a, False), t.zero.get(b, False)
+        t.zero[node] = (za or zb) if kind == "mul" else (za and zb) if kind == "add" else False
+        return state
+    if ta:
+        return _binary_one_tracked(node, t, a, b, kind, out_shape)
+    if kind == "div":
+        raise Unsupported("divides by a tracked value")
+    return _binary_one_tracked(node, t, b, a, kind, out_shape)
+
+
+def _binary_one_tracked(node: fx.Node, t: Tracker, a: Any, b: Any, kind: str, out_shape: Any) -> State:
+    state = t.states[a]
+    pad = len(out_shape) - len(state)
+    state = ((),) * pad + tuple(state)
+    if isinstance(b, fx.Node):
+        other = b.meta.get(meta.SHAPE) or ()
+        for i, size in enumerate(other):
+            axis = state[len(state) - len(other) + i]
+            if axis and size != 1:
+                if b.op != "get_attr":
+                    raise Unsupported(f"operand '{b.name}' spans a group axis and is no parameter")
+                t.record_param(str(b.target), i, axis)
+    t.zero[node] = t.zero.get(a, False) and (kind in ("mul", "div") or b == 0)
+    return state
+
+
+def maybe_add_mask(node: fx.Node, t: Tracker) -> State:
+    state = first_state(node, t)
+    t.zero[node] = False
+    return state
+
+
+def consumes(node: fx.Node, t: Tracker) -> None:
+    """Reads a tracked tensor only for its dtype/device (timm's mask resolver)."""
+    return None
+
+
+def matmul(node: fx.Node, t: Tracker) -> State:
+    a, b = node.args[0], node.args[1]
+    assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+    sa, sb = t.state_or_empty(a), t.state_or_empty(b)
+    if len(sa) < 2 or len(sb) < 2:
+        raise Unsupported("matmul of a vector")
+    k = t.unify_axis(node, sa[-1], sb[-2], a.meta[meta.SHAPE][-1], b.meta[meta.SHAPE][-2])
+    t.contract(node, k, (a, b))
+    batch = t.unify(node, sa[:-2], sb[:-2], len(node.meta[meta.SHAPE]) - 2)
+    for axis in batch:
+        for label in axis:
+            t.labels.roles.setdefault(label, Role.HEADS)
+    t.zero[node] = t.zero.get(a, False) and t.zero.get(b, False)
+    return (*batch, sa[-2], sb[-1])
+
+
+def sdpa(node: fx.Node, t: Tracker) -> State:
+    q, k, v = node.args[:3]
+    assert isinstance(q, fx.Node) and isinstance(k, fx.Node) and isinstance(v, fx.Node)
+    mask = _dim(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node) and mask in t.states:
+        raise Unsupported("the attention mask carries a group axis")
+    sq, sk, sv = t.state_or_empty(q), t.state_or_empty(k), t.state_or_empty(v)
+    if sq[-2] or sk[-2] or sv[-2]:
+        raise Unsupported("the token axis carries a group")
+    e = t.unify_axis(node, sq[-1], sk[-1], q.meta[meta.SHAPE][-1], k.meta[meta.SHAPE][-1])
+    t.contract(node, e, (q, k))
+    if e:
+        scale = _dim(node, 6, "scale")
+        t.sdpa_scales[node.name] = float(scale) if scale is not None else 1.0 / math.sqrt(q.meta[meta.SHAPE][-1])
+    rank = len(node.meta[meta.SHAPE])
+    batch = t.unify(node, t.unify(node, sq[:-2], sk[:-2], rank - 2), sv[:-2], rank - 2)
+    for axis in batch:
+        for label in axis:
+            t.labels.roles.setdefault(label, Role.HEADS)
+    t.zero[node] = t.zero.get(v, False)
+    return (*batch, sq[-2], sv[-1])
+
+
+def build_rules() -> dict[Any, Rule]:
+    rules: dict[Any, Rule] = {}
+    for key in (*_ZERO_KEEPING_MODULES, *_ZERO_KEEPING_FUNCTIONS, *_ZERO_KEEPING_METHODS):
+        rules[key] = unary(True)
+    for key in (*_OTHER_UNARY_MODULES, *_OTHER_UNARY_FUNCTIONS, *_OTHER_UNARY_METHODS):
+        rules[key] = unary(False)
+    for key in (*_MUL, *_DIV, *_ADD):
+        rules[key] = binary
+    rules.update({F.layer_norm: layer_norm_fn, nn.LayerNorm: layer_norm_module, F.softmax: softmax,
+                  torch.softmax: softmax, "softmax": softmax, "reshape": reshape, "view": reshape,
+                  torch.reshape: reshape, "flatten": reshape, torch.flatten: reshape, "unflatten": reshape,
+                  "permute": permute, torch.permute: permute, "transpose": transpose,
+                  torch.transpose: transpose, "swapaxes": transpose, "unbind": unbind, torch.unbind: unbind,
+                  operator.getitem: getitem, getattr: shape_access, "size": shape_access,
+                  operator.matmul: matmul, torch.matmul: matmul, "matmul": matmul, torch.bmm: matmul,
+                  F.scaled_dot_product_attention: sdpa})  # fmt: skip
+    if hasattr(nn, "RMSNorm"):
+        rules[nn.RMSNorm] = layer_norm_module
+    _add_timm_rules(rules)
+    return rules
+
+
+def _add_timm_rules(rules: dict[Any, Rule]) -> None:
+    from timm.layers import attention as timm_attention  # noqa: PLC0415 - optional timm internals
+    from timm.layers import norm as timm_norm  # noqa: PLC0415
+
+    if hasattr(timm_attention, "maybe_add_mask"):
+        rules[timm_attention.maybe_add_mask] = maybe_add_mask
+    if hasattr(timm_attention, "resolve_self_attn_mask"):
+        rules[timm_attention.resolve_self_attn_mask] = consumes
+    for name in ("LayerNorm", "RmsNorm", "SimpleNorm"):
+        if hasattr(timm_norm, name):
+            rules[getattr(timm_norm, name)] = layer_norm_module
+    for name in ("GELU", "GELUTanh", "QuickGELU"):
+        from timm.layers import activations  # noqa: PLC0415
+
+        if hasattr(activations, name):
+            rules[getattr(activations, name)] = unary(True)

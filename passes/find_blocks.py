@@ -1,0 +1,124 @@
+"""find_blocks: the residual sub-blocks of a graph, found from its structure alone.
+
+Pattern: ``add(a, b)`` where ``b`` is computed from ``a`` (``a`` is an ancestor of ``b``) and both
+have the same shape: ``b`` is a residual branch reading stream ``a``. Result: one frozen
+``Branch`` per residual add, with its nodes, its first and last linear and its kind (attention
+when it multiplies two activations, else MLP). Why: P3B scores and prunes per residual
+sub-block; module names differ between models, the graph's residual structure does not.
+Branches whose values escape, or that hold fewer than two linears, are reported, not guessed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from p3b_fx.core import meta
+from p3b_fx.core.groups import BlockKind
+
+_ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.bmm)
+
+
+@dataclass(frozen=True)
+class Branch:
+    name: str
+    kind: BlockKind
+    input_node: str
+    add_node: str
+    branch_input: str  # the add operand that is the branch output
+    nodes: tuple[str, ...]  # topological order, add node excluded
+    linears: tuple[str, ...]  # call_module nn.Linear nodes in order
+
+
+@dataclass(frozen=True)
+class BlockSearch:
+    branches: tuple[Branch, ...]
+    unsupported: tuple[str, ...]
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_TARGETS:
+        return True
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Linear)
+
+
+def is_attention_op(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        return True
+    matmul = (node.op == "call_function" and node.target in MATMUL_TARGETS) or (
+        node.op == "call_method" and node.target in ("matmul", "bmm")
+    )
+    return matmul and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args[:2])
+
+
+def _ancestors_in_range(start: fx.Node, lo: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        for p in n.all_input_nodes:
+            if p not in seen and order[p] > lo:
+                seen.add(p)
+                stack.append(p)
+    return seen
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    prefix: list[str] = []
+    for column in zip(*parts, strict=False):
+        if len(set(column)) != 1:
+            break
+        prefix.append(column[0])
+    return ".".join(prefix)
+
+
+def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
+    args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(args) != 2 or args[0].meta.get(meta.SHAPE) != args[1].meta.get(meta.SHAPE):
+        return None
+    for a, b in ((args[0], args[1]), (args[1], args[0])):
+        if order[a] < order[b] and a in _ancestors_in_range(b, order[a] - 1, order):
+            return a, b
+    return None
+
+
+def _make_branch(gm: fx.GraphModule, add: fx.Node, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> Branch | str:
+    body = _ancestors_in_range(b, order[a], order) | {b}
+    body.discard(a)
+    nodes = sorted(body, key=order.__getitem__)
+    for n in nodes:
+        escapes = [u.name for u in n.users if u not in body and u is not add]
+        if escapes:
+            return f"residual add '{add.name}': value of '{n.name}' is also used outside the branch ({escapes[0]})"
+    linears = [n for n in nodes if is_linear(gm, n)]
+    if len(linears) < 2:
+        return f"residual add '{add.name}': branch has {len(linears)} nn.Linear (need a first and a last)"
+    name = _common_prefix([str(n.target) for n in linears]) or f"branch_{add.name}"
+    kind = BlockKind.ATTENTION if any(is_attention_op(n) for n in nodes) else BlockKind.MLP
+    return Branch(name, kind, a.name, add.name, b.name, tuple(n.name for n in nodes), tuple(n.name for n in linears))
+
+
+def find_blocks(gm: fx.GraphModule) -> BlockSearch:
+    """All residual branches of ``gm`` (which must carry shape meta, see AnnotateShapesPass)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    branches: list[Branch] = []
+    unsupported: list[str] = []
+    for node in gm.graph.nodes:
+        if not is_add(node):
+            continue
+        operands = _residual_operands(node, order)
+        if operands is None:
+            continue
+        found = _make_branch(gm, node, *operands, order)
+        (unsupported if isinstance(found, str) else branches).append(found)  # type: ignore[arg-type]
+    return BlockSearch(tuple(branches), tuple(unsupported))

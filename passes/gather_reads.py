@@ -1,0 +1,48 @@
+"""GatherReadsPass: a block reads only the residual channels its plan keeps.
+
+Pattern: a live block whose read group shrinks; its first linear (and any other linear reading
+the same normalised input) reads ``x``. Result: ``torch.index_select(x, -1, idx)`` feeds those
+linears (idx an int64 buffer under ``p3b_index``); the norm before still sees the full width.
+Why: LayerNorm statistics stay those of the dense model, so slim equals hard-masked exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from p3b_fx.core.groups import GroupSet
+from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.plan import KeepPlan
+from passes.slim_common import index_buffer, live_blocks, nodes_by_name, shrunk
+
+
+@dataclass(frozen=True)
+class GatherReadsPass(GraphPass):
+    groups: GroupSet
+    plan: KeepPlan
+    preserves_semantics = False
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        names = nodes_by_name(gm)
+        modified = False
+        for name in live_blocks(self.groups, self.plan):
+            group = f"{name}:read"
+            if not shrunk(self.groups, self.plan, group):
+                continue
+            read = names[self.groups.block(name).read_node]
+            point = read.args[0]
+            assert isinstance(point, fx.Node)
+            if point.target is torch.index_select:  # already gathered
+                continue
+            readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
+            idx = torch.tensor(self.plan.indices(self.groups, group), dtype=torch.long)
+            idx_node = index_buffer(gm, group, idx, read)
+            with gm.graph.inserting_before(read):
+                gathered = gm.graph.call_function(torch.index_select, (point, -1, idx_node))
+            for u in readers:
+                u.replace_input_with(point, gathered)
+            modified = True
+        return PassResult(gm, modified)

@@ -1,0 +1,88 @@
+"""InsertMasksPass: a gate multiply at every place P3B masks, all gates open.
+
+Pattern: the blocks of a ``GroupSet``. Result: the same graph plus a ``MaskBank`` submodule and,
+per block, mask sites at (1) the input of every linear reading the residual (read gate), (2) the
+first linear's output when a prunable index is contracted there (per-head dimension: q·k must
+lose it too), (3) the last linear's input (heads, head_dim, hidden), (4) the last linear's output
+(write gate). Why: zeroing exactly there makes a hard-masked model compute what the slim model
+computes; soft gate values are P3B's soft masks. Outputs are unchanged while gates are 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from p3b_fx.core import meta
+from p3b_fx.core.groups import Factor, GroupSet, Role
+from p3b_fx.core.masks import MASK_MODULE, MaskBank
+from p3b_fx.core.pass_infra import GraphPass, PassResult
+
+
+def _dims(groups: GroupSet, param: str, dim: int) -> tuple[Factor, ...] | None:
+    for b in groups.blocks:
+        for spec in b.params:
+            if spec.name == param:
+                return spec.dims[dim]
+    return None
+
+
+@dataclass(frozen=True)
+class InsertMasksPass(GraphPass):
+    groups: GroupSet
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if any(n.meta.get(meta.MASK_SITE) for n in gm.graph.nodes):
+            return PassResult(gm, False)
+        names = {n.name: n for n in gm.graph.nodes}
+        sizes = {g.name: g.size for g in self.groups.prunable}
+        sites: dict[str, tuple[Factor, ...]] = {}
+        bank = MaskBank(sizes, {})
+        gm.add_submodule(MASK_MODULE, bank)
+        for b in self.groups.blocks:
+            read, write = names[b.read_node], names[b.write_node]
+            roles = {self.groups.group(g).role for g in b.groups if self.groups.group(g).prunable}
+            point = read.args[0]
+            assert isinstance(point, fx.Node)
+            readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
+            self._before(gm, readers, point, f"{b.name}:read", ((sizes.get(f"{b.name}:read", 1), f"{b.name}:read"),), sites)
+            if Role.HEAD_DIM in roles:
+                self._after(gm, read, f"{b.name}:first_out", _dims(self.groups, f"{read.target}.weight", 0), sites)
+            win = write.args[0]
+            assert isinstance(win, fx.Node)
+            self._before(gm, [write], win, f"{b.name}:last_in", _dims(self.groups, f"{write.target}.weight", 1), sites)
+            self._after(gm, write, f"{b.name}:write", ((sizes.get(f"{b.name}:write", 1), f"{b.name}:write"),), sites)
+        bank.sites.update(sites)
+        return PassResult(gm, True)
+
+    @staticmethod
+    def _new_site(gm: fx.GraphModule, src: fx.Node, site: str) -> fx.Node:
+        with gm.graph.inserting_after(src):
+            node = gm.graph.call_module(MASK_MODULE, (src, site))
+        node.meta[meta.MASK_SITE] = site
+        node.meta[meta.SHAPE] = src.meta.get(meta.SHAPE)
+        return node
+
+    def _before(self, gm: fx.GraphModule, users: list[fx.Node], src: fx.Node, site: str,
+                factors: tuple[Factor, ...] | None, sites: dict[str, tuple[Factor, ...]]) -> None:  # fmt: skip
+        if factors is None or not any(g in self._prunable for _, g in factors):
+            return
+        sites[site] = factors
+        node = self._new_site(gm, src, site)
+        for u in users:
+            u.replace_input_with(src, node)
+
+    def _after(self, gm: fx.GraphModule, src: fx.Node, site: str, factors: tuple[Factor, ...] | None,
+               sites: dict[str, tuple[Factor, ...]]) -> None:  # fmt: skip
+        if factors is None or not any(g in self._prunable for _, g in factors):
+            return
+        sites[site] = factors
+        users = list(src.users)
+        node = self._new_site(gm, src, site)
+        for u in users:
+            u.replace_input_with(src, node)
+
+    @property
+    def _prunable(self) -> set[str]:
+        return {g.name for g in self.groups.prunable}

@@ -1,0 +1,37 @@
+"""RemoveBlocksPass: a block that keeps nothing becomes the identity on the residual stream.
+
+Pattern: a block of the plan with an empty group (it would add a constant or nothing). Result:
+its residual ``add(x, branch(x))`` is replaced by ``x``; dead-code elimination drops the branch
+and the manager's tidy-up drops its parameters. Why: the masked model adds exactly zero there
+(masks zero every gate of such a block), so removal is exact and saves all its compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from p3b_fx.core.groups import GroupSet
+from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.plan import KeepPlan
+from passes.slim_common import nodes_by_name
+
+
+@dataclass(frozen=True)
+class RemoveBlocksPass(GraphPass):
+    groups: GroupSet
+    plan: KeepPlan
+    preserves_semantics = False
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        names = nodes_by_name(gm)
+        modified = False
+        for block in self.plan.removed_blocks(self.groups):
+            add = names.get(block.add_node)
+            if add is None:  # already removed
+                continue
+            add.replace_all_uses_with(names[block.input_node])
+            gm.graph.erase_node(add)
+            modified = True
+        return PassResult(gm, modified)

@@ -1,0 +1,73 @@
+"""RewriteShapesPass: rewrite sizes baked into the graph for the slim widths.
+
+Pattern: reshape / view / unflatten nodes whose output axes carry shrunk groups (``NodeInfo.axes``)
+and SDPA nodes whose per-head dimension shrinks. Result: each such size argument (a constant such
+as ``num_heads`` or ``head_dim``, or a ``x.shape[i]`` node) becomes the kept size; SDPA gets the
+dense model's softmax scale pinned (its default, 1/sqrt(head_dim), would change). Why: the slim
+graph must compute exactly what the masked graph computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from p3b_fx.core.groups import GroupSet
+from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.plan import KeepPlan
+
+_RESHAPES = ("reshape", "view")
+
+
+@dataclass(frozen=True)
+class RewriteShapesPass(GraphPass):
+    groups: GroupSet
+    plan: KeepPlan
+    preserves_semantics = False
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        kept = self.plan.kept_sizes(self.groups)
+        modified = False
+        for node in gm.graph.nodes:
+            info = self.groups.nodes.get(node.name)
+            if info is None:
+                continue
+            if info.sdpa_scale is not None and node.kwargs.get("scale") is None:
+                if any(kept[g] < self.groups.group(g).size for g in _contracted(node, self.groups)):
+                    node.kwargs = {**node.kwargs, "scale": info.sdpa_scale}
+                    modified = True
+            sizes = [math.prod(kept[g] for g in axis) if axis else None for axis in info.axes]
+            modified |= _rewrite_reshape(node, sizes)
+        return PassResult(gm, modified)
+
+
+def _contracted(node: fx.Node, groups: GroupSet) -> tuple[str, ...]:
+    q = node.args[0]
+    info = groups.nodes.get(q.name) if isinstance(q, fx.Node) else None
+    return info.axes[-1] if info and info.axes else ()
+
+
+def _rewrite_reshape(node: fx.Node, sizes: list[int | None]) -> bool:
+    is_reshape = (node.op == "call_method" and node.target in _RESHAPES) or node.target is torch.reshape
+    if is_reshape:
+        packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        old = list(node.args[1]) if packed else list(node.args[1:])  # type: ignore[arg-type]
+        new = _replace(old, sizes)
+        if new != old:
+            node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
+            return True
+    elif node.op == "call_method" and node.target == "unflatten":
+        dim, old = int(node.args[1]), list(node.args[2])  # type: ignore[arg-type, call-overload]
+        new = _replace(old, sizes[dim : dim + len(old)])
+        if new != old:
+            node.args = (node.args[0], dim, tuple(new))
+            return True
+    return False
+
+
+def _replace(old: list[Any], sizes: list[int | None]) -> list[Any]:
+    return [s if s is not None and o != -1 else o for o, s in zip(old, sizes, strict=True)]

@@ -1,0 +1,44 @@
+"""ScatterWritesPass: a block writes only the residual channels its plan keeps.
+
+Pattern: a live block whose write group shrinks; its residual ``add(x, y)``. Result:
+``torch.index_add(x, -1, idx, y)`` (y is already narrow: the last linear's rows and any
+per-channel scale after it were sliced). Why: writing the kept channels in place of adding a
+zero-padded tensor saves the padding and computes the same sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from p3b_fx.core.groups import GroupSet
+from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.plan import KeepPlan
+from passes.slim_common import index_buffer, live_blocks, nodes_by_name, shrunk
+
+
+@dataclass(frozen=True)
+class ScatterWritesPass(GraphPass):
+    groups: GroupSet
+    plan: KeepPlan
+    preserves_semantics = False
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        names = nodes_by_name(gm)
+        modified = False
+        for name in live_blocks(self.groups, self.plan):
+            group = f"{name}:write"
+            block = self.groups.block(name)
+            add = names.get(block.add_node)
+            if not shrunk(self.groups, self.plan, group) or add is None or add.target is torch.index_add:
+                continue
+            stream = names[block.input_node]
+            branch = next(a for a in add.args[:2] if isinstance(a, fx.Node) and a is not stream)
+            idx = torch.tensor(self.plan.indices(self.groups, group), dtype=torch.long)
+            idx_node = index_buffer(gm, group, idx, add)
+            add.target, add.op = torch.index_add, "call_function"
+            add.args, add.kwargs = (stream, -1, idx_node, branch), {}
+            modified = True
+        return PassResult(gm, modified)

@@ -1,0 +1,52 @@
+"""SliceParamsPass: physically slice every parameter a plan shrinks.
+
+Pattern: parameter dimensions whose factors carry a group the plan shrinks (``ParamSpec``).
+Result: those parameters replaced by their kept slices (row-major flat index over the factors,
+e.g. ``qkv.weight`` rows over 3 × heads × head_dim); ``nn.Linear`` feature counts updated.
+Why: the slim model's weights are dense and only as large as the plan says, exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from p3b_fx.core.groups import GroupSet
+from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.plan import KeepPlan
+from passes.slim_common import flat_index, live_blocks
+
+
+@dataclass(frozen=True)
+class SliceParamsPass(GraphPass):
+    groups: GroupSet
+    plan: KeepPlan
+    preserves_semantics = False
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        kept = self.plan.effective(self.groups)
+        modified = False
+        for name in live_blocks(self.groups, self.plan):
+            for spec in self.groups.block(name).params:
+                param = gm.get_parameter(spec.name)
+                new = param.detach()
+                for dim, factors in enumerate(spec.dims):
+                    idx = flat_index(factors, kept)
+                    if idx is not None and new.shape[dim] == idx.numel():
+                        continue  # already sliced (idempotence)
+                    if idx is not None:
+                        new = new.index_select(dim, idx)
+                if new.shape != param.shape:
+                    _replace(gm, spec.name, new, param.requires_grad)
+                    modified = True
+        return PassResult(gm, modified)
+
+
+def _replace(gm: fx.GraphModule, name: str, value: torch.Tensor, requires_grad: bool) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    setattr(owner, attr, nn.Parameter(value.clone(), requires_grad=requires_grad))
+    if isinstance(owner, nn.Linear):
+        owner.out_features, owner.in_features = (int(s) for s in owner.weight.shape)

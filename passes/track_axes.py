@@ -1,0 +1,134 @@
+"""Tracker: carries group labels from a block's first linear to its last, one rule per node.
+
+Pattern: the nodes of one residual branch (see ``find_blocks``). Result: the label state of every
+tracked node, the parameter dimensions the labels run along, the pinned SDPA scales, and the
+reasons any label is unprunable. Why: q, k and v heads, the per-head dimension and MLP hidden
+neurons are coupled through reshapes, permutes, unbinds and contractions; following indices
+through the graph finds them for any model built from these ops, and fails closed on others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from p3b_fx.core import meta
+from p3b_fx.core.groups import Role
+from passes.axis_labels import Labels, State, Unsupported
+from passes.axis_rules import Rule, build_rules, consumes, node_key, shape_access
+
+_RULES: dict[Any, Rule] | None = None
+
+
+def rules() -> dict[Any, Rule]:
+    global _RULES  # noqa: PLW0603 - built once, read-only afterwards
+    if _RULES is None:
+        _RULES = build_rules()
+    return _RULES
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    key = node_key(gm, node)
+    what = getattr(key, "__name__", str(key))
+    return f"{node.op} {what}"
+
+
+@dataclass
+class Tracker:
+    gm: fx.GraphModule
+    labels: Labels
+    states: dict[fx.Node, Any] = field(default_factory=dict)
+    zero: dict[fx.Node, bool] = field(default_factory=dict)
+    params: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
+    sdpa_scales: dict[str, float] = field(default_factory=dict)
+    failed: set[fx.Node] = field(default_factory=set)
+
+    def state_or_empty(self, node: fx.Node) -> State:
+        if node in self.states:
+            return self.states[node]  # type: ignore[no-any-return]
+        return ((),) * len(node.meta[meta.SHAPE])
+
+    def record_param(self, name: str, dim: int, axis: tuple[str, ...]) -> None:
+        if self.params.setdefault((name, dim), axis) != axis:
+            raise Unsupported(f"parameter '{name}' dim {dim} is reached by two different group axes")
+
+    def unify_axis(self, node: fx.Node, a: tuple[str, ...], b: tuple[str, ...], size_a: int, size_b: int) -> tuple[str, ...]:
+        if a == b:
+            return a
+        if not a and size_a == 1:
+            return b
+        if not b and size_b == 1:
+            return a
+        raise Unsupported("two different index spaces meet on one axis")
+
+    def unify(self, node: fx.Node, a: State, b: State, rank: int) -> State:
+        a = ((),) * (rank - len(a)) + tuple(a)
+        b = ((),) * (rank - len(b)) + tuple(b)
+        out = []
+        for x, y in zip(a, b, strict=True):
+            if x != y and x and y:
+                raise Unsupported("two different index spaces meet on one axis")
+            out.append(x or y)
+        return tuple(out)
+
+    def contract(self, node: fx.Node, axis: tuple[str, ...], operands: tuple[fx.Node, ...]) -> None:
+        for label in axis:
+            self.labels.contracted.add(label)
+            self.labels.roles[label] = Role.HEAD_DIM
+        if axis and not all(self.zero.get(op, False) for op in operands):
+            self.labels.mark((axis,), f"contracted at node '{node.name}' after an op that does not keep zeros")
+
+    def run(self, nodes: list[fx.Node], read: fx.Node, write: fx.Node) -> None:
+        first = self.labels.new(int(read.meta[meta.SHAPE][-1]))
+        self.states[read] = ((),) * (len(read.meta[meta.SHAPE]) - 1) + ((first,),)
+        self.zero[read] = True
+        self.record_param(f"{read.target}.weight", 0, (first,))
+        if f"{read.target}.bias" in dict(self.gm.named_parameters()):
+            self.record_param(f"{read.target}.bias", 0, (first,))
+        for node in nodes[nodes.index(read) + 1 :]:
+            if node is not write and any(i in self.states for i in node.all_input_nodes):
+                self._step(node)
+        self._finish(write)
+
+    def _step(self, node: fx.Node) -> None:
+        rule = rules().get(node_key(self.gm, node))
+        try:
+            if rule is None:
+                raise Unsupported(f"no grouping rule for {describe(self.gm, node)}")
+            out = rule(node, self)
+        except Unsupported as exc:
+            self.failed.add(node)
+            for i in node.all_input_nodes:
+                self._mark_any(self.states.get(i), f"{exc} at node '{node.name}'")
+            return
+        if out is not None:
+            self.states[node] = out
+
+    def _mark_any(self, state: Any, reason: str) -> None:
+        if state and isinstance(state[0], tuple) and state[0] and isinstance(state[0][0], tuple):
+            for s in state:
+                self.labels.mark(s, reason)
+        else:
+            self.labels.mark(state, reason)
+
+    def _finish(self, write: fx.Node) -> None:
+        src = write.args[0]
+        state = self.states.get(src) if isinstance(src, fx.Node) else None
+        if state is None:
+            self.labels.mark_all(f"the block's last linear '{write.name}' does not read the tracked value")
+        elif any(state[:-1]):
+            self.labels.mark_all(f"group axes reach '{write.name}' on a non-feature axis")
+        else:
+            self.record_param(f"{write.target}.weight", 1, state[-1])
+        self._check_escapes(write)
+
+    def _check_escapes(self, write: fx.Node) -> None:
+        quiet = (shape_access, consumes)
+        for node in list(self.states):
+            for user in node.users:
+                ok = user is write or user in self.states or user in self.failed
+                ok = ok or rules().get(node_key(self.gm, user)) in quiet
+                if not ok:
+                    self.labels.mark_all(f"'{node.name}' leaves the block through '{user.name}', not its last linear")
