@@ -1,0 +1,193 @@
+"""PruneConfig: every option of a P3B pruning run, frozen and validated once.
+
+Sources, lowest priority first: the defaults below, a TOML file (``load_toml``), then command-line
+overrides where ``None`` means "not given" (so CLI defaults never hide a TOML value). Nothing
+mutates a config during a run; a resumed run checks that its config matches the stored one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p3b_fx.errors import ConfigError
+
+METHODS = ("p3b", "dense", "uniform", "global-taylor", "global-magnitude")
+GRANULARITIES = ("reference", "deploy")
+BUDGET_UNITS = ("params", "flops")
+PROBE_KINDS = ("patch_conv", "patch_linear")
+SOURCE_MODEL = "source"
+"""``model`` value that selects the shipped Fashion-MNIST source model (the default)."""
+
+REFERENCE_BATCH = 512
+"""The base learning rate is given for this batch size and scaled linearly (method doc §5)."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One pruning run. ``lr`` is the base rate at batch 512; :attr:`scaled_lr` is what AdamW uses."""
+
+    model: str = SOURCE_MODEL
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    pretrained: bool = False
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    prune_ratio: float = 0.5
+    budget: str = "params"
+    blocks_only: bool = False
+    floor: float = 0.0
+    method: str = "p3b"
+    granularity: str = "reference"
+    round_to: int = 1
+    epochs: int = 10
+    finetune_epochs: int = 0
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: float | None = None
+    sparse_epochs: float | None = None
+    updates_per_epoch: int = 3
+    probe: str = "patch_conv"
+    probe_hidden: int | None = None
+    augment: bool = True
+    seed: int = 0
+    out: str = "runs/p3b"
+    resume: bool = False
+    force: bool = False
+    device: str = "auto"
+    amp: bool = True
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check_numbers(self)
+        _check_schedule(self)
+
+    @property
+    def keep_ratio(self) -> float:
+        return 1.0 - self.prune_ratio
+
+    @property
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / REFERENCE_BATCH
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable values (for ``report.json`` and resume checks)."""
+        out = dataclasses.asdict(self)
+        out["model_kwargs"] = dict(self.model_kwargs)
+        return out
+
+    def replace(self, **changes: Any) -> PruneConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_sources(
+        cls, toml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> PruneConfig:
+        """Defaults < TOML file < overrides whose value is not None."""
+        values: dict[str, Any] = load_toml(toml_path) if toml_path is not None else {}
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_mapping(values, where=str(toml_path) if toml_path else "options")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "options") -> PruneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown option(s) {unknown}; known options are {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**dict(values))
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """The options in a TOML file: top-level keys, or a ``[prune]`` table; '-' in keys becomes '_'."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {p} does not exist; check the --config path") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    table = data.get("prune", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {p}: [prune] must be a table of options")
+    return {str(k).replace("-", "_"): v for k, v in table.items()}
+
+
+def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}; pick one of those")
+
+
+def _check_choices(cfg: PruneConfig) -> None:
+    _choice(cfg.method, METHODS, "method")
+    _choice(cfg.granularity, GRANULARITIES, "granularity")
+    _choice(cfg.budget, BUDGET_UNITS, "budget unit")
+    _choice(cfg.probe, PROBE_KINDS, "probe kind")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device {cfg.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+    if not isinstance(cfg.model_kwargs, Mapping):
+        raise ConfigError(
+            f"model_kwargs must be a table of timm constructor arguments, got {cfg.model_kwargs!r}"
+        )
+
+
+def _finite(value: float, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_numbers(cfg: PruneConfig) -> None:
+    for name in ("prune_ratio", "floor", "lr", "weight_decay", "label_smoothing"):
+        _finite(getattr(cfg, name), name)
+    if not 0.0 < cfg.prune_ratio < 1.0:
+        raise ConfigError(
+            f"prune ratio {cfg.prune_ratio} must lie strictly between 0 and 1 (0.5 removes half the "
+            "parameters); for no pruning use --method dense"
+        )
+    if not 0.0 <= cfg.floor < 1.0:
+        raise ConfigError(f"floor {cfg.floor} must be in [0, 1)")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "round_to": cfg.round_to,
+                "updates_per_epoch": cfg.updates_per_epoch}  # fmt: skip
+    for name, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(cfg.finetune_epochs, int) or cfg.finetune_epochs < 0:
+        raise ConfigError(f"finetune_epochs must be an integer >= 0, got {cfg.finetune_epochs!r}")
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.label_smoothing < 1:
+        raise ConfigError(
+            f"need lr > 0, weight_decay >= 0 and label_smoothing in [0, 1); got {cfg.lr}, "
+            f"{cfg.weight_decay}, {cfg.label_smoothing}"
+        )
+    for name in ("num_classes", "img_size", "probe_hidden", "max_steps_per_epoch"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer when given, got {value!r}")
+    if cfg.num_classes is not None and cfg.num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2, got {cfg.num_classes}")
+
+
+def _check_schedule(cfg: PruneConfig) -> None:
+    warm, sparse = cfg.warmup_epochs, cfg.sparse_epochs
+    for name, value in (("warmup_epochs", warm), ("sparse_epochs", sparse)):
+        if value is not None:
+            _finite(value, name)
+            if not 0 <= value <= cfg.epochs:
+                raise ConfigError(f"{name} {value} must lie in [0, epochs={cfg.epochs}]")
+    if warm is not None and sparse is not None and sparse < warm:
+        raise ConfigError(f"sparse_epochs {sparse} comes before warmup_epochs {warm}; swap them")
+    if warm is not None and warm >= cfg.epochs:
+        raise ConfigError(f"warmup_epochs {warm} leaves no pruning epochs out of {cfg.epochs}")

@@ -1,0 +1,863 @@
+"""The P3B training loop (method doc §1-§5) and the library entry point :func:`run`.
+
+One run: load the model and data, trace it, find its groups, insert masks and feature taps, then
+fine-tune while pruning: the probes measure every block's benefit on the taps' features, the gates
+collect Taylor scores, and at every scheduled update the benefits become keep ratios under one
+global budget and the Taylor scores become fresh soft masks. At the end the masks become a hard
+keep plan, the model is physically slimmed (checked against the hard-masked model), fine-tuned and
+evaluated. Baselines (dense, uniform, torch-pruning's global criteria) run through the same data,
+epochs and budget. Everything lands in the output directory: ``log.jsonl``, ``checkpoint.pt``
+(every epoch, atomic), ``plan.json``, ``slim.pt``, plots and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import p3b_fx
+from p3b_fx import budget as budget_mod
+from p3b_fx import data as data_mod
+from p3b_fx.allocate import GateSpec, GateType, allocate_block
+from p3b_fx.benefit import BenefitAccumulator, BenefitProbes
+from p3b_fx.config import SOURCE_MODEL, PruneConfig
+from p3b_fx.core.groups import Block, BlockKind, GroupSet, Role
+from p3b_fx.core.masks import MaskBank
+from p3b_fx.core.plan import KeepPlan
+from p3b_fx.criteria import TaylorAccumulator
+from p3b_fx.errors import CheckpointError, ConfigError, DataError, TrainingError
+from p3b_fx.importance import ImportanceTracker
+from p3b_fx.schedule import Schedule
+from passes.insert_taps import FeatureTaps, InsertTapsPass, feature_taps
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Loaders = tuple[DataLoader[Any], DataLoader[Any]]
+
+RUN_FILES = ("run.json", "checkpoint.pt", "log.jsonl", "report.json", "plan.json", "slim.pt")
+"""Files a run writes; an output directory holding any of them belongs to another run."""
+
+SLIM_TOLERANCE = 1e-4
+"""Max abs difference allowed between the slim and the hard-masked model on a test batch."""
+
+BUDGET_TOLERANCE = 0.01
+"""Relative distance between the final parameter count and the budget reported as 'met'."""
+
+_GATE_TYPES: Mapping[tuple[BlockKind, Role], GateType] = {
+    (BlockKind.ATTENTION, Role.READ): GateType.ATTN_IN,
+    (BlockKind.ATTENTION, Role.HEADS): GateType.ATTN_HEADS,
+    (BlockKind.ATTENTION, Role.HEAD_DIM): GateType.ATTN_HEAD_DIM,
+    (BlockKind.ATTENTION, Role.WRITE): GateType.ATTN_OUT,
+    (BlockKind.MLP, Role.READ): GateType.MLP_IN,
+    (BlockKind.MLP, Role.HIDDEN): GateType.MLP_HIDDEN,
+    (BlockKind.MLP, Role.WRITE): GateType.MLP_OUT,
+}
+_GRANULARITY_ROLES: Mapping[str, frozenset[Role]] = {
+    "reference": frozenset({Role.READ, Role.HEAD_DIM, Role.WRITE, Role.HIDDEN}),
+    "deploy": frozenset({Role.HEADS, Role.HIDDEN}),
+}
+
+
+# --- output directory and small I/O helpers ---------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(cfg: PruneConfig) -> Path:
+    """Create the output directory; refuse one holding another run unless resuming or forced."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory; choose another --out")
+    taken = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise CheckpointError(
+                f"--resume: {out}/checkpoint.pt does not exist; start a fresh run without --resume"
+            )
+    elif taken and not cfg.force:
+        raise ConfigError(
+            f"output directory {out} already holds a run ({', '.join(taken)}); pass --resume to continue it, "
+            "--force to overwrite it, or choose another --out"
+        )
+    elif taken:
+        for name in taken:
+            (out / name).unlink()
+        logger.warning("--force: removed %s from %s", ", ".join(taken), out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def append_log(out: Path, record: Mapping[str, Any]) -> None:
+    with (out / "log.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+# --- model and data ---------------------------------------------------------------------------------
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # noqa: PLC0415 - only for this format
+
+            return dict(load_file(str(path)))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors/pickle raise many types for corrupt files
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a weights file ({type(exc).__name__}: {exc}); "
+            "pass a safetensors file or a torch state_dict"
+        ) from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state_dict of tensors")
+    return state
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    state = _read_weights(path)
+    head = getattr(model, "head", None)
+    saved_head = state.get("head.weight")
+    if isinstance(head, nn.Linear) and saved_head is not None and saved_head.shape[0] != head.out_features:
+        model.reset_classifier(int(saved_head.shape[0]))  # type: ignore[operator]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model ({str(exc)[:400]}); pass the --model it was trained as"
+        ) from exc
+
+
+def build_model(cfg: PruneConfig) -> nn.Module:
+    """The model to prune: the shipped source model, or a timm model; weights from ``checkpoint``."""
+    import timm  # noqa: PLC0415 - heavy import
+
+    from p3b_fx.source_model import ASSETS_DIR, SOURCE_STEM, build_vit, load_source_model, read_card  # noqa: PLC0415
+
+    if cfg.model == SOURCE_MODEL:
+        if cfg.checkpoint is None:
+            return load_source_model()[0]
+        card = read_card(ASSETS_DIR / f"{SOURCE_STEM}.json")
+        model = build_vit(str(card["timm_model"]), card["model_kwargs"], card)
+    else:
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.img_size is not None:
+            kwargs.setdefault("img_size", cfg.img_size)
+        try:
+            model = timm.create_model(
+                cfg.model, pretrained=cfg.pretrained and cfg.checkpoint is None, **kwargs
+            )
+        except (RuntimeError, ValueError, OSError, TypeError) as exc:
+            raise ConfigError(f"cannot build timm model {cfg.model!r} with {kwargs}: {exc}") from exc
+    if cfg.checkpoint is not None:
+        _load_weights(model, Path(cfg.checkpoint))
+    return model
+
+
+def model_input(model: nn.Module, cfg: PruneConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """Image side, mean and std the model expects (from its patch embedding and pretrained_cfg)."""
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    side = (
+        int(size[0]) if size is not None else int(cfg.img_size or pcfg.get("input_size", (3, 224, 224))[-1])
+    )
+    mean = tuple(float(v) for v in pcfg.get("mean", (0.5, 0.5, 0.5)))
+    std = tuple(float(v) for v in pcfg.get("std", (0.5, 0.5, 0.5)))
+    return side, mean, std
+
+
+def fit_head(model: nn.Module, data_classes: int, cfg: PruneConfig) -> None:
+    """Reset the classifier when ``--num-classes`` asks; refuse a silent class-count mismatch."""
+    have = int(getattr(model, "num_classes", data_classes))
+    if cfg.num_classes is not None and cfg.num_classes != data_classes:
+        raise DataError(
+            f"--num-classes {cfg.num_classes} does not match dataset {cfg.data!r}, which has {data_classes} "
+            f"classes; pass --num-classes {data_classes}"
+        )
+    if have == data_classes:
+        return
+    if cfg.num_classes is None:
+        raise DataError(
+            f"the model predicts {have} classes but dataset {cfg.data!r} has {data_classes}; pass "
+            f"--num-classes {data_classes} to reset the classification head (it then starts untrained)"
+        )
+    if not hasattr(model, "reset_classifier"):
+        raise ConfigError(f"{type(model).__name__} has no reset_classifier(); cannot change its head")
+    model.reset_classifier(data_classes)  # type: ignore[operator]
+    logger.info("classification head reset from %d to %d classes", have, data_classes)
+
+
+def build_data(cfg: PruneConfig, model: nn.Module) -> tuple[Loaders, int]:
+    side, mean, std = model_input(model, cfg)
+    loaders = data_mod.build_loaders(
+        cfg.data, img_size=side, mean=mean, std=std, batch_size=cfg.batch_size, seed=cfg.seed,
+        root=cfg.data_root, augment=cfg.augment,
+    )  # fmt: skip
+    return loaders, data_mod.num_classes_of(cfg.data)
+
+
+def pick_device(cfg: PruneConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {cfg.device!r} asked for, but CUDA is not available here; use --device cpu"
+        )
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- shared training pieces ---------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases, tokens and embeddings (1-D parameters)."""
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+        (plain if no_wd else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: PruneConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.scaled_lr)
+
+
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def check_loss(loss: torch.Tensor, step: int, where: str) -> None:
+    if not torch.isfinite(loss.detach()).item():
+        raise TrainingError(
+            f"{where}: the loss became {loss.item()} at step {step}; the last good checkpoint is kept. "
+            "Lower --lr, check the data, or disable --amp"
+        )
+
+
+def limited(loader: DataLoader[Any], limit: int) -> Iterator[Batch]:
+    for i, batch in enumerate(loader):
+        if i >= limit:
+            return
+        yield batch[0], batch[1]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader[Any], device: torch.device, amp: bool = False) -> float:
+    """Top-1 accuracy in [0, 1] on the whole loader."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        with autocast(device, amp):
+            logits = model(x.to(device))
+        correct += int((logits.argmax(-1).cpu() == y).sum())
+        total += len(y)
+    model.train(was)
+    return correct / max(total, 1)
+
+
+def train_plain(
+    model: nn.Module, loaders: Loaders, cfg: PruneConfig, device: torch.device, epochs: int, *,
+    hook: Callable[[int], None] | None = None, desc: str = "fine-tune",
+) -> list[float]:  # fmt: skip
+    """Ordinary fine-tuning (AdamW, label smoothing, AMP on CUDA); test top-1 after each epoch.
+
+    ``hook(step)`` runs after every optimiser step (the global baselines prune there).
+    """
+    opt = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    steps = steps_per_epoch(loaders[0], cfg)
+    accs: list[float] = []
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        bar = tqdm(limited(loaders[0], steps), total=steps, desc=f"{desc} {epoch + 1}/{epochs}", disable=None)
+        for x, y in bar:
+            with autocast(device, cfg.amp):
+                loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
+            check_loss(loss, step, desc)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            if hook is not None:
+                hook(step)
+                opt = _refresh_optimizer(opt, model, cfg)
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        accs.append(evaluate(model, loaders[1], device, cfg.amp))
+    return accs
+
+
+def _refresh_optimizer(opt: torch.optim.AdamW, model: nn.Module, cfg: PruneConfig) -> torch.optim.AdamW:
+    """A new optimiser when pruning replaced parameters (the old state no longer fits)."""
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    if held == {id(p) for p in model.parameters() if p.requires_grad}:
+        return opt
+    return make_optimizer(model, cfg)
+
+
+def steps_per_epoch(loader: DataLoader[Any], cfg: PruneConfig) -> int:
+    n = len(loader)
+    if n == 0:
+        raise DataError(f"dataset {cfg.data!r} yields no training batch; check the data")
+    return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
+
+
+def make_schedule(cfg: PruneConfig, spe: int) -> Schedule:
+    warm = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.1 * cfg.epochs
+    sparse = cfg.sparse_epochs if cfg.sparse_epochs is not None else max(warm, 0.5 * cfg.epochs)
+    return Schedule.from_epochs(spe, cfg.epochs, warm, sparse, updates_per_epoch=cfg.updates_per_epoch)
+
+
+# --- the P3B pruner state ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Allocation:
+    soft: dict[str, np.ndarray]
+    hard: dict[str, np.ndarray]
+    kept: dict[str, int]
+    block_cost: list[float]
+
+
+@dataclass
+class Pruner:
+    """Budget, gates and statistics of one P3B (or uniform) run; knows nothing of the data."""
+
+    cfg: PruneConfig
+    groups: GroupSet
+    bank: MaskBank
+    schedule: Schedule
+    probes: BenefitProbes
+    costs: budget_mod.GroupCostModel = field(init=False)
+    specs: dict[str, list[GateSpec]] = field(init=False)
+    taylor: TaylorAccumulator = field(init=False)
+    benefit: BenefitAccumulator = field(init=False)
+    tracker: ImportanceTracker = field(default_factory=ImportanceTracker)
+    kept: dict[str, int] = field(default_factory=dict)
+    last: Allocation | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.costs = budget_mod.cost_model_from_groups(self.groups, budget_mod.BudgetUnit(self.cfg.budget))
+        self.specs = gate_specs(self.groups, self.cfg.granularity, self.cfg.round_to)
+        self.taylor = TaylorAccumulator({g: gate.numel() for g, gate in self.bank.gates().items()})
+        self.benefit = BenefitAccumulator(len(self.groups.blocks), self.probes.has_class_token)
+        self.kept = {g.name: g.size for g in self.groups}
+        self.goal(np.ones(len(self.groups.blocks)))  # fails fast when no plan meets the budget
+
+    @property
+    def dense(self) -> np.ndarray:
+        return budget_mod.dense_costs(self.costs)
+
+    def goal(self, importance: np.ndarray) -> np.ndarray:
+        return budget_mod.keep_ratios(
+            importance, self.dense, self.costs.nonblock, self.cfg.keep_ratio,
+            blocks_only=self.cfg.blocks_only, floor=self.cfg.floor,
+        )  # fmt: skip
+
+    def kept_costs(self) -> np.ndarray:
+        """Current hard-mask cost per block; a removed block counts as dense (guards step 4 of §2)."""
+        out = [self.costs.block_cost(b.name, self.kept) for b in self.groups.blocks]
+        return np.where(np.asarray(out) > 0, out, self.dense)
+
+    def importance(self) -> tuple[np.ndarray, dict[str, Any]]:
+        cls, patch = self.benefit.mean()
+        info = {"benefit_patch": patch.round(5).tolist(),
+                "benefit_cls": None if cls is None else cls.round(5).tolist()}  # fmt: skip
+        if self.cfg.method == "uniform":
+            return np.ones(len(self.groups.blocks)), info
+        return self.tracker.update(cls, patch, self.kept_costs()), info
+
+    def update(self, step: int, loss: float | None) -> dict[str, Any]:
+        """Re-allocate before ``step``: new keep ratios, new soft masks; returns the log record."""
+        importance, info = self.importance()
+        kappa = budget_mod.effective_keep(self.goal(importance), self.schedule.ramp(step))
+        alloc = self.allocate(kappa, self.taylor.scores(), self.schedule.tau(step))
+        for name, values in alloc.soft.items():
+            self.bank.set_gate(name, torch.as_tensor(values, dtype=torch.float32))
+        self.kept.update(alloc.kept)
+        self.last = alloc
+        self.taylor.reset()
+        self.benefit.reset()
+        kept_ratio = (np.asarray(alloc.block_cost) / np.maximum(self.dense, 1e-12)).round(4)
+        params = self.groups.model_params(self.kept)
+        record = {
+            "step": step, "phase": str(self.schedule.phase(step)), "tau": self.schedule.tau(step),
+            "ramp": self.schedule.ramp(step), "keep_target": kappa.round(4).tolist(),
+            "keep_ratios": kept_ratio.tolist(), "importance": importance.round(4).tolist(), **info,
+            "params": params, "sparsity": round(1 - params / self.groups.params_total, 4), "loss": loss,
+        }  # fmt: skip
+        self.history.append(record)
+        return record
+
+    def allocate(self, kappa: np.ndarray, scores: Mapping[str, np.ndarray], tau: float) -> Allocation:
+        """Per block allocation; rounding error is carried to the next pruned block (budget stays exact)."""
+        soft: dict[str, np.ndarray] = {}
+        hard: dict[str, np.ndarray] = {}
+        kept: dict[str, int] = {}
+        costs: list[float] = []
+        carry = 0.0
+        for i, block in enumerate(self.groups.blocks):
+            specs = self.specs[block.name]
+            target = float(kappa[i] * self.dense[i]) + (carry if kappa[i] < 1.0 else 0.0)
+            res = allocate_block(
+                {s.name: scores[s.name] for s in specs}, specs, target, self._cost_fn(block), tau
+            )
+            carry = target - res.cost if kappa[i] < 1.0 else carry
+            soft.update(res.soft)
+            hard.update(res.hard)
+            kept.update(res.kept)
+            costs.append(res.cost)
+        return Allocation(soft, hard, kept, costs)
+
+    def _cost_fn(self, block: Block) -> Callable[[Mapping[str, int]], float]:
+        def cost(kept: Mapping[str, int]) -> float:
+            return self.costs.block_cost(block.name, kept)
+
+        return cost
+
+    def plan(self) -> KeepPlan:
+        if self.last is None:
+            raise TrainingError("no allocation was made yet; the pruning schedule never updated")
+        keep = {name: np.flatnonzero(mask).tolist() for name, mask in self.last.hard.items()}
+        return KeepPlan.from_mapping(self.groups, keep)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taylor": self.taylor.state_dict(), "benefit": self.benefit.state_dict(),
+                "tracker": self.tracker.state_dict(), "kept": dict(self.kept), "history": self.history,
+                "last": None if self.last is None else vars(self.last)}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.taylor.load_state_dict(state["taylor"])
+        self.benefit.load_state_dict(state["benefit"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.kept = dict(state["kept"])
+        self.history = list(state["history"])
+        self.last = None if state["last"] is None else Allocation(**state["last"])
+
+
+def gate_specs(groups: GroupSet, granularity: str, round_to: int) -> dict[str, list[GateSpec]]:
+    """The prunable gates of every block for a granularity (reference: elements; deploy: heads + hidden)."""
+    roles = _GRANULARITY_ROLES[granularity]
+    out: dict[str, list[GateSpec]] = {}
+    for block in groups.blocks:
+        specs = []
+        for name in block.groups:
+            g = groups.group(name)
+            if g.prunable and g.role in roles and (block.kind, g.role) in _GATE_TYPES:
+                step = round_to if g.role is Role.HIDDEN else 1
+                specs.append(GateSpec(name, g.size, _GATE_TYPES[(block.kind, g.role)], step))
+        out[block.name] = specs
+    return out
+
+
+def make_probes(model: nn.Module, groups: GroupSet, num_classes: int, cfg: PruneConfig) -> BenefitProbes:
+    dim = int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0))
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    has_cls = getattr(model, "cls_token", None) is not None
+    if dim <= 0:
+        raise ConfigError(f"cannot tell the embedding width of {type(model).__name__}; P3B probes need it")
+    return BenefitProbes(
+        len(groups.blocks), dim, num_classes, grid_size=None if grid is None else tuple(grid),
+        num_prefix_tokens=prefix, has_class_token=has_cls, patch_kind=cfg.probe, hidden=cfg.probe_hidden,
+        label_smoothing=cfg.label_smoothing,
+    )  # fmt: skip
+
+
+def tap(masked: fx.GraphModule, groups: GroupSet) -> FeatureTaps:
+    InsertTapsPass(groups)(masked)
+    return feature_taps(masked)
+
+
+# --- the P3B loop ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loop:
+    """One P3B / uniform run over the masked, tapped model."""
+
+    cfg: PruneConfig
+    out: Path
+    device: torch.device
+    masked: fx.GraphModule
+    taps: FeatureTaps
+    pruner: Pruner
+    loaders: Loaders
+    step: int = 0
+    epoch: int = 0
+    accuracy: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    opt: torch.optim.AdamW = field(init=False)
+    probe_opt: torch.optim.AdamW = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.opt = make_optimizer(self.masked, self.cfg)
+        self.probe_opt = torch.optim.AdamW(self.pruner.probes.parameters(), lr=self.cfg.scaled_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.amp and self.device.type == "cuda")
+
+    @property
+    def spe(self) -> int:
+        return steps_per_epoch(self.loaders[0], self.cfg)
+
+    def train(self, stop_after_epoch: int | None = None) -> bool:
+        """Train until the schedule ends (True) or ``stop_after_epoch`` epochs are done (False)."""
+        while self.epoch < self.cfg.epochs:
+            self.run_epoch()
+            self.epoch += 1
+            self.accuracy.append(evaluate(self.masked, self.loaders[1], self.device, self.cfg.amp))
+            self.save_checkpoint()
+            logger.info("epoch %d: test top-1 %.4f", self.epoch, self.accuracy[-1])
+            if (
+                stop_after_epoch is not None
+                and self.epoch >= stop_after_epoch
+                and self.epoch < self.cfg.epochs
+            ):
+                return False
+        return True
+
+    def run_epoch(self) -> None:
+        self.masked.train()
+        self.pruner.probes.train()
+        bar = tqdm(limited(self.loaders[0], self.spe), total=self.spe, disable=None,
+                   desc=f"{self.cfg.method} {self.epoch + 1}/{self.cfg.epochs}")  # fmt: skip
+        for x, y in bar:
+            if self.pruner.schedule.is_update(self.step):
+                self.log(self.pruner.update(self.step, self.window_loss()))
+            loss, acc = self.train_step(x.to(self.device), y.to(self.device))
+            self.losses.append(loss)
+            sparsity = 1 - self.pruner.groups.model_params(self.pruner.kept) / self.pruner.groups.params_total
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", sparsity=f"{sparsity:.2f}")
+            self.step += 1
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        pruning = self.step >= self.pruner.schedule.warmup_end
+        self.pruner.bank.scoring(pruning)
+        self.taps.recording = True
+        with autocast(self.device, self.cfg.amp):
+            logits = self.masked(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        check_loss(loss, self.step, "P3B training")
+        probe_out = self.pruner.probes([f.float() for f in self.taps.take()], y)
+        self.opt.zero_grad(set_to_none=True)
+        self.probe_opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        probe_out.loss.backward()
+        if pruning:
+            scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+            self.pruner.taylor.accumulate(self.pruner.bank.gates(), grad_scale=scale)
+            self.pruner.benefit.add(probe_out)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.probe_opt.step()
+        acc = float((logits.argmax(-1) == y).float().mean())
+        return float(loss.item()), acc
+
+    def finish(self) -> KeepPlan:
+        """Last re-allocation (τ = 0), the hard plan, hard masks."""
+        self.log(self.pruner.update(self.pruner.schedule.finalize, self.window_loss()))
+        self.pruner.bank.scoring(False)
+        self.taps.recording = False
+        plan = self.pruner.plan()
+        p3b_fx.set_hard_masks(self.pruner.bank, self.pruner.groups, plan)
+        return plan
+
+    def window_loss(self) -> float | None:
+        """Mean task loss since the last update (then forget it)."""
+        mean = sum(self.losses) / len(self.losses) if self.losses else None
+        self.losses = []
+        return mean
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        append_log(self.out, {"event": "update", "epoch": self.epoch, **record})
+
+    # checkpoints ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        gen = self.loaders[0].generator
+        return {
+            "format": 1, "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
+            "accuracy": self.accuracy, "losses": self.losses, "masked": self.masked.state_dict(),
+            "opt": self.opt.state_dict(),
+            "probes": self.pruner.probes.state_dict(), "probe_opt": self.probe_opt.state_dict(),
+            "scaler": self.scaler.state_dict(), "pruner": self.pruner.state_dict(), "rng": rng_state(),
+            "loader_rng": None if gen is None else gen.get_state(),
+        }  # fmt: skip
+
+    def save_checkpoint(self) -> None:
+        atomic_save(self.state_dict(), self.out / "checkpoint.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            check_resume_config(state["config"], self.cfg, path)
+            self.masked.load_state_dict(state["masked"])
+            self.opt.load_state_dict(state["opt"])
+            self.pruner.probes.load_state_dict(state["probes"])
+            self.probe_opt.load_state_dict(state["probe_opt"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.pruner.load_state_dict(state["pruner"])
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+        self.epoch, self.step, self.accuracy = (
+            int(state["epoch"]),
+            int(state["step"]),
+            list(state["accuracy"]),
+        )
+        self.losses = list(state["losses"])
+        set_rng_state(state["rng"])
+        if state["loader_rng"] is not None and self.loaders[0].generator is not None:
+            self.loaders[0].generator.set_state(state["loader_rng"])
+        logger.info("resumed %s at epoch %d, step %d", path, self.epoch, self.step)
+
+
+def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) -> None:
+    ignore = {"resume", "force", "device", "out"}
+    now = cfg.to_dict()
+    diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+    if diff:
+        raise CheckpointError(
+            f"{path} was written with other options "
+            f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff[:4])}); "
+            "resume with the same options, or start a fresh run with --force"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- finalize: slim, check, fine-tune ------------------------------------------------------------------
+
+
+def copy_weights(masked: fx.GraphModule, gm: fx.GraphModule) -> None:
+    """Fine-tuned weights of the masked copy into the unmasked traced model (mask/tap state skipped)."""
+    state = {k: v for k, v in masked.state_dict().items() if not k.startswith(("p3b_masks.", "p3b_taps."))}
+    gm.load_state_dict(state)
+
+
+@torch.no_grad()
+def slim_difference(
+    masked: nn.Module, slim: nn.Module, loader: DataLoader[Any], device: torch.device
+) -> float:
+    """Max abs difference of the logits of the hard-masked and the slim model on one test batch (fp32)."""
+    x = next(iter(loader))[0].to(device)
+    masked.eval()
+    slim.eval()
+    return float((masked(x) - slim(x)).abs().max())
+
+
+def block_keep_ratios(groups: GroupSet, plan: KeepPlan) -> dict[str, float]:
+    kept = plan.kept_sizes(groups)
+    return {
+        b.name: round(groups.block_params(b, kept) / max(groups.block_params(b), 1), 4) for b in groups.blocks
+    }
+
+
+# --- entry point -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    gm: fx.GraphModule
+    groups: GroupSet
+    loaders: Loaders
+    num_classes: int
+    device: torch.device
+
+
+def prepare(cfg: PruneConfig, model: nn.Module | None, loaders: Loaders | None) -> Prepared:
+    """Seed, model, data, class check and the traced graph with its groups."""
+    seed_everything(cfg.seed)
+    device = pick_device(cfg)
+    model = build_model(cfg) if model is None else model
+    if loaders is None:
+        loaders, n_data = build_data(cfg, model)
+    else:
+        n_data = cfg.num_classes or int(getattr(model, "num_classes", 0))
+    fit_head(model, n_data, cfg)
+    model.to(device)
+    side = model_input(model, cfg)[0]
+    chans = int(getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", 3))
+    gm = p3b_fx.trace(model, input_shape=(1, chans, side, side))
+    groups = p3b_fx.find_groups(gm)
+    if not groups.blocks:
+        raise ConfigError(f"{type(model).__name__}: no residual blocks found; P3B prunes transformer blocks")
+    return Prepared(model, gm, groups, loaders, n_data, device)
+
+
+def run(
+    config: PruneConfig,
+    *,
+    model: nn.Module | None = None,
+    loaders: Loaders | None = None,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Run one pruning job as ``config`` says; returns the report (also written to ``report.json``).
+
+    ``model``/``loaders`` replace the configured model and data (library use, tests).
+    ``stop_after_epoch`` stops after that many epochs with a checkpoint (resume later); the report
+    then has ``"finished": False`` and is not written.
+    """
+    start = time.time()
+    out = prepare_out_dir(config)
+    if not config.resume:
+        atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1))
+    prep = prepare(config, model, loaders)
+    top1_before = evaluate(prep.gm, prep.loaders[1], prep.device, config.amp)
+    logger.info("top-1 before pruning: %.4f", top1_before)
+    if config.method in ("p3b", "uniform"):
+        report = run_p3b(config, out, prep, stop_after_epoch)
+    elif config.method == "dense":
+        report = run_dense(config, out, prep)
+    else:
+        from p3b_fx.baselines import run_global  # noqa: PLC0415 - needs torch_pruning
+
+        report = run_global(config, out, prep)
+    if not report.get("finished", True):
+        return report
+    report.update(top1_before_pruning=top1_before, seconds=round(time.time() - start, 1))
+    report = {**_report_head(config, prep.groups), **report, "config": config.to_dict()}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    logger.info("report: %s", out / "report.json")
+    return report
+
+
+def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:
+    return {
+        "method": cfg.method, "prune_ratio": cfg.prune_ratio, "budget": cfg.budget,
+        "granularity": cfg.granularity, "params_dense": groups.params_total,
+        "flops_dense": groups.flops_total,
+        "budget_params": round(cfg.keep_ratio * groups.params_total),
+    }  # fmt: skip
+
+
+def run_p3b(cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int | None) -> dict[str, Any]:
+    masked, bank = p3b_fx.insert_masks(prep.gm, prep.groups)
+    taps = tap(masked, prep.groups)
+    probes = make_probes(prep.model, prep.groups, prep.num_classes, cfg).to(prep.device)
+    spe = steps_per_epoch(prep.loaders[0], cfg)
+    pruner = Pruner(cfg, prep.groups, bank, make_schedule(cfg, spe), probes)
+    loop = Loop(cfg, out, prep.device, masked, taps, pruner, prep.loaders)
+    if cfg.resume:
+        loop.load_checkpoint(out / "checkpoint.pt")
+    if not loop.train(stop_after_epoch):
+        return {"finished": False, "epoch": loop.epoch, "step": loop.step}
+    plan = loop.finish()
+    return finalize(cfg, out, prep, loop, plan)
+
+
+def finalize(cfg: PruneConfig, out: Path, prep: Prepared, loop: Loop, plan: KeepPlan) -> dict[str, Any]:
+    """Hard-masked accuracy, slim model (checked), plan/slim files, fine-tuning, the report body."""
+    groups = prep.groups
+    top1_masked = evaluate(loop.masked, prep.loaders[1], prep.device, cfg.amp)
+    plan.save(out / "plan.json")
+    copy_weights(loop.masked, prep.gm)
+    slim = p3b_fx.slim(prep.gm, plan, groups)
+    diff = slim_difference(loop.masked, slim, prep.loaders[1], prep.device)
+    append_log(out, {"event": "slim", "max_abs_diff": diff, "params": plan.predicted_params(groups)})
+    if not diff <= SLIM_TOLERANCE:
+        raise TrainingError(
+            f"the slim model differs from the hard-masked model by {diff:.3g} (> {SLIM_TOLERANCE}): "
+            f"a rewrite bug; the plan is saved in {out / 'plan.json'}, please report it"
+        )
+    atomic_save(slim, out / "slim.pt")
+    accs = (
+        train_plain(slim, prep.loaders, cfg, prep.device, cfg.finetune_epochs) if cfg.finetune_epochs else []
+    )
+    top1 = accs[-1] if accs else top1_masked
+    if accs:
+        atomic_save(slim, out / "slim.pt")
+    params = plan.predicted_params(groups)
+    _plots(out, loop.pruner, loop.accuracy + accs)
+    return {
+        "params_slim": params, "flops_slim": plan.predicted_flops(groups), "top1_pruned": top1_masked,
+        "top1": top1, "keep_ratios": block_keep_ratios(groups, plan), "plan": str(out / "plan.json"),
+        "slim": str(out / "slim.pt"), "slim_max_abs_diff": diff, "accuracy_curve": loop.accuracy + accs,
+        "budget_met": abs(params / (cfg.keep_ratio * groups.params_total) - 1) <= BUDGET_TOLERANCE,
+        "removed_blocks": [b.name for b in plan.removed_blocks(groups)],
+    }  # fmt: skip
+
+
+def run_dense(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
+    """Fine-tune only, as many epochs as a pruning run plus its fine-tuning."""
+    accs = train_plain(prep.model, prep.loaders, cfg, prep.device, cfg.epochs + cfg.finetune_epochs)
+    groups = prep.groups
+    atomic_save(prep.model.state_dict(), out / "dense.pt")
+    plan = KeepPlan.dense(groups)
+    plan.save(out / "plan.json")
+    _plots(out, None, accs)
+    return {
+        "params_slim": groups.params_total, "flops_slim": groups.flops_total, "top1": accs[-1],
+        "keep_ratios": block_keep_ratios(groups, plan), "plan": str(out / "plan.json"),
+        "accuracy_curve": accs,
+        "budget_met": False,
+    }  # fmt: skip
+
+
+def _plots(out: Path, pruner: Pruner | None, accuracy: list[float]) -> None:
+    from p3b_fx import plots  # noqa: PLC0415 - matplotlib is heavy
+
+    history = pruner.history if pruner is not None else []
+    names = [b.name for b in pruner.groups.blocks] if pruner is not None else []
+    try:
+        plots.write_all(out, names, history, accuracy)
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.warning("could not draw the plots in %s: %s", out, exc)

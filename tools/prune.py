@@ -1,0 +1,93 @@
+"""Prune a ViT with P3B while fine-tuning it (or run a baseline): ``python tools/prune.py --help``.
+
+Thin entry point: parses flags into a :class:`p3b_fx.config.PruneConfig` (a ``--config`` TOML file
+first, flags on top; a flag not given leaves the file's value) and calls :func:`p3b_fx.train.run`.
+Every failure prints one clear message on stderr and exits with a non-zero code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p3b_fx.config import BUDGET_UNITS, GRANULARITIES, METHODS, PROBE_KINDS, PruneConfig
+from p3b_fx.errors import P3BError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prune.py", description="Prune a Vision Transformer with P3B (Pruning by Block Benefit)."
+    )
+    p.add_argument("--config", help="TOML file with options (flags override it)")
+    p.add_argument("--model", help="timm model name, or 'source' for the shipped Fashion-MNIST ViT (default)")
+    p.add_argument("--model-kwargs", type=json.loads, help="JSON object of timm constructor arguments")
+    p.add_argument("--checkpoint", help="weights to start from (safetensors or torch state_dict)")
+    p.add_argument("--pretrained", action="store_true", default=None, help="load timm's pretrained weights")
+    p.add_argument("--data", help="fashion-mnist, mnist-5k, digits, ... or an ImageFolder path")
+    p.add_argument("--data-root", help="where torchvision datasets live")
+    p.add_argument("--num-classes", type=int, help="reset the classification head to this many classes")
+    p.add_argument("--img-size", type=int, help="input side for timm models")
+    p.add_argument("--prune-ratio", type=float, help="share of all parameters to remove, in (0, 1)")
+    p.add_argument("--budget", choices=BUDGET_UNITS, help="budget unit (default params)")
+    p.add_argument("--blocks-only", action="store_true", default=None, help="budget the blocks only")
+    p.add_argument("--floor", type=float, help="lowest keep ratio of any block")
+    p.add_argument("--method", choices=METHODS, help="p3b (default) or a baseline")
+    p.add_argument("--granularity", choices=GRANULARITIES, help="reference (elements) or deploy (heads)")
+    p.add_argument("--round-to", type=int, help="keep hidden neurons in multiples of this (deploy)")
+    p.add_argument("--epochs", type=int, help="pruning epochs (warm-up, sparsify, sharpen)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs of the slim model")
+    p.add_argument("--warmup-epochs", type=float, help="epochs before pruning starts (default 10%%)")
+    p.add_argument(
+        "--sparse-epochs", type=float, help="epoch at which full sparsity is reached (default 50%%)"
+    )
+    p.add_argument("--updates-per-epoch", type=int, help="keep-ratio updates per epoch (default 3)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="base learning rate at batch 512 (scaled linearly)")
+    p.add_argument("--probe", choices=PROBE_KINDS, help="patch probe design")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu or cuda[:N]")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of an epoch (quick runs)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    p.add_argument("--force", action="store_true", default=None, help="overwrite the run in --out")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
+    try:
+        from p3b_fx.train import run  # noqa: PLC0415 - keeps --help fast
+
+        config = PruneConfig.from_sources(args.config, overrides)
+        report = run(config)
+    except P3BError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: the last epoch checkpoint is kept; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(
+        f"{report['method']}: {report['params_dense']:,} -> {report['params_slim']:,} parameters, "
+        f"top-1 {100 * report['top1']:.2f}% (before pruning {100 * report['top1_before_pruning']:.2f}%); "
+        f"report in {Path(config.out) / 'report.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
