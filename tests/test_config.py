@@ -1,0 +1,75 @@
+"""PruneConfig: defaults, validation with clear errors, TOML + CLI overrides (None = not given)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p3b_fx.config import PruneConfig, load_toml
+from p3b_fx.errors import ConfigError
+
+
+def test_defaults_are_valid_and_lr_scales_with_batch() -> None:
+    cfg = PruneConfig(batch_size=256, lr=5e-4)
+    assert cfg.keep_ratio == pytest.approx(0.5)
+    assert cfg.scaled_lr == pytest.approx(2.5e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5, float("nan")])
+def test_prune_ratio_outside_open_interval_is_refused(ratio: float) -> None:
+    with pytest.raises(ConfigError, match=r"prune ratio|finite"):
+        PruneConfig(prune_ratio=ratio)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("method", "magic", "method"),
+        ("granularity", "coarse", "granularity"),
+        ("budget", "watts", "budget unit"),
+        ("epochs", 0, "epochs"),
+        ("round_to", 0, "round_to"),
+        ("finetune_epochs", -1, "finetune_epochs"),
+        ("num_classes", 1, "num_classes"),
+        ("warmup_epochs", 20.0, "warmup_epochs"),
+        ("device", "tpu", "device"),
+    ],
+)
+def test_bad_values_name_the_option(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_sparse_before_warmup_is_refused() -> None:
+    with pytest.raises(ConfigError, match="swap"):
+        PruneConfig(epochs=10, warmup_epochs=5, sparse_epochs=2)
+
+
+def test_toml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[prune]\nprune-ratio = 0.7\nepochs = 3\nmethod = "uniform"\n')
+    assert load_toml(path)["prune_ratio"] == 0.7
+    cfg = PruneConfig.from_sources(path, {"epochs": 5, "method": None, "seed": None})
+    assert (cfg.prune_ratio, cfg.epochs, cfg.method, cfg.seed) == (0.7, 5, "uniform", 0)
+
+
+def test_unknown_option_in_toml_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("prune_ratoi = 0.7\n")
+    with pytest.raises(ConfigError, match="prune_ratoi"):
+        PruneConfig.from_sources(path)
+
+
+@pytest.mark.parametrize("text", [None, "this is = = not toml"])
+def test_missing_or_broken_toml(tmp_path: Path, text: str | None) -> None:
+    path = tmp_path / "run.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=str(path.name)):
+        load_toml(path)
+
+
+def test_to_dict_round_trips() -> None:
+    cfg = PruneConfig(model_kwargs={"depth": 2}, prune_ratio=0.3)
+    assert PruneConfig.from_mapping(cfg.to_dict()) == cfg

@@ -1,0 +1,190 @@
+"""The P3B training loop end to end on a tiny ViT and sklearn digits (each run a few seconds)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import p3b_fx
+from p3b_fx import train
+from p3b_fx.config import PruneConfig
+from p3b_fx.core.plan import KeepPlan
+from p3b_fx.errors import CheckpointError, ConfigError, DataError, TrainingError
+from tools import prune as prune_cli
+
+TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 7}
+REPORT_FIELDS = (
+    "method", "prune_ratio", "budget", "params_dense", "params_slim", "flops_dense", "flops_slim",
+    "top1_before_pruning", "top1", "keep_ratios", "plan",
+)  # fmt: skip
+
+
+def tiny_config(out: Path, **changes: Any) -> PruneConfig:
+    base: dict[str, Any] = {
+        "model": "vit_tiny_patch16_224", "model_kwargs": TINY, "data": "digits", "num_classes": 10,
+        "epochs": 2, "batch_size": 32, "lr": 4e-3, "probe": "patch_linear", "max_steps_per_epoch": 5,
+        "updates_per_epoch": 2, "out": str(out), "device": "cpu", "prune_ratio": 0.5, "seed": 3,
+    }  # fmt: skip
+    base.update(changes)
+    return PruneConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def p3b_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PruneConfig, dict[str, Any]]:
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path_factory.mktemp("p3b") / "run", finetune_epochs=1)
+    return cfg, train.run(cfg)
+
+
+def test_report_has_every_field_and_is_written(p3b_run: tuple[PruneConfig, dict[str, Any]]) -> None:
+    cfg, report = p3b_run
+    on_disk = json.loads((Path(cfg.out) / "report.json").read_text())
+    assert all(key in on_disk for key in REPORT_FIELDS)
+    assert on_disk["method"] == "p3b" and on_disk["params_dense"] == report["params_dense"]
+    assert set(report["keep_ratios"]) == {"blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"}
+    assert 0.0 <= report["top1_before_pruning"] <= 1.0 and 0.0 <= report["top1"] <= 1.0
+
+
+def test_final_parameters_meet_the_budget(p3b_run: tuple[PruneConfig, dict[str, Any]]) -> None:
+    cfg, report = p3b_run
+    budget = cfg.keep_ratio * report["params_dense"]
+    assert abs(report["params_slim"] / budget - 1) <= 0.01
+    slim = torch.load(Path(cfg.out) / "slim.pt", weights_only=False)
+    assert sum(p.numel() for p in slim.parameters()) == report["params_slim"]
+
+
+def test_slim_equals_hard_masked_before_finetuning(p3b_run: tuple[PruneConfig, dict[str, Any]]) -> None:
+    cfg, report = p3b_run
+    assert report["slim_max_abs_diff"] <= train.SLIM_TOLERANCE
+    events = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("slim") == 1
+    assert any(e["event"] == "update" and e["phase"] == "finalize" and e["tau"] == 0.0 for e in events)
+
+
+def test_log_and_plots(p3b_run: tuple[PruneConfig, dict[str, Any]]) -> None:
+    cfg, _ = p3b_run
+    out = Path(cfg.out)
+    updates = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    updates = [u for u in updates if u["event"] == "update"]
+    assert len(updates) >= 3 and all(len(u["keep_ratios"]) == 4 for u in updates)
+    assert updates[-1]["sparsity"] > updates[0]["sparsity"]
+    assert all(
+        (out / name).stat().st_size > 0 for name in ("keep_ratios.png", "block_benefit.png", "accuracy.png")
+    )
+
+
+def test_resume_reaches_the_same_plan(p3b_run: tuple[PruneConfig, dict[str, Any]], tmp_path: Path) -> None:
+    cfg, _ = p3b_run
+    resumed_cfg = cfg.replace(out=str(tmp_path / "run"))
+    partial = train.run(resumed_cfg, stop_after_epoch=1)
+    assert partial["finished"] is False and not (tmp_path / "run" / "report.json").exists()
+    report = train.run(resumed_cfg.replace(resume=True))
+    assert KeepPlan.load(tmp_path / "run" / "plan.json") == KeepPlan.load(Path(cfg.out) / "plan.json")
+    assert report["params_slim"] == p3b_run[1]["params_slim"]
+
+
+def test_masks_reallocate_between_updates() -> None:
+    """Soft masks are rebuilt from scratch: an element dropped at one update can come back later."""
+    gm = p3b_fx.trace(train.build_model(tiny_config(Path("unused"))))
+    groups = p3b_fx.find_groups(gm)
+    cfg = tiny_config(Path("unused"))
+    pruner = _pruner(cfg, gm, groups)
+    kappa = pruner.goal(torch.ones(4).numpy())
+    hidden = "blocks.0.mlp:hidden"
+    scores = {g: torch.rand(gate.numel()).double().numpy() for g, gate in pruner.bank.gates().items()}
+    first = pruner.allocate(kappa, scores, 0.1)
+    scores[hidden] = scores[hidden].max() + 1 - scores[hidden]  # reverse the order of the hidden scores
+    second = pruner.allocate(kappa, scores, 0.1)
+    back = ~first.hard[hidden] & second.hard[hidden]
+    assert back.any()
+
+
+def _pruner(cfg: PruneConfig, gm: Any, groups: Any) -> train.Pruner:
+    _, bank = p3b_fx.insert_masks(gm, groups)
+    model = train.build_model(cfg)
+    probes = train.make_probes(model, groups, 10, cfg)
+    return train.Pruner(cfg, groups, bank, train.make_schedule(cfg, 5), probes)
+
+
+@pytest.mark.parametrize("method", ["uniform", "global-magnitude"])
+def test_baselines_run_end_to_end(tmp_path: Path, method: str) -> None:
+    report = train.run(tiny_config(tmp_path / method, method=method))
+    assert report["method"] == method
+    assert abs(report["params_slim"] / (0.5 * report["params_dense"]) - 1) <= 0.02
+    if method == "uniform":
+        ratios = list(report["keep_ratios"].values())
+        assert max(ratios) - min(ratios) < 0.1
+
+
+def test_budget_no_plan_can_meet_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="non-block cost alone"):
+        train.run(tiny_config(tmp_path / "run", prune_ratio=0.97))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_class_count_mismatch_suggests_num_classes(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--num-classes 10"):
+        train.run(tiny_config(tmp_path / "run", num_classes=None))
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint at all"])
+def test_missing_or_corrupt_checkpoint(tmp_path: Path, content: bytes | None) -> None:
+    ckpt = tmp_path / "weights.pt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    with pytest.raises(CheckpointError, match=str(ckpt.name)):
+        train.run(tiny_config(tmp_path / "run", checkpoint=str(ckpt)))
+
+
+def test_output_dir_of_another_run_is_refused(p3b_run: tuple[PruneConfig, dict[str, Any]]) -> None:
+    cfg, _ = p3b_run
+    before = (Path(cfg.out) / "report.json").read_text()
+    with pytest.raises(ConfigError, match=r"--resume.*--force"):
+        train.run(cfg)
+    assert (Path(cfg.out) / "report.json").read_text() == before
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train.run(tiny_config(tmp_path / "run", resume=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    armed = {"on": False}
+    real_ce: Callable[..., torch.Tensor] = train.F.cross_entropy
+    real_save = train.Loop.save_checkpoint
+
+    def ce(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if armed["on"] else loss
+
+    def save(self: train.Loop) -> None:
+        real_save(self)
+        armed["on"] = True
+
+    monkeypatch.setattr(train.F, "cross_entropy", ce)
+    monkeypatch.setattr(train.Loop, "save_checkpoint", save)
+    with pytest.raises(TrainingError, match=r"loss became nan.*checkpoint is kept"):
+        train.run(tiny_config(tmp_path / "run"))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1
+
+
+def test_cli_help_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        prune_cli.main(["--help"])
+    assert exc.value.code == 0 and "--prune-ratio" in capsys.readouterr().out
+    assert prune_cli.main(["--prune-ratio", "1.2", "--out", "/nonexistent/x"]) != 0
+    assert "prune ratio 1.2" in capsys.readouterr().err
