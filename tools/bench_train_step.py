@@ -1,0 +1,219 @@
+"""Benchmark: one P3B training step against one plain fine-tuning step of the same model.
+
+P3B step = masked forward with feature taps, task loss, probe loss on the detached taps, both
+backward passes, Taylor and benefit accumulation, AdamW + probe AdamW steps (``p3b_fx.train.Loop``).
+Plain step = forward, loss, backward, AdamW step. Each variant runs in its own subprocess (so peak
+memory is its own), on the same synthetic batch; reported: median step time over ``--steps`` steps
+after ``--warmup`` steps, and peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of
+the process's peak RSS (``resource.getrusage``) across the measured steps plus setup on CPU.
+Also timed: one keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
+
+Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--write docs/bench-train-step.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import p3b_fx
+from p3b_fx import train
+from p3b_fx.config import PruneConfig
+
+PROBES = ("patch_conv", "patch_linear")
+
+SOURCE_ARCH = {
+    "img_size": 28,
+    "patch_size": 7,
+    "embed_dim": 192,
+    "depth": 6,
+    "num_heads": 3,
+    "num_classes": 10,
+}
+"""The shipped Fashion-MNIST source model's architecture (weights do not matter for timing)."""
+
+
+def _config(args: argparse.Namespace, out: str) -> PruneConfig:
+    return PruneConfig(
+        model="vit_tiny_patch16_224", model_kwargs=json.loads(args.model_kwargs), data="digits",
+        num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
+        device=args.device, amp=True,
+    )  # fmt: skip
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _plain_step(
+    model: nn.Module, cfg: PruneConfig, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    opt = train.make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with train.autocast(device, True):
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def _p3b_step(model: nn.Module, cfg: PruneConfig, device: torch.device, out: Path) -> tuple[Any, Any]:
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    masked, bank = p3b_fx.insert_masks(gm, groups)
+    taps = train.tap(masked, groups)
+    probes = train.make_probes(model, groups, 10, cfg).to(device)
+    pruner = train.Pruner(cfg, groups, bank, train.make_schedule(cfg, 100), probes)
+    loop = train.Loop(cfg, out, device, masked, taps, pruner, (None, None))  # type: ignore[arg-type]
+    loop.step = pruner.schedule.warmup_end  # pruning phase: scores and benefits accumulate
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loop.train_step(x, y)
+
+    return step, loop
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = train.pick_device(PruneConfig(device=args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config(args, tmp)
+        rss0 = _rss_mib()
+        model = train.build_model(cfg).to(device).train()
+        side = int(json.loads(args.model_kwargs).get("img_size", 224))
+        x = torch.randn(args.batch_size, 3, side, side, device=device)
+        y = torch.randint(0, 10, (args.batch_size,), device=device)
+        loop = None
+        if args.worker == "p3b":
+            step, loop = _p3b_step(model, cfg, device, Path(tmp))
+        else:
+            step = _plain_step(model, cfg, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.warmup + args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step(x, y)
+            _sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        result: dict[str, Any] = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
+        if device.type == "cuda":
+            result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            result["peak_mib"] = _rss_mib() - rss0
+        if loop is not None:
+            t0 = time.perf_counter()
+            loop.pruner.update(loop.pruner.schedule.update_steps()[0], None)
+            result["update_ms"] = 1e3 * (time.perf_counter() - t0)
+    return result
+
+
+def _run_worker(kind: str, argv: Sequence[str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, *argv, "--worker", kind]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _machine(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}"
+
+
+def table(args: argparse.Namespace, plain: dict[str, Any], p3b: dict[str, dict[str, Any]]) -> str:
+    mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else "peak RSS growth (MiB)"
+    kinds = list(p3b)
+    rows = [
+        "| | plain fine-tuning | " + " | ".join(f"P3B, {k} probe" for k in kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+        f"| median step (ms) | {plain['median_ms']:.1f} | "
+        + " | ".join(
+            f"{p3b[k]['median_ms']:.1f} ({p3b[k]['median_ms'] / plain['median_ms']:.2f}x)" for k in kinds
+        )
+        + " |",
+        f"| {mem} | {plain['peak_mib']:.0f} | "
+        + " | ".join(
+            f"{p3b[k]['peak_mib']:.0f} ({p3b[k]['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f}x)"
+            for k in kinds
+        )
+        + " |",
+        "| re-allocation (once per window, ms) | - | "
+        + " | ".join(f"{p3b[k]['update_ms']:.1f}" for k in kinds)
+        + " |",
+    ]
+    return "\n".join(rows)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--model-kwargs", default=json.dumps(SOURCE_ARCH), help="timm ViT kwargs (JSON)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--probe", default="patch_conv", choices=PROBES, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--write", help="also write the table as markdown to this file")
+    p.add_argument("--worker", choices=("plain", "p3b"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    plain = _run_worker("plain", argv)
+    p3b = {kind: _run_worker("p3b", [*argv, "--probe", kind]) for kind in PROBES}
+    text = table(args, plain, p3b)
+    print(text)
+    if args.write:
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        head = (
+            "# Training-step benchmark: P3B vs plain fine-tuning\n\n"
+            f"Written by `tools/bench_train_step.py` on {when}; machine: {_machine(args.device)}; "
+            f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}.\n"
+            f"Model: timm ViT {args.model_kwargs}; batch {args.batch_size}; "
+            f"median of {args.steps} steps after {args.warmup} warm-up steps; "
+            "each variant in its own process.\n\n"
+        )
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(head + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
