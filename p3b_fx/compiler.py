@@ -63,6 +63,7 @@ def slim(gm: fx.GraphModule, plan: KeepPlan, groups: GroupSet | None = None) -> 
     plan.validate(groups)
     work = copy_graph_module(gm)
     work = PassManager(slim_passes(groups, plan)).run(work).graph_module
+    work.graph._tracer_cls = None  # pickling must not import p3b_fx's tracer
     out = fx.GraphModule(work, work.graph, class_name=type(gm).__name__.replace("Traced", "Slim"))
     out.meta.update(work.meta)
     out.train(gm.training)

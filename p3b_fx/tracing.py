@@ -101,11 +101,28 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
         ) from exc
     finally:
         model.train(was_training)
+    _drop_specialised_inputs(graph)
     name = type(model).__name__
     gm = fx.GraphModule(model, graph, class_name=f"Traced{name}" if name != "GraphModule" else name)
     gm.meta[INPUT_SHAPE_KEY] = tuple(shape)
     gm.train(was_training)
     return gm
+
+
+def _drop_specialised_inputs(graph: fx.Graph) -> None:
+    """Remove the placeholders of specialised optional arguments and the asserts guarding them."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        doomed: list[fx.Node] = []
+        stack = [ph]
+        while stack:
+            n = stack.pop()
+            doomed.append(n)
+            stack.extend(n.users)
+        for n in reversed(doomed):
+            if not n.users:
+                graph.erase_node(n)
+    graph.lint()
 
 
 def input_shape_of(gm: fx.GraphModule) -> tuple[int, ...]:

@@ -42,9 +42,14 @@ class BlockSearch:
 
 
 def is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADD_TARGETS:
+    """A residual write: ``a + b``, or a slim graph's ``torch.index_add(a, -1, idx, b)``."""
+    if node.op == "call_function" and (node.target in _ADD_TARGETS or is_index_add(node)):
         return True
     return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def is_index_add(node: fx.Node) -> bool:
+    return node.target is torch.index_add and node.args[1] == -1
 
 
 def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -83,6 +88,11 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
+    if is_index_add(node):
+        a, b = node.args[0], node.args[3]
+        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+        same = a.meta[meta.SHAPE][:-1] == b.meta[meta.SHAPE][:-1]
+        return (a, b) if same and a in _ancestors_in_range(b, order[a] - 1, order) else None
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(args) != 2 or args[0].meta.get(meta.SHAPE) != args[1].meta.get(meta.SHAPE):
         return None

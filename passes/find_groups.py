@@ -86,7 +86,7 @@ def _analyse(gm: fx.GraphModule, br: Branch, names: dict[str, fx.Node]) -> tuple
         if _is_state(s)
     }
     block = Block(br.name, br.kind, tuple(g.name for g in groups), params, flops, br.input_node, br.add_node,
-                  read.name, write.name)  # fmt: skip
+                  read.name, write.name, br.branch_input)  # fmt: skip
     return block, groups, infos
 
 

@@ -16,7 +16,7 @@ from torch import fx
 from p3b_fx.core.groups import GroupSet
 from p3b_fx.core.pass_infra import GraphPass, PassResult
 from p3b_fx.core.plan import KeepPlan
-from passes.slim_common import index_buffer, live_blocks, nodes_by_name, shrunk
+from passes.slim_common import compose_index, index_buffer, live_blocks, nodes_by_name, shrunk
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,12 @@ class GatherReadsPass(GraphPass):
             read = names[self.groups.block(name).read_node]
             point = read.args[0]
             assert isinstance(point, fx.Node)
-            if point.target is torch.index_select:  # already gathered
+            idx = torch.tensor(self.plan.indices(self.groups, group), dtype=torch.long)
+            if point.target is torch.index_select:  # a graph slimmed before: narrow its gather
+                assert isinstance(point.args[2], fx.Node)
+                modified |= compose_index(gm, point.args[2], tuple(idx.tolist()))
                 continue
             readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
-            idx = torch.tensor(self.plan.indices(self.groups, group), dtype=torch.long)
             idx_node = index_buffer(gm, group, idx, read)
             with gm.graph.inserting_before(read):
                 gathered = gm.graph.call_function(torch.index_select, (point, -1, idx_node))

@@ -15,7 +15,7 @@ from torch import fx
 from p3b_fx.core.groups import GroupSet
 from p3b_fx.core.pass_infra import GraphPass, PassResult
 from p3b_fx.core.plan import KeepPlan
-from passes.slim_common import nodes_by_name
+from passes.slim_common import nodes_by_name, residual_operands
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class RemoveBlocksPass(GraphPass):
             add = names.get(block.add_node)
             if add is None:  # already removed
                 continue
-            add.replace_all_uses_with(names[block.input_node])
+            stream, _ = residual_operands(add, block.output_node)
+            add.replace_all_uses_with(stream)
             gm.graph.erase_node(add)
             modified = True
         return PassResult(gm, modified)

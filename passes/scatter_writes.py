@@ -16,7 +16,7 @@ from torch import fx
 from p3b_fx.core.groups import GroupSet
 from p3b_fx.core.pass_infra import GraphPass, PassResult
 from p3b_fx.core.plan import KeepPlan
-from passes.slim_common import index_buffer, live_blocks, nodes_by_name, shrunk
+from passes.slim_common import compose_index, index_buffer, live_blocks, nodes_by_name, residual_operands, shrunk
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,14 @@ class ScatterWritesPass(GraphPass):
             group = f"{name}:write"
             block = self.groups.block(name)
             add = names.get(block.add_node)
-            if not shrunk(self.groups, self.plan, group) or add is None or add.target is torch.index_add:
+            if not shrunk(self.groups, self.plan, group) or add is None:
                 continue
-            stream = names[block.input_node]
-            branch = next(a for a in add.args[:2] if isinstance(a, fx.Node) and a is not stream)
             idx = torch.tensor(self.plan.indices(self.groups, group), dtype=torch.long)
+            if add.target is torch.index_add:  # written before (this pass, or an earlier slim)
+                assert isinstance(add.args[2], fx.Node)
+                modified |= compose_index(gm, add.args[2], tuple(idx.tolist()))
+                continue
+            stream, branch = residual_operands(add, block.output_node)
             idx_node = index_buffer(gm, group, idx, add)
             add.target, add.op = torch.index_add, "call_function"
             add.args, add.kwargs = (stream, -1, idx_node, branch), {}

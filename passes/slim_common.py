@@ -47,3 +47,24 @@ def live_blocks(groups: GroupSet, plan: KeepPlan) -> list[str]:
 
 def shrunk(groups: GroupSet, plan: KeepPlan, group: str) -> bool:
     return len(plan.indices(groups, group)) < groups.group(group).size
+
+
+def compose_index(gm: fx.GraphModule, node: fx.Node, kept: tuple[int, ...]) -> bool:
+    """For a graph slimmed before: narrow the index buffer read by ``node`` to ``kept`` positions.
+
+    Returns False when the buffer already has ``len(kept)`` entries (nothing to do)."""
+    target = str(node.target)
+    old = gm.get_buffer(target)
+    if old.numel() == len(kept):
+        return False
+    owner, _, attr = target.rpartition(".")
+    gm.get_submodule(owner).register_buffer(attr, old[torch.tensor(kept, dtype=torch.long)].clone())
+    return True
+
+
+def residual_operands(add: fx.Node, output_node: str) -> tuple[fx.Node, fx.Node]:
+    """(stream, branch output) of a residual add or index_add, robust to renamed streams."""
+    args = [add.args[0], add.args[3]] if add.target is torch.index_add else list(add.args[:2])
+    branch = next(a for a in args if isinstance(a, fx.Node) and a.name == output_node)
+    stream = next(a for a in args if isinstance(a, fx.Node) and a is not branch)
+    return stream, branch

@@ -83,10 +83,11 @@ class Block:
     groups: tuple[str, ...]
     params: tuple[ParamSpec, ...]
     flops: tuple[FlopTerm, ...]
-    input_node: str  # the residual-stream node the block reads
+    input_node: str  # the residual-stream node the block reads (may be renamed by a rewrite)
     add_node: str  # the residual add that writes the block's output back
     read_node: str  # the block's first linear (call_module node)
     write_node: str  # the block's last linear (call_module node)
+    output_node: str  # the branch output: the operand of the residual add that is not the stream
 
 
 def _product(factors: tuple[Factor, ...], kept: Mapping[str, int]) -> int:

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny timm ViTs built offline, and auto-skips for optional back ends."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+
+def tiny_vit(**overrides: Any) -> nn.Module:
+    """A small timm VisionTransformer (pretrained=False) in eval mode; kwargs override."""
+    kw: dict[str, Any] = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5)
+    kw.update(overrides)
+    name = kw.pop("name", "vit_tiny_patch16_224")
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    _randomise_layer_scale(model)
+    return model
+
+
+def _randomise_layer_scale(model: nn.Module) -> None:
+    """timm inits layer scale to a tiny constant: make it non-trivial so tests see it."""
+    g = torch.Generator().manual_seed(0)
+    for mod in model.modules():
+        if hasattr(mod, "gamma") and isinstance(mod.gamma, torch.Tensor):
+            with torch.no_grad():
+                mod.gamma.copy_(torch.rand(mod.gamma.shape, generator=g) + 0.5)
+
+
+def set_fused(model: nn.Module, fused: bool) -> nn.Module:
+    for mod in model.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = fused
+    return model
+
+
+@pytest.fixture
+def make_vit() -> Callable[..., nn.Module]:
+    return tiny_vit
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "tensorrt" in item.keywords and not (has_trt and has_cuda):
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU (not on this machine)"))
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (not on this machine)"))

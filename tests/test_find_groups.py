@@ -1,0 +1,111 @@
+"""find_groups: structure, coupling, exact costs, fail-closed reasons, non-transformers."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import p3b_fx
+from p3b_fx import BlockKind, Role
+from p3b_fx.errors import UnsupportedModelError
+from tests.conftest import tiny_vit
+
+
+def test_blocks_and_roles_from_the_graph() -> None:
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(depth=3)))
+    assert [b.name for b in groups.blocks] == [f"blocks.{i}.{k}" for i in range(3) for k in ("attn", "mlp")]
+    attn, mlp = groups.blocks[0], groups.blocks[1]
+    assert attn.kind is BlockKind.ATTENTION and mlp.kind is BlockKind.MLP
+    roles = {groups.group(g).role: groups.group(g) for g in attn.groups}
+    assert {r: g.size for r, g in roles.items()} == {
+        Role.READ: 48, Role.HEADS: 4, Role.HEAD_DIM: 12, Role.SELECT: 3, Role.WRITE: 48,
+    }  # fmt: skip
+    assert not roles[Role.SELECT].prunable and "unbind" in roles[Role.SELECT].reason
+    assert {groups.group(g).role: groups.group(g).size for g in mlp.groups} == {
+        Role.READ: 48, Role.HIDDEN: 192, Role.WRITE: 48,
+    }  # fmt: skip
+
+
+def test_heads_couple_q_k_v_and_proj() -> None:
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit()))
+    heads = groups.group("blocks.0.attn:heads")
+    found = {(m.param, m.dim, m.shape, m.axis) for m in heads.members}
+    assert found == {
+        ("blocks.0.attn.qkv.weight", 0, (3, 4, 12), 1),
+        ("blocks.0.attn.qkv.bias", 0, (3, 4, 12), 1),
+        ("blocks.0.attn.proj.weight", 1, (4, 12), 0),
+    }
+    head_dim = groups.group("blocks.0.attn:head_dim")
+    assert {(m.param, m.axis) for m in head_dim.members} == {
+        ("blocks.0.attn.qkv.weight", 2), ("blocks.0.attn.qkv.bias", 2), ("blocks.0.attn.proj.weight", 1),
+    }  # fmt: skip
+
+
+def test_layer_scale_is_a_write_member() -> None:
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(init_values=0.5)))
+    params = {m.param for m in groups.group("blocks.0.mlp:write").members}
+    assert params == {"blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.ls2.gamma"}
+
+
+def test_qk_norm_fixes_head_dim_with_a_reason_naming_the_node() -> None:
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(qk_norm=True)))
+    hd = groups.group("blocks.0.attn:head_dim")
+    assert not hd.prunable
+    assert "normalised over" in hd.reason and "node 'layer_norm_" in hd.reason
+    assert groups.group("blocks.0.attn:heads").prunable
+
+
+def test_costs_match_the_model_exactly() -> None:
+    model = tiny_vit(depth=2, mlp_ratio=3.0)
+    groups = p3b_fx.find_groups(p3b_fx.trace(model))
+    assert groups.params_total == sum(p.numel() for p in model.parameters())
+    d, n, hidden, ncls = 48, 17, 144, 5
+    attn = d * 3 * d + 3 * d + d * d + d + 2 * d  # qkv, proj, norm1
+    mlp = d * hidden + hidden + hidden * d + d + 2 * d
+    assert [groups.block_params(b) for b in groups.blocks] == [attn, mlp, attn, mlp]
+    block_macs = n * (3 * d * d + d * d) + 2 * n * n * d + n * 2 * d * hidden
+    nonblock = 16 * 3 * 64 * d + d * ncls
+    assert groups.flops_total == 2 * block_macs + nonblock
+
+
+def test_one_more_element_costs_what_the_slice_holds() -> None:
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit()))
+    block = groups.block("blocks.0.attn")
+    kept = {"blocks.0.attn:heads": 2, "blocks.0.attn:head_dim": 8, "blocks.0.attn:read": 40}
+    base = groups.block_params(block, kept)
+    more = groups.block_params(block, {**kept, "blocks.0.attn:heads": 3})
+    # one head: q, k, v rows (3 x head_dim x read + 3 x head_dim bias) + proj columns (head_dim x 48)
+    assert more - base == 3 * 8 * 40 + 3 * 8 + 8 * 48
+
+
+class _CumsumMlp(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.cumsum(self.fc1(x), dim=-1))
+
+
+def test_op_without_rule_fails_closed_naming_the_node() -> None:
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _CumsumMlp(48)
+    groups = p3b_fx.find_groups(p3b_fx.trace(model))
+    hidden = groups.group("blocks.0.mlp:hidden")
+    assert not hidden.prunable
+    assert "no grouping rule" in hidden.reason and "cumsum" in hidden.reason
+    assert groups.group("blocks.0.mlp:read").prunable  # reads/writes stay exact
+
+
+def test_resnet_is_not_a_transformer() -> None:
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
+    with pytest.raises(UnsupportedModelError, match="no residual sub-block.*not supported"):
+        p3b_fx.find_groups(p3b_fx.trace(model, input_shape=(1, 3, 32, 32)))
+
+
+def test_describe_lists_every_group() -> None:
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(qk_norm=True)))
+    text = groups.describe()
+    assert text.count("blocks.") >= 4 and "fixed: normalised over" in text
