@@ -758,9 +758,11 @@ def run(
     """
     start = time.time()
     out = prepare_out_dir(config)
-    if not config.resume:
-        atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1))
     prep = prepare(config, model, loaders)
+    if config.method != "dense":
+        check_budget(config, prep.groups)
+    if not config.resume:  # only now: a run that fails on bad input leaves the directory reusable
+        atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1))
     top1_before = evaluate(prep.gm, prep.loaders[1], prep.device, config.amp)
     logger.info("top-1 before pruning: %.4f", top1_before)
     if config.method in ("p3b", "uniform"):
@@ -778,6 +780,15 @@ def run(
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     logger.info("report: %s", out / "report.json")
     return report
+
+
+def check_budget(cfg: PruneConfig, groups: GroupSet) -> None:
+    """Raise ConfigError before any training when no plan can meet the budget."""
+    costs = budget_mod.cost_model_from_groups(groups, budget_mod.BudgetUnit(cfg.budget))
+    budget_mod.keep_ratios(
+        np.ones(len(groups.blocks)), budget_mod.dense_costs(costs), costs.nonblock, cfg.keep_ratio,
+        blocks_only=cfg.blocks_only, floor=cfg.floor,
+    )  # fmt: skip
 
 
 def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def test_baselines_run_end_to_end(tmp_path: Path, method: str) -> None:
 def test_budget_no_plan_can_meet_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="non-block cost alone"):
         train.run(tiny_config(tmp_path / "run", prune_ratio=0.97))
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)  # rerun needs no --force
 
 
 def test_class_count_mismatch_suggests_num_classes(tmp_path: Path) -> None:
