@@ -14,9 +14,9 @@ import inspect
 import logging
 from typing import Any
 
-import torch
-from timm.layers import DropPath, PatchDropout
 from timm.layers import _fx as timm_fx
+from timm.layers.drop import DropPath
+from timm.layers.patch_dropout import PatchDropout
 from torch import fx, nn
 
 from p3b_fx.core import meta

@@ -17,7 +17,7 @@ State = tuple[tuple[str, ...], ...]
 """Labels along each axis of one tensor; ``()`` for an axis no label runs along."""
 
 
-class Unsupported(Exception):  # noqa: N818 - internal control flow, never escapes the pass
+class Unsupported(Exception):
     """Raised by a rule that has no exact answer; the driver marks the labels involved."""
 
 
@@ -77,7 +77,9 @@ class Labels:
         return ""
 
 
-def reshape_state(labels: Labels, state: State, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> State:
+def reshape_state(
+    labels: Labels, state: State, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> State:
     """Map labels through a reshape by matching row-major factors of the two shapes."""
     segs: list[tuple[str | None, int]] = []
     for axis, size in zip(state, in_shape, strict=True):
@@ -101,7 +103,7 @@ def _take(labels: Labels, segs: list[tuple[str | None, int]], size: int) -> tupl
             raise Unsupported("reshape factors do not line up")
         label, seg_size = segs.pop(0)
         need = size // prod
-        if size % prod or seg_size % need and need % seg_size:
+        if size % prod or (seg_size % need and need % seg_size):
             raise Unsupported("reshape factors do not line up")
         if seg_size > need:
             if label is None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers.drop import DropPath
 from torch import fx, nn
 
 from p3b_fx.core import meta
@@ -32,10 +32,19 @@ _ZERO_KEEPING_MODULES: tuple[type[nn.Module], ...] = (
     nn.ELU, nn.ReLU6, DropPath,
 )  # fmt: skip
 _OTHER_UNARY_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid)
-_ZERO_KEEPING_FUNCTIONS = {F.gelu, F.relu, torch.relu, F.silu, torch.tanh, F.dropout, F.hardswish, operator.neg}
+_ZERO_KEEPING_FUNCTIONS = {
+    F.gelu,
+    F.relu,
+    torch.relu,
+    F.silu,
+    torch.tanh,
+    F.dropout,
+    F.hardswish,
+    operator.neg,
+}
 _OTHER_UNARY_FUNCTIONS = {torch.sigmoid, F.sigmoid, torch.exp, F.softplus}
-_ZERO_KEEPING_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach", "relu",
-                         "tanh", "neg"}  # fmt: skip
+_ZERO_KEEPING_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach",
+                         "relu", "tanh", "neg"}  # fmt: skip
 _OTHER_UNARY_METHODS = {"sigmoid", "exp"}
 _MUL = {operator.mul, torch.mul, "mul"}
 _DIV = {operator.truediv, torch.div, "div"}
@@ -55,7 +64,8 @@ def first_state(node: fx.Node, t: Tracker) -> State:
     for a in node.all_input_nodes[1:]:
         if a in t.states and a is not src:
             raise Unsupported("two tracked values meet in a unary op")
-    return t.states[src]
+    state: State = t.states[src]
+    return state
 
 
 def unary(zero_keeping: bool) -> Rule:
@@ -109,7 +119,7 @@ def reshape(node: fx.Node, t: Tracker) -> State:
 
 
 def _dims(node: fx.Node) -> list[int]:
-    rest = list(node.args[1:]) or list(node.kwargs.get("dims", ()))
+    rest: list[Any] = list(node.args[1:]) or list(node.kwargs.get("dims", ()))  # type: ignore[arg-type]
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         rest = list(rest[0])
     return [int(d) for d in rest]
@@ -122,7 +132,7 @@ def permute(node: fx.Node, t: Tracker) -> State:
 
 def transpose(node: fx.Node, t: Tracker) -> State:
     state = list(unary(True)(node, t))
-    d0, d1 = (int(d) for d in node.args[1:3])
+    d0, d1 = (int(d) for d in node.args[1:3])  # type: ignore[arg-type]
     state[d0], state[d1] = state[d1], state[d0]
     return tuple(state)
 
@@ -141,11 +151,15 @@ def getitem(node: fx.Node, t: Tracker) -> Any:
     src, idx = node.args[0], node.args[1]
     assert isinstance(src, fx.Node)
     state = t.states[src]
-    if isinstance(state, tuple) and state and isinstance(state[0], tuple) and state[0] and isinstance(
-        state[0][0], tuple
+    if (
+        isinstance(state, tuple)
+        and state
+        and isinstance(state[0], tuple)
+        and state[0]
+        and isinstance(state[0][0], tuple)
     ):  # a tuple of states (unbind / split output)
         t.zero[node] = t.zero.get(src, False)
-        return state[int(idx)]  # type: ignore[call-overload]
+        return state[int(idx)]  # type: ignore[arg-type]
     return _index_tensor(node, t, state, idx)
 
 
@@ -181,10 +195,9 @@ def shape_access(node: fx.Node, t: Tracker) -> None:
         pos = user.args[1] if user.target is operator.getitem else None
         if isinstance(pos, int) and state[pos] and not all(_is_reshape(u) for u in user.users):
             raise Unsupported(f"the size of a group axis feeds '{next(iter(user.users)).name}'")
-    if node.op == "call_method" and len(node.args) > 1 and state[int(node.args[1])]:  # x.size(d)
-        if not all(_is_reshape(u) for u in node.users):
-            raise Unsupported("the size of a group axis is used outside a reshape")
-    return None
+    sized = node.op == "call_method" and len(node.args) > 1 and state[int(node.args[1])]  # type: ignore[arg-type]
+    if sized and not all(_is_reshape(u) for u in node.users):  # x.size(d) of a group axis
+        raise Unsupported("the size of a group axis is used outside a reshape")
 
 
 def _is_reshape(node: fx.Node) -> bool:
@@ -210,7 +223,9 @@ def binary(node: fx.Node, t: Tracker) -> State:
     return _binary_one_tracked(node, t, b, a, kind, out_shape)
 
 
-def _binary_one_tracked(node: fx.Node, t: Tracker, a: Any, b: Any, kind: str, out_shape: Any) -> State:
+def _binary_one_tracked(  # noqa: PLR0917 - private helper of binary()
+    node: fx.Node, t: Tracker, a: Any, b: Any, kind: str, out_shape: Any
+) -> State:
     state = t.states[a]
     pad = len(out_shape) - len(state)
     state = ((),) * pad + tuple(state)
@@ -266,7 +281,9 @@ def sdpa(node: fx.Node, t: Tracker) -> State:
     t.contract(node, e, (q, k))
     if e:
         scale = _dim(node, 6, "scale")
-        t.sdpa_scales[node.name] = float(scale) if scale is not None else 1.0 / math.sqrt(q.meta[meta.SHAPE][-1])
+        t.sdpa_scales[node.name] = (
+            float(scale) if scale is not None else 1.0 / math.sqrt(q.meta[meta.SHAPE][-1])
+        )
     rank = len(node.meta[meta.SHAPE])
     batch = t.unify(node, t.unify(node, sq[:-2], sk[:-2], rank - 2), sv[:-2], rank - 2)
     for axis in batch:

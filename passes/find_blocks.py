@@ -49,7 +49,7 @@ def is_add(node: fx.Node) -> bool:
 
 
 def is_index_add(node: fx.Node) -> bool:
-    return node.target is torch.index_add and node.args[1] == -1
+    return node.target is torch.index_add and bool(node.args[1] == -1)
 
 
 def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -102,20 +102,24 @@ def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
     return None
 
 
-def _make_branch(gm: fx.GraphModule, add: fx.Node, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> Branch | str:
+def _make_branch(
+    gm: fx.GraphModule, add: fx.Node, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]
+) -> Branch | str:
     body = _ancestors_in_range(b, order[a], order) | {b}
     body.discard(a)
     nodes = sorted(body, key=order.__getitem__)
     for n in nodes:
         escapes = [u.name for u in n.users if u not in body and u is not add]
         if escapes:
-            return f"residual add '{add.name}': value of '{n.name}' is also used outside the branch ({escapes[0]})"
+            return f"residual add '{add.name}': '{n.name}' is also used outside the branch ({escapes[0]})"
     linears = [n for n in nodes if is_linear(gm, n)]
     if len(linears) < 2:
         return f"residual add '{add.name}': branch has {len(linears)} nn.Linear (need a first and a last)"
     name = _common_prefix([str(n.target) for n in linears]) or f"branch_{add.name}"
     kind = BlockKind.ATTENTION if any(is_attention_op(n) for n in nodes) else BlockKind.MLP
-    return Branch(name, kind, a.name, add.name, b.name, tuple(n.name for n in nodes), tuple(n.name for n in linears))
+    return Branch(
+        name, kind, a.name, add.name, b.name, tuple(n.name for n in nodes), tuple(n.name for n in linears)
+    )
 
 
 def find_blocks(gm: fx.GraphModule) -> BlockSearch:

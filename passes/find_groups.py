@@ -16,12 +16,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers.drop import DropPath
 from torch import fx, nn
 
 from p3b_fx.core import meta
 from p3b_fx.core.groups import (
-    Block, BlockKind, Factor, FlopTerm, Group, GroupSet, Member, NodeInfo, ParamSpec, Role,
+    Block,
+    BlockKind,
+    Factor,
+    FlopTerm,
+    Group,
+    GroupSet,
+    Member,
+    NodeInfo,
+    ParamSpec,
+    Role,
 )  # fmt: skip
 from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
@@ -68,7 +77,9 @@ def find_groups(gm: fx.GraphModule) -> GroupSet:
                     search.unsupported)  # fmt: skip
 
 
-def _analyse(gm: fx.GraphModule, br: Branch, names: dict[str, fx.Node]) -> tuple[Block, list[Group], dict[str, NodeInfo]]:
+def _analyse(
+    gm: fx.GraphModule, br: Branch, names: dict[str, fx.Node]
+) -> tuple[Block, list[Group], dict[str, NodeInfo]]:
     nodes = [names[n] for n in br.nodes]
     read, write = names[br.linears[0]], names[br.linears[-1]]
     tracker = Tracker(gm, Labels(prefix=br.name))
@@ -102,10 +113,13 @@ def _inner_groups(br: Branch, t: Tracker) -> tuple[list[Group], dict[str, str]]:
     first = next(iter(t.labels.sizes))
     leaves = t.labels.leaves(first)
     reaching = set(t.labels.axis_leaves(t.params.get((f"{_target(t, br.linears[-1])}.weight", 1), ())))
-    groups, leaf_group = [], {}
+    groups: list[Group] = []
+    leaf_group: dict[str, str] = {}
     for leaf in leaves:
         role = _role(t.labels, leaf, br.kind)
-        reason = t.labels.reason(leaf) or ("" if leaf in reaching else "does not reach the block's last linear")
+        reason = t.labels.reason(leaf) or (
+            "" if leaf in reaching else "does not reach the block's last linear"
+        )
         name = f"{br.name}:{role}"
         while name in leaf_group.values():
             name += "'"
@@ -170,7 +184,9 @@ def _write_group(gm: fx.GraphModule, br: Branch, write: fx.Node, out: fx.Node) -
     return Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(members), not reason, reason)
 
 
-def _channel_param(gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int) -> tuple[str, int] | None | tuple[()]:
+def _channel_param(
+    gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int
+) -> tuple[str, int] | tuple[()] | None:
     """For a per-channel op after the last linear: ``()`` (no parameter), ``(param, dim)``, or None."""
     if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _CHANNEL_MODULES):
         return ()
@@ -180,13 +196,19 @@ def _channel_param(gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int) -
     if isinstance(other, (int, float)):
         return ()
     shape = other.meta.get(meta.SHAPE) if isinstance(other, fx.Node) else None
-    if isinstance(other, fx.Node) and other.op == "get_attr" and shape and shape[-1] == size:
-        if math.prod(shape) == size:
-            return (str(other.target), len(shape) - 1)
+    if (
+        isinstance(other, fx.Node)
+        and other.op == "get_attr"
+        and shape
+        and math.prod(shape) == shape[-1] == size
+    ):
+        return (str(other.target), len(shape) - 1)
     return None
 
 
-def _param_dims(t: Tracker, leaf_group: dict[str, str], read_g: Group, write_g: Group) -> dict[tuple[str, int], tuple[Factor, ...]]:
+def _param_dims(
+    t: Tracker, leaf_group: dict[str, str], read_g: Group, write_g: Group
+) -> dict[tuple[str, int], tuple[Factor, ...]]:
     dims: dict[tuple[str, int], tuple[Factor, ...]] = {}
     for (param, dim), axis in t.params.items():
         leaves = t.labels.axis_leaves(axis)
@@ -197,7 +219,9 @@ def _param_dims(t: Tracker, leaf_group: dict[str, str], read_g: Group, write_g: 
     return dims
 
 
-def _param_specs(gm: fx.GraphModule, nodes: list[fx.Node], dims: dict[tuple[str, int], tuple[Factor, ...]]) -> tuple[ParamSpec, ...]:
+def _param_specs(
+    gm: fx.GraphModule, nodes: list[fx.Node], dims: dict[tuple[str, int], tuple[Factor, ...]]
+) -> tuple[ParamSpec, ...]:
     all_params = dict(gm.named_parameters())
     used: list[str] = []
     for n in nodes:
@@ -208,7 +232,9 @@ def _param_specs(gm: fx.GraphModule, nodes: list[fx.Node], dims: dict[tuple[str,
     specs = []
     for name in dict.fromkeys(used):
         shape = all_params[name].shape
-        specs.append(ParamSpec(name, tuple(dims.get((name, d), ((int(s), None),)) for d, s in enumerate(shape))))
+        specs.append(
+            ParamSpec(name, tuple(dims.get((name, d), ((int(s), None),)) for d, s in enumerate(shape)))
+        )
     return tuple(specs)
 
 
@@ -222,7 +248,10 @@ def _flop_terms(gm: fx.GraphModule, nodes: list[fx.Node], t: Tracker, leaf_group
             tokens = math.prod(src.meta[meta.SHAPE][1:-1])
             w = f"{n.target}.weight"
             shape = gm.get_parameter(w).shape
-            factors = [*dims.get((w, 0), ((int(shape[0]), None),)), *dims.get((w, 1), ((int(shape[1]), None),))]
+            factors = [
+                *dims.get((w, 0), ((int(shape[0]), None),)),
+                *dims.get((w, 1), ((int(shape[1]), None),)),
+            ]
             terms.append(FlopTerm(tokens, tuple(factors)))
         elif is_attention_op(n):
             terms.extend(_attention_flops(n, t, leaf_group))

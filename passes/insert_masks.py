@@ -46,13 +46,26 @@ class InsertMasksPass(GraphPass):
             point = read.args[0]
             assert isinstance(point, fx.Node)
             readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
-            self._before(gm, readers, point, f"{b.name}:read", ((sizes.get(f"{b.name}:read", 1), f"{b.name}:read"),), sites)
+            self._before(
+                gm,
+                readers,
+                point,
+                f"{b.name}:read",
+                ((sizes.get(f"{b.name}:read", 1), f"{b.name}:read"),),
+                sites,
+            )
             if Role.HEAD_DIM in roles:
-                self._after(gm, read, f"{b.name}:first_out", _dims(self.groups, f"{read.target}.weight", 0), sites)
+                self._after(
+                    gm, read, f"{b.name}:first_out", _dims(self.groups, f"{read.target}.weight", 0), sites
+                )
             win = write.args[0]
             assert isinstance(win, fx.Node)
-            self._before(gm, [write], win, f"{b.name}:last_in", _dims(self.groups, f"{write.target}.weight", 1), sites)
-            self._after(gm, write, f"{b.name}:write", ((sizes.get(f"{b.name}:write", 1), f"{b.name}:write"),), sites)
+            self._before(
+                gm, [write], win, f"{b.name}:last_in", _dims(self.groups, f"{write.target}.weight", 1), sites
+            )
+            self._after(
+                gm, write, f"{b.name}:write", ((sizes.get(f"{b.name}:write", 1), f"{b.name}:write"),), sites
+            )
         bank.sites.update(sites)
         return PassResult(gm, True)
 
@@ -64,8 +77,10 @@ class InsertMasksPass(GraphPass):
         node.meta[meta.SHAPE] = src.meta.get(meta.SHAPE)
         return node
 
-    def _before(self, gm: fx.GraphModule, users: list[fx.Node], src: fx.Node, site: str,
-                factors: tuple[Factor, ...] | None, sites: dict[str, tuple[Factor, ...]]) -> None:  # fmt: skip
+    def _before(  # noqa: PLR0917 - private helper
+        self, gm: fx.GraphModule, users: list[fx.Node], src: fx.Node, site: str,
+        factors: tuple[Factor, ...] | None, sites: dict[str, tuple[Factor, ...]],
+    ) -> None:  # fmt: skip
         if factors is None or not any(g in self._prunable for _, g in factors):
             return
         sites[site] = factors

@@ -36,10 +36,10 @@ class RewriteShapesPass(GraphPass):
             info = self.groups.nodes.get(node.name)
             if info is None:
                 continue
-            if info.sdpa_scale is not None and node.kwargs.get("scale") is None:
-                if any(kept[g] < self.groups.group(g).size for g in _contracted(node, self.groups)):
-                    node.kwargs = {**node.kwargs, "scale": info.sdpa_scale}
-                    modified = True
+            pin = info.sdpa_scale is not None and node.kwargs.get("scale") is None
+            if pin and any(kept[g] < self.groups.group(g).size for g in _contracted(node, self.groups)):
+                node.kwargs = {**node.kwargs, "scale": info.sdpa_scale}
+                modified = True
             sizes = [math.prod(kept[g] for g in axis) if axis else None for axis in info.axes]
             modified |= _rewrite_reshape(node, sizes)
         return PassResult(gm, modified)
@@ -61,7 +61,7 @@ def _rewrite_reshape(node: fx.Node, sizes: list[int | None]) -> bool:
             node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
             return True
     elif node.op == "call_method" and node.target == "unflatten":
-        dim, old = int(node.args[1]), list(node.args[2])  # type: ignore[arg-type, call-overload]
+        dim, old = int(node.args[1]), list(node.args[2])  # type: ignore[arg-type]
         new = _replace(old, sizes[dim : dim + len(old)])
         if new != old:
             node.args = (node.args[0], dim, tuple(new))

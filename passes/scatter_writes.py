@@ -16,7 +16,14 @@ from torch import fx
 from p3b_fx.core.groups import GroupSet
 from p3b_fx.core.pass_infra import GraphPass, PassResult
 from p3b_fx.core.plan import KeepPlan
-from passes.slim_common import compose_index, index_buffer, live_blocks, nodes_by_name, residual_operands, shrunk
+from passes.slim_common import (
+    compose_index,
+    index_buffer,
+    live_blocks,
+    nodes_by_name,
+    residual_operands,
+    shrunk,
+)
 
 
 @dataclass(frozen=True)

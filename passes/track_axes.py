@@ -54,7 +54,9 @@ class Tracker:
         if self.params.setdefault((name, dim), axis) != axis:
             raise Unsupported(f"parameter '{name}' dim {dim} is reached by two different group axes")
 
-    def unify_axis(self, node: fx.Node, a: tuple[str, ...], b: tuple[str, ...], size_a: int, size_b: int) -> tuple[str, ...]:
+    def unify_axis(
+        self, node: fx.Node, a: tuple[str, ...], b: tuple[str, ...], size_a: int, size_b: int
+    ) -> tuple[str, ...]:
         if a == b:
             return a
         if not a and size_a == 1:
@@ -78,7 +80,9 @@ class Tracker:
             self.labels.contracted.add(label)
             self.labels.roles[label] = Role.HEAD_DIM
         if axis and not all(self.zero.get(op, False) for op in operands):
-            self.labels.mark((axis,), f"contracted at node '{node.name}' after an op that does not keep zeros")
+            self.labels.mark(
+                (axis,), f"contracted at node '{node.name}' after an op that does not keep zeros"
+            )
 
     def run(self, nodes: list[fx.Node], read: fx.Node, write: fx.Node) -> None:
         first = self.labels.new(int(read.meta[meta.SHAPE][-1]))
@@ -131,4 +135,6 @@ class Tracker:
                 ok = user is write or user in self.states or user in self.failed
                 ok = ok or rules().get(node_key(self.gm, user)) in quiet
                 if not ok:
-                    self.labels.mark_all(f"'{node.name}' leaves the block through '{user.name}', not its last linear")
+                    self.labels.mark_all(
+                        f"'{node.name}' leaves the block through '{user.name}', not its last linear"
+                    )

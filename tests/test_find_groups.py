@@ -101,7 +101,7 @@ def test_op_without_rule_fails_closed_naming_the_node() -> None:
 
 def test_resnet_is_not_a_transformer() -> None:
     model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
-    with pytest.raises(UnsupportedModelError, match="no residual sub-block.*not supported"):
+    with pytest.raises(UnsupportedModelError, match=r"no residual sub-block.*not supported"):
         p3b_fx.find_groups(p3b_fx.trace(model, input_shape=(1, 3, 32, 32)))
 
 

@@ -21,7 +21,7 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-CORE = sorted((ROOT / "p3b_fx" / "core").glob("*.py")) + [ROOT / "p3b_fx" / "errors.py"]
+CORE = [*sorted((ROOT / "p3b_fx" / "core").glob("*.py")), ROOT / "p3b_fx" / "errors.py"]
 PASSES = sorted((ROOT / "passes").glob("*.py"))
 
 

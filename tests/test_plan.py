@@ -65,7 +65,7 @@ def test_malformed_json_is_a_plan_error(text: str) -> None:
 
 
 def test_missing_plan_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(PlanError, match="cannot read keep plan .*nope.json"):
+    with pytest.raises(PlanError, match=r"cannot read keep plan .*nope\.json"):
         KeepPlan.load(tmp_path / "nope.json")
 
 

@@ -112,13 +112,13 @@ def test_slim_retraces_to_the_same_outputs() -> None:
 
 
 @pytest.mark.onnx
-def test_slim_exports_to_onnx_with_parity(tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("version", ["4.6", "6.1"])
+def test_slim_exports_to_onnx_with_parity(tmp_path: Path, version: str) -> None:
+    from p3b_fx.export.jetpack import jetpack  # noqa: PLC0415 - onnx tests only
+    from p3b_fx.export.onnx import export_onnx  # noqa: PLC0415
+
     gm = p3b_fx.trace(tiny_vit())
     groups = p3b_fx.find_groups(gm)
     slim = p3b_fx.slim(gm, KeepPlan.random(groups, 0.5, 5), groups).eval()
-    x = torch.randn(1, 3, 32, 32)
-    torch.onnx.export(slim, (x,), str(tmp_path / "m.onnx"), opset_version=17, dynamo=False)
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(out), slim(x).detach(), atol=1e-4, rtol=0)
+    report = export_onnx(slim, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", jetpack=jetpack(version))
+    assert report.parity_max_abs_diff <= 1e-4 and (tmp_path / "m.onnx").exists()

