@@ -295,7 +295,7 @@ def keep_ratios(
     if not np.any(imp > 0):
         log.warning("no block has a positive importance; keep ratios fall back to uniform")
         imp = np.ones_like(imp)
-    imp = np.maximum(imp, 1e-12 * float(imp.max()))  # so every block can fill up to 1
+    imp = np.maximum(imp / float(imp.max()), 1e-12)  # scale-free (no overflow); every block can fill to 1
     level = _water_level(imp, cost, min(target, float(cost.sum())), floor)
     return np.asarray(np.clip(level * imp, floor, 1.0), dtype=np.float64)
 

@@ -87,7 +87,7 @@ class Block:
     add_node: str  # the residual add that writes the block's output back
     read_node: str  # the block's first linear (call_module node)
     write_node: str  # the block's last linear (call_module node)
-    output_node: str  # the branch output: the operand of the residual add that is not the stream
+    output_node: str = ""  # the branch output: the operand of the residual add that is not the stream
 
 
 def _product(factors: tuple[Factor, ...], kept: Mapping[str, int]) -> int:
