@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
-from torch import fx
+from torch import fx, nn
 
 from p3b_fx.core.groups import GroupSet
 from p3b_fx.core.masks import MASK_MODULE, MaskBank
@@ -53,6 +54,29 @@ def apply_masks(gm: fx.GraphModule, plan: KeepPlan, groups: GroupSet | None = No
     return out
 
 
+def _share_tensors_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """Copy the module tree and graph but not the tensors (slicing makes new ones anyway)."""
+    memo: dict[int, object] = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    work = copy.deepcopy(gm, memo)
+    work.meta.update(copy.deepcopy(gm.meta))
+    return work
+
+
+def _unshare(out: fx.GraphModule, original: fx.GraphModule) -> None:
+    """Give ``out`` its own copy of every tensor it still shares with ``original``."""
+    shared = {id(t) for t in (*original.parameters(), *original.buffers())}
+    for kind in ("parameters", "buffers"):
+        for name, t in list(getattr(out, f"named_{kind}")()):
+            if id(t) not in shared:
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = out.get_submodule(owner_name) if owner_name else out
+            if kind == "parameters":
+                setattr(owner, attr, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+            else:
+                owner.register_buffer(attr, t.clone())
+
+
 def slim(gm: fx.GraphModule, plan: KeepPlan, groups: GroupSet | None = None) -> fx.GraphModule:
     """A dense slim GraphModule computing what ``apply_masks(gm, plan)`` computes.
 
@@ -61,11 +85,12 @@ def slim(gm: fx.GraphModule, plan: KeepPlan, groups: GroupSet | None = None) -> 
     """
     groups = groups or find_groups(gm)
     plan.validate(groups)
-    work = copy_graph_module(gm)
+    work = _share_tensors_copy(gm)  # the rewrite replaces what it slices; the rest is cloned below
     work = PassManager(slim_passes(groups, plan)).run(work).graph_module
     work.graph._tracer_cls = None  # pickling must not import p3b_fx's tracer
     out = fx.GraphModule(work, work.graph, class_name=type(gm).__name__.replace("Traced", "Slim"))
     out.meta.update(work.meta)
+    _unshare(out, gm)
     out.train(gm.training)
     params = sum(p.numel() for p in out.parameters())
     expected = plan.predicted_params(groups)

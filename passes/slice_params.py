@@ -47,6 +47,6 @@ class SliceParamsPass(GraphPass):
 def _replace(gm: fx.GraphModule, name: str, value: torch.Tensor, requires_grad: bool) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
-    setattr(owner, attr, nn.Parameter(value.clone(), requires_grad=requires_grad))
+    setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=requires_grad))  # a fresh tensor
     if isinstance(owner, nn.Linear):
         owner.out_features, owner.in_features = (int(s) for s in owner.weight.shape)

@@ -39,6 +39,16 @@ def test_slim_equals_masked_on_the_model_list(case: tuple[str, dict[str, object]
     _check_invariant(set_fused(tiny_vit(name=name, **kw), fused), 0.4, 0, (2, 3, 64, 64))
 
 
+def test_slim_shares_no_tensor_with_its_input() -> None:
+    gm = p3b_fx.trace(tiny_vit())
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    groups = p3b_fx.find_groups(gm)
+    slim = p3b_fx.slim(gm, KeepPlan.random(groups, 0.5, 7), groups)
+    ptrs = {t.data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+    assert not any(t.data_ptr() in ptrs for t in (*slim.parameters(), *slim.buffers()))
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())
+
+
 def test_slim_shapes_follow_the_plan() -> None:
     gm = p3b_fx.trace(tiny_vit(depth=1))
     groups = p3b_fx.find_groups(gm)
