@@ -19,9 +19,10 @@ import torch
 from torch import fx
 
 import p3b_fx
-from p3b_fx import train
+from p3b_fx import latency, train
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.groups import Role
+from p3b_fx.core.io import atomic_write_text
 from p3b_fx.errors import ConfigError, ExportError
 from p3b_fx.export.jetpack import jetpack as get_jetpack
 from p3b_fx.export.jetson import write_bundle
@@ -50,6 +51,7 @@ class CompileConfig:
     dynamic_batch: bool = False
     strict: bool = False
     reference_batch: int = 8
+    latency_runs: int = 20  # ONNX Runtime CPU rounds per setting for report.json's "latency"; 0 skips
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ def run_compile(cfg: CompileConfig) -> dict[str, Any]:
                  "parity_max_abs_diff": onnx_report.parity_max_abs_diff, "jetpack": jp.version},
         "head_dim_warnings": problems,
     }  # fmt: skip
+    if cfg.latency_runs > 0:
+        result["latency"] = _latency(cfg, slim, tuple(images.shape[1:]))
     if cfg.target == "tensorrt":
         engine = build_engine(onnx_path, out / "model.engine", fp16=True)
         result["engine"] = {
@@ -146,6 +150,21 @@ def _bundle(  # noqa: PLR0917 - private helper
     return {"path": str(bundle.out_dir), "files": sorted(bundle.files), "trtexec": " ".join(bundle.trtexec)}
 
 
+def _latency(cfg: CompileConfig, slim: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Dense vs slim on ONNX Runtime CPU; the dense model is built without trained weights (same speed)."""
+    try:
+        dense = train.build_model(cfg.prune.replace(pretrained=False, checkpoint=None)).eval()
+        with torch.no_grad():
+            classes = int(slim(torch.zeros(1, *input_shape)).shape[-1])
+        if getattr(dense, "num_classes", classes) != classes and hasattr(dense, "reset_classifier"):
+            dense.reset_classifier(classes)  # type: ignore[operator]
+        jp = get_jetpack(cfg.jetpack)
+        return latency.ort_cpu_report(dense, slim, input_shape, jp, runs=cfg.latency_runs)
+    except p3b_fx.errors.P3BError as exc:  # a measurement, not a product: the artefacts stand without it
+        logger.warning("latency not measured: %s", exc)
+        return {"skipped": str(exc)}
+
+
 def _load_slim(path: Path) -> fx.GraphModule:
     try:
         model = torch.load(path, weights_only=False, map_location="cpu")
@@ -164,6 +183,4 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: clean(v) for k, v in report.items()}, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({k: clean(v) for k, v in report.items()}, indent=1, default=str))

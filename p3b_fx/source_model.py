@@ -9,7 +9,6 @@ model is the trained one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from p3b_fx.core.io import sha256_of
 from p3b_fx.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -61,15 +61,6 @@ def build_vit(timm_model: str, model_kwargs: Mapping[str, Any], card: Mapping[st
         timm_model, pretrained=False, pretrained_cfg_overlay=overlay, **dict(model_kwargs)
     )
     return model
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_card(path: Path) -> dict[str, Any]:

@@ -13,18 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from p3b_fx.core.groups import GroupSet
-from p3b_fx.core.pass_infra import GraphPass, PassResult
-from p3b_fx.core.plan import KeepPlan
-from passes.slim_common import compose_index, index_buffer, live_blocks, nodes_by_name, shrunk
+from p3b_fx.core.pass_infra import PassResult
+from passes.slim_common import PlanPass, compose_index, index_buffer, live_blocks, nodes_by_name, shrunk
 
 
 @dataclass(frozen=True)
-class GatherReadsPass(GraphPass):
-    groups: GroupSet
-    plan: KeepPlan
-    preserves_semantics = False
-
+class GatherReadsPass(PlanPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         names = nodes_by_name(gm)
         modified = False

@@ -12,18 +12,12 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from p3b_fx.core.groups import GroupSet
-from p3b_fx.core.pass_infra import GraphPass, PassResult
-from p3b_fx.core.plan import KeepPlan
-from passes.slim_common import nodes_by_name, residual_operands
+from p3b_fx.core.pass_infra import PassResult
+from passes.slim_common import PlanPass, nodes_by_name, residual_operands
 
 
 @dataclass(frozen=True)
-class RemoveBlocksPass(GraphPass):
-    groups: GroupSet
-    plan: KeepPlan
-    preserves_semantics = False
-
+class RemoveBlocksPass(PlanPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         names = nodes_by_name(gm)
         modified = False

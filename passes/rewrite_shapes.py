@@ -17,18 +17,14 @@ import torch
 from torch import fx
 
 from p3b_fx.core.groups import GroupSet
-from p3b_fx.core.pass_infra import GraphPass, PassResult
-from p3b_fx.core.plan import KeepPlan
+from p3b_fx.core.pass_infra import PassResult
+from passes.slim_common import PlanPass
 
 _RESHAPES = ("reshape", "view")
 
 
 @dataclass(frozen=True)
-class RewriteShapesPass(GraphPass):
-    groups: GroupSet
-    plan: KeepPlan
-    preserves_semantics = False
-
+class RewriteShapesPass(PlanPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         kept = self.plan.kept_sizes(self.groups)
         modified = False

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from p3b_fx.core.groups import GroupSet
-from p3b_fx.core.pass_infra import GraphPass, PassResult
-from p3b_fx.core.plan import KeepPlan
+from p3b_fx.core.pass_infra import PassResult
 from passes.slim_common import (
+    PlanPass,
     compose_index,
     index_buffer,
     live_blocks,
@@ -27,11 +26,7 @@ from passes.slim_common import (
 
 
 @dataclass(frozen=True)
-class ScatterWritesPass(GraphPass):
-    groups: GroupSet
-    plan: KeepPlan
-    preserves_semantics = False
-
+class ScatterWritesPass(PlanPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         names = nodes_by_name(gm)
         modified = False

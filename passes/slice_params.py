@@ -13,18 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from p3b_fx.core.groups import GroupSet
-from p3b_fx.core.pass_infra import GraphPass, PassResult
-from p3b_fx.core.plan import KeepPlan
-from passes.slim_common import flat_index, live_blocks
+from p3b_fx.core.pass_infra import PassResult
+from passes.slim_common import PlanPass, flat_index, live_blocks
 
 
 @dataclass(frozen=True)
-class SliceParamsPass(GraphPass):
-    groups: GroupSet
-    plan: KeepPlan
-    preserves_semantics = False
-
+class SliceParamsPass(PlanPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         kept = self.plan.effective(self.groups)
         modified = False

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import fx, nn
 
 from p3b_fx.core.groups import Factor, GroupSet
+from p3b_fx.core.pass_infra import GraphPass
 from p3b_fx.core.plan import KeepPlan
 
 INDEX_MODULE = "p3b_index"
+
+
+@dataclass(frozen=True)
+class PlanPass(GraphPass):
+    """Base of the slim-rewrite passes: configured by the groups and the keep plan. Each one alone
+    leaves the graph inconsistent (shapes change), so none claims to preserve semantics; the
+    whole list does (checked against the masked model by the tests)."""
+
+    groups: GroupSet
+    plan: KeepPlan
+    preserves_semantics: ClassVar[bool] = False
 
 
 def flat_index(factors: tuple[Factor, ...], kept: dict[str, tuple[int, ...]]) -> torch.Tensor | None:

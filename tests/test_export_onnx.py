@@ -15,10 +15,11 @@ from onnx import TensorProto, helper
 from torch import fx, nn
 
 import p3b_fx
+from p3b_fx.core.io import sha256_of
 from p3b_fx.errors import ExportError
 from p3b_fx.export import onnx as onnx_export
 from p3b_fx.export.jetpack import JETPACKS, jetpack
-from p3b_fx.export.onnx import check_tensorrt_ops, export_onnx, sha256_of
+from p3b_fx.export.onnx import check_tensorrt_ops, export_onnx
 from tests.conftest import tiny_vit
 
 pytestmark = pytest.mark.onnx

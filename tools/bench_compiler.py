@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import p3b_fx
+from p3b_fx.core.io import atomic_write_text
 
 TARGETS = {"vit_base_patch16_224": 2.0, "vit_large_patch16_224": 6.0}
 
@@ -65,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         *rows,
         "",
     ])  # fmt: skip
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(args.out, text)
     return 0
 
 

@@ -40,9 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from p3b_fx.core.io import sha256_of
 from p3b_fx.data import DATASETS, Sample, build_loaders
 from p3b_fx.errors import ConfigError, P3BError, TrainingError
-from p3b_fx.source_model import ASSETS_DIR, CARD_FORMAT, SOURCE_STEM, build_vit, sha256_of
+from p3b_fx.source_model import ASSETS_DIR, CARD_FORMAT, SOURCE_STEM, build_vit
 
 logger = logging.getLogger("pretrain_source")
 

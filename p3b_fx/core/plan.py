@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from p3b_fx.core.groups import Block, GroupSet
+from p3b_fx.core.io import atomic_write_text
 from p3b_fx.errors import PlanError
 
 FORMAT_VERSION = 1
@@ -123,10 +124,7 @@ class KeepPlan:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> KeepPlan:

@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 
 import p3b_fx
+from p3b_fx.core.io import sha256_of
 from p3b_fx.errors import ConfigError, ExportError
 from p3b_fx.export.jetpack import JetPack
-from p3b_fx.export.onnx import OnnxReport, sha256_of
+from p3b_fx.export.onnx import OnnxReport
 from p3b_fx.export.tensorrt import DEFAULT_WORKSPACE_MB
 
 logger = logging.getLogger(__name__)

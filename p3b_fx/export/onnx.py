@@ -17,7 +17,6 @@ target TensorRT's ONNX parser, and ONNX Runtime (CPU) outputs against the torch 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import logging
 import os
@@ -33,6 +32,7 @@ import onnxruntime as ort
 import torch
 from torch import fx, nn
 
+from p3b_fx.core.io import sha256_of
 from p3b_fx.core.pass_infra import GraphPass, PassManager
 from p3b_fx.errors import ExportError, P3BError
 from p3b_fx.export.jetpack import JetPack, tensorrt_onnx_ops
@@ -106,14 +106,6 @@ def export_onnx(
         dynamic_batch=dynamic_batch,
         simplified=simplify,
     )
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _writable_target(path: Path) -> Path:
