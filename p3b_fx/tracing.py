@@ -65,6 +65,8 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     chans = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
+    if hasattr(patch_embed, "backbone") and "input_size" in cfg:  # hybrid: proj reads CNN features
+        chans = cfg["input_size"][0]
     if img_size is not None and chans is not None:
         return (1, int(chans), int(img_size[0]), int(img_size[1]))
     if "input_size" in cfg:

@@ -242,9 +242,9 @@ def _binary_one_tracked(  # noqa: PLR0917 - private helper of binary()
 
 
 def maybe_add_mask(node: fx.Node, t: Tracker) -> State:
-    state = first_state(node, t)
-    t.zero[node] = False
-    return state
+    """timm's ``scores + mask`` (mask may be None at run time): an add with an untracked operand."""
+    first_state(node, t)
+    return _binary_one_tracked(node, t, node.args[0], node.args[1], "add", node.meta[meta.SHAPE])
 
 
 def consumes(node: fx.Node, t: Tracker) -> None:
@@ -274,6 +274,10 @@ def sdpa(node: fx.Node, t: Tracker) -> State:
     mask = _dim(node, 3, "attn_mask")
     if isinstance(mask, fx.Node) and mask in t.states:
         raise Unsupported("the attention mask carries a group axis")
+    if isinstance(mask, fx.Node):  # an untracked bias spanning a group axis (e.g. per-head)
+        _binary_one_tracked(
+            node, t, q, mask, "add", q.meta[meta.SHAPE][:-1] + (mask.meta[meta.SHAPE] or (1,))[-1:]
+        )
     sq, sk, sv = t.state_or_empty(q), t.state_or_empty(k), t.state_or_empty(v)
     if sq[-2] or sk[-2] or sv[-2]:
         raise Unsupported("the token axis carries a group")
