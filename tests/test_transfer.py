@@ -1,0 +1,260 @@
+"""The transfer benchmark: statistics, table, target checks, records, resumability and the CLI (tiny runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from p3b_fx import transfer
+from p3b_fx.errors import ConfigError, TrainingError
+from p3b_fx.transfer import Row, Stat
+from tools import bench_transfer as cli
+
+TINY = '{"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}'
+REPORT_FIELDS = (
+    "method", "prune_ratio", "budget", "params_dense", "params_slim", "flops_dense", "flops_slim",
+    "top1_before_pruning", "top1", "keep_ratios", "plan", "config",
+)  # fmt: skip
+BENCH_FIELDS = ("seed", "run", "params_counted", "macs_counted")
+
+
+def tiny_argv(tmp: Path, *extra: str) -> list[str]:
+    return [
+        "--model", "vit_tiny_patch16_224", "--model-kwargs", TINY, "--target-data", "digits",
+        "--methods", "dense", "p3b", "--ratios", "0.5", "--seeds", "0", "--epochs", "1",
+        "--finetune-epochs", "0", "--max-steps-per-epoch", "3", "--batch-size", "32", "--workers", "1",
+        "--device", "cpu", "--out", str(tmp / "runs"), "--doc", str(tmp / "bench.md"),
+        "--plot", str(tmp / "pareto.png"), "--json", str(tmp / "transfer.json"), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """One tiny benchmark through the CLI: dense + P3B at 0.5, one seed, one epoch of 3 steps."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("bench")
+    return tmp, cli.main(tiny_argv(tmp))
+
+
+def stat_row(method: str, ratio: float, top1: list[float], params: float = 1e6) -> Row:
+    return Row(
+        method, ratio, Stat.of(top1), Stat.of([params]), Stat.of([2 * params]), tuple(range(len(top1)))
+    )
+
+
+def record(method: str, ratio: float, seed: int, top1: float) -> dict[str, Any]:
+    return {"method": method, "prune_ratio": ratio, "seed": seed, "top1": top1,
+            "params_counted": 1000 * (1 - ratio), "macs_counted": 5000 * (1 - ratio)}  # fmt: skip
+
+
+# --- statistics, table, targets ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "mean", "std"),
+    [([1.0, 2.0, 3.0], 2.0, 1.0), ([5.0], 5.0, 0.0), ([90.0, 92.0], 91.0, math.sqrt(2.0))],
+)
+def test_stat_is_mean_and_sample_std(values: list[float], mean: float, std: float) -> None:
+    stat = Stat.of(values)
+    assert stat.n == len(values)
+    assert stat.mean == pytest.approx(mean) and stat.std == pytest.approx(std)
+
+
+def test_stat_of_nothing_raises() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        Stat.of([])
+
+
+def test_aggregate_groups_by_method_and_ratio_dense_first() -> None:
+    records = [record("p3b", 0.7, s, 0.90 + s / 100) for s in range(3)]
+    records += [record("dense", 0.0, s, 0.95) for s in range(3)] + [record("uniform", 0.5, 0, 0.80)]
+    rows = transfer.aggregate(records)
+    assert [(r.method, r.ratio) for r in rows] == [("dense", 0.0), ("uniform", 0.5), ("p3b", 0.7)]
+    assert rows[2].top1.mean == pytest.approx(91.0) and rows[2].top1.std == pytest.approx(1.0)
+    assert rows[2].params.mean == pytest.approx(300.0) and rows[2].seeds == (0, 1, 2)
+
+
+def test_table_shows_mean_std_gap_and_sizes() -> None:
+    table = transfer.format_table([stat_row("dense", 0.0, [95.0, 97.0], 2.7e6), stat_row("p3b", 0.5, [95.5])])
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | prune ratio | top-1 % (mean ± std)")
+    assert lines[2] == "| dense | - | 96.00 ± 1.41 |  | 2.700 | 5.40 | 2 |"
+    assert lines[3] == "| p3b | 0.5 | 95.50 | -0.50 | 1.000 | 2.00 | 1 |"
+
+
+@pytest.mark.parametrize(
+    ("p3b_05", "p3b_07", "best_baseline", "expected"),
+    [
+        (95.6, 94.6, 94.0, [True, True, True]),
+        (95.4, 94.4, 95.0, [False, False, False]),
+        (96.5, 95.0, 94.9, [True, True, True]),
+    ],
+)
+def test_target_checks(p3b_05: float, p3b_07: float, best_baseline: float, expected: list[bool]) -> None:
+    rows = [
+        stat_row("dense", 0.0, [96.0]),
+        stat_row("p3b", 0.5, [p3b_05]),
+        stat_row("p3b", 0.7, [p3b_07]),
+        stat_row("uniform", 0.7, [best_baseline]),
+        stat_row("global-taylor", 0.7, [best_baseline - 1]),
+    ]
+    assert [c.reached for c in transfer.check_targets(rows)] == expected
+
+
+def test_target_checks_without_p3b_are_not_measured() -> None:
+    checks = transfer.check_targets([stat_row("dense", 0.0, [96.0]), stat_row("uniform", 0.7, [90.0])])
+    assert [c.reached for c in checks] == [None, None, None]
+    assert "not measured" in transfer.format_checks(checks)
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+
+def spec(tmp: Path, **changes: Any) -> transfer.BenchSpec:
+    values: dict[str, Any] = {"base": {"data": "digits", "epochs": 2}, "methods": ("dense", "p3b", "uniform"),
+                              "ratios": (0.5, 0.7), "seeds": (0, 1), "out": str(tmp)}  # fmt: skip
+    values.update(changes)
+    return transfer.BenchSpec(**values)
+
+
+def test_jobs_are_seed_major_and_dense_runs_once_per_seed(tmp_path: Path) -> None:
+    names = [job.name for job in transfer.plan_jobs(spec(tmp_path))]
+    assert names[:5] == ["dense-seed0", "p3b-pr0.5-seed0", "p3b-pr0.7-seed0", "uniform-pr0.5-seed0",
+                         "uniform-pr0.7-seed0"]  # fmt: skip
+    assert len(names) == 2 * (1 + 2 * 2) and len(set(names)) == len(names)
+
+
+def test_every_job_gets_its_own_directory_and_options(tmp_path: Path) -> None:
+    jobs = transfer.plan_jobs(spec(tmp_path))
+    job = next(j for j in jobs if j.name == "uniform-pr0.7-seed1")
+    assert job.config.out == str(tmp_path / "uniform-pr0.7-seed1")
+    assert (job.config.method, job.config.prune_ratio, job.config.seed, job.config.epochs) == (
+        "uniform",
+        0.7,
+        1,
+        2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"methods": ("p3b", "magic")}, "magic"),
+        ({"seeds": ()}, "seeds"),
+        ({"ratios": ()}, "ratios"),
+        ({"base": {"seed": 3}}, "set per job"),
+    ],
+)
+def test_bad_spec_says_what_to_fix(tmp_path: Path, changes: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        spec(tmp_path, **changes)
+
+
+def test_interrupted_p3b_run_resumes_and_others_restart(tmp_path: Path) -> None:
+    jobs = {job.name: job for job in transfer.plan_jobs(spec(tmp_path))}
+    for name in ("p3b-pr0.5-seed0", "dense-seed0"):
+        Path(jobs[name].config.out).mkdir(parents=True)
+        (Path(jobs[name].config.out) / "checkpoint.pt").write_bytes(b"x")
+    assert transfer.start_options(jobs["p3b-pr0.5-seed0"], force=False) == {"resume": True, "force": False}
+    assert transfer.start_options(jobs["p3b-pr0.5-seed0"], force=True) == {"resume": False, "force": True}
+    assert transfer.start_options(jobs["dense-seed0"], force=False) == {"resume": False, "force": True}
+
+
+# --- the CLI on a tiny configuration -------------------------------------------------------------------
+
+
+def test_cli_writes_records_table_and_plot(bench: tuple[Path, int]) -> None:
+    tmp, code = bench
+    assert code == 0
+    data = json.loads((tmp / "transfer.json").read_text())
+    assert [(r["method"], r["prune_ratio"], r["seed"]) for r in data["records"]] == [
+        ("dense", 0.0, 0),
+        ("p3b", 0.5, 0),
+    ]
+    assert all(key in r for r in data["records"] for key in REPORT_FIELDS + BENCH_FIELDS)
+    assert data["benchmark"]["epochs"] == 1 and data["benchmark"]["methods"] == ["dense", "p3b"]
+    doc = (tmp / "bench.md").read_text()
+    assert transfer.DOC_BEGIN in doc and "| p3b | 0.5 |" in doc and "P3B at 0.5 within 0.5 points" in doc
+    assert (tmp / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_record_counts_the_final_model(bench: tuple[Path, int]) -> None:
+    records = json.loads((bench[0] / "transfer.json").read_text())["records"]
+    dense, p3b = records
+    assert p3b["params_counted"] == p3b["params_slim"] and dense["params_counted"] == dense["params_dense"]
+    assert 0 < p3b["macs_counted"] < dense["macs_counted"]
+
+
+def test_finished_runs_are_reused_not_rerun(bench: tuple[Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp, _ = bench
+    calls: list[str] = []
+    monkeypatch.setattr(transfer, "run_job", lambda config, threads: calls.append(config.out) or {})
+    assert cli.main(tiny_argv(tmp, "--json", str(tmp / "again.json"), "--doc", "", "--plot", "")) == 0
+    assert calls == []
+    again = json.loads((tmp / "again.json").read_text())["records"]
+    assert [r["top1"] for r in again] == [
+        r["top1"] for r in json.loads((tmp / "transfer.json").read_text())["records"]
+    ]
+
+
+def test_finished_run_with_other_options_is_refused(
+    bench: tuple[Path, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp, _ = bench
+    argv = tiny_argv(tmp, "--doc", "", "--plot", "", "--json", "")
+    argv[argv.index("--epochs") + 1] = "2"
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert "other options (epochs=1)" in capsys.readouterr().err
+
+
+def test_collect_only_reports_missing_runs(bench: tuple[Path, int]) -> None:
+    tmp, _ = bench
+    argv = tiny_argv(tmp, "--collect-only", "--doc", str(tmp / "partial.md"), "--plot", "", "--json", "")
+    argv[argv.index("--ratios") + 1 : argv.index("--ratios") + 2] = ["0.5", "0.7"]
+    assert cli.main(argv) == cli.EXIT_FAILED_RUNS
+    assert "p3b-pr0.7-seed0: not run yet" in (tmp / "partial.md").read_text()
+
+
+def test_doc_update_keeps_text_outside_the_markers(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    transfer.update_doc(doc, "first table", "# Title")
+    doc.write_text(doc.read_text() + "\n## Reading\nhand-written notes\n")
+    transfer.update_doc(doc, "second table", "# Title")
+    text = doc.read_text()
+    assert text.startswith("# Title") and "second table" in text and "first table" not in text
+    assert text.endswith("hand-written notes\n")
+
+
+def test_cli_rejects_a_bad_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = tiny_argv(tmp_path)
+    argv[argv.index("--ratios") + 1] = "1.5"
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert "prune ratio 1.5" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake_run(config: Any, threads: int) -> dict[str, Any]:
+        if config.method == "p3b":
+            raise TrainingError("the loss became nan")
+        return {"method": config.method}
+
+    monkeypatch.setattr(transfer, "run_job", fake_run)
+    monkeypatch.setattr(transfer, "make_record", lambda job, report: {"name": job.name, **report})
+    snapshots: list[int] = []
+    jobs = transfer.plan_jobs(spec(tmp_path, seeds=(0,)))
+    outcome = transfer.run_benchmark(jobs, workers=1, on_record=lambda recs: snapshots.append(len(recs)))
+    assert [r["name"] for r in outcome.records] == [
+        "dense-seed0",
+        "uniform-pr0.5-seed0",
+        "uniform-pr0.7-seed0",
+    ]
+    assert set(outcome.failures) == {"p3b-pr0.5-seed0", "p3b-pr0.7-seed0"}
+    assert "TrainingError: the loss became nan" in outcome.failures["p3b-pr0.5-seed0"]
+    assert snapshots == [1, 1, 1, 2, 3]
