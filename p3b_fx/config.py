@@ -27,10 +27,18 @@ SOURCE_MODEL = "source"
 REFERENCE_BATCH = 512
 """The base learning rate is given for this batch size and scaled linearly (method doc §5)."""
 
+DIST_TIMEOUT_MINUTES = 30.0
+"""Default time a collective waits for the other ranks before the run stops (``dist_timeout``)."""
+
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """One pruning run. ``lr`` is the base rate at batch 512; :attr:`scaled_lr` is what AdamW uses."""
+    """One pruning run. ``lr`` is the base rate at batch 512; :attr:`scaled_lr` is what AdamW uses.
+
+    ``batch_size`` is per process; ``world_size`` (the number of torchrun processes) is filled in by
+    :func:`p3b_fx.train.run` from the process group, so the effective batch is their product.
+    ``dist_timeout`` (minutes) bounds how long a rank waits for the others in a collective.
+    """
 
     model: str = SOURCE_MODEL
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -66,6 +74,8 @@ class PruneConfig:
     device: str = "auto"
     amp: bool = True
     max_steps_per_epoch: int | None = None
+    world_size: int = 1
+    dist_timeout: float = DIST_TIMEOUT_MINUTES
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -77,8 +87,14 @@ class PruneConfig:
         return 1.0 - self.prune_ratio
 
     @property
+    def effective_batch(self) -> int:
+        """Samples per optimiser step over all ranks: per-process batch × world size."""
+        return self.batch_size * self.world_size
+
+    @property
     def scaled_lr(self) -> float:
-        return self.lr * self.batch_size / REFERENCE_BATCH
+        """The linear scaling rule on the effective batch: lr × effective_batch / 512."""
+        return self.lr * self.effective_batch / REFERENCE_BATCH
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable values (for ``report.json`` and resume checks)."""
@@ -151,8 +167,10 @@ def _finite(value: float, name: str) -> None:
 
 
 def _check_numbers(cfg: PruneConfig) -> None:
-    for name in ("prune_ratio", "floor", "lr", "weight_decay", "label_smoothing"):
+    for name in ("prune_ratio", "floor", "lr", "weight_decay", "label_smoothing", "dist_timeout"):
         _finite(getattr(cfg, name), name)
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"dist_timeout must be > 0 minutes, got {cfg.dist_timeout}")
     if not 0.0 < cfg.prune_ratio < 1.0:
         raise ConfigError(
             f"prune ratio {cfg.prune_ratio} must lie strictly between 0 and 1 (0.5 removes half the "
@@ -161,7 +179,7 @@ def _check_numbers(cfg: PruneConfig) -> None:
     if not 0.0 <= cfg.floor < 1.0:
         raise ConfigError(f"floor {cfg.floor} must be in [0, 1)")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "round_to": cfg.round_to,
-                "updates_per_epoch": cfg.updates_per_epoch}  # fmt: skip
+                "updates_per_epoch": cfg.updates_per_epoch, "world_size": cfg.world_size}  # fmt: skip
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")

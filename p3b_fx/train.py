@@ -8,6 +8,10 @@ keep plan, the model is physically slimmed (checked against the hard-masked mode
 evaluated. Baselines (dense, uniform, torch-pruning's global criteria) run through the same data,
 epochs and budget. Everything lands in the output directory: ``log.jsonl``, ``checkpoint.pt``
 (every epoch, atomic), ``plan.json``, ``slim.pt``, plots and ``report.json``.
+
+Under torchrun the same code runs data-parallel (:mod:`p3b_fx.distributed`): sharded data, DDP
+around the masked model and the probes, statistics all-reduced before every update, the plan
+checked identical on every rank, files written by rank 0 only. Without torchrun nothing changes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from tqdm import tqdm
 import p3b_fx
 from p3b_fx import budget as budget_mod
 from p3b_fx import data as data_mod
+from p3b_fx import distributed
 from p3b_fx.allocate import GateSpec, GateType, allocate_block
 from p3b_fx.benefit import BenefitAccumulator, BenefitProbes
 from p3b_fx.config import SOURCE_MODEL, PruneConfig
@@ -227,13 +232,14 @@ def build_data(cfg: PruneConfig, model: nn.Module) -> tuple[Loaders, int]:
 
 
 def pick_device(cfg: PruneConfig) -> torch.device:
+    """The configured device; under torchrun with NCCL, this rank's own GPU."""
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"device {cfg.device!r} asked for, but CUDA is not available here; use --device cpu"
         )
-    return torch.device(cfg.device)
+    return distributed.rank_device(torch.device(cfg.device))
 
 
 def seed_everything(seed: int) -> None:
@@ -284,7 +290,7 @@ def limited(loader: DataLoader[Any], limit: int) -> Iterator[Batch]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader[Any], device: torch.device, amp: bool = False) -> float:
-    """Top-1 accuracy in [0, 1] on the whole loader."""
+    """Top-1 accuracy in [0, 1] on the whole loader (under torchrun: every rank's shard, counts summed)."""
     was = model.training
     model.eval()
     correct = total = 0
@@ -294,17 +300,30 @@ def evaluate(model: nn.Module, loader: DataLoader[Any], device: torch.device, am
         correct += int((logits.argmax(-1).cpu() == y).sum())
         total += len(y)
     model.train(was)
+    if distributed.is_active():
+        correct, total = (int(v) for v in distributed.sum_over_ranks([correct, total]))
     return correct / max(total, 1)
+
+
+def progress(items: Iterator[Batch], total: int, desc: str) -> Any:
+    """A tqdm bar on rank 0 (when it writes to a terminal); none on the other ranks."""
+    return tqdm(items, total=total, desc=desc, disable=None if distributed.is_main_process() else True)
 
 
 def train_plain(
     model: nn.Module, loaders: Loaders, cfg: PruneConfig, device: torch.device, epochs: int, *,
-    hook: Callable[[int], None] | None = None, desc: str = "fine-tune",
+    hook: Callable[[int], None] | None = None, desc: str = "fine-tune", first_epoch: int = 0,
 ) -> list[float]:  # fmt: skip
     """Ordinary fine-tuning (AdamW, label smoothing, AMP on CUDA); test top-1 after each epoch.
 
-    ``hook(step)`` runs after every optimiser step (the global baselines prune there).
+    ``hook(step)`` runs after every optimiser step (the global baselines prune there; not under
+    torchrun). ``first_epoch`` numbers the epochs for a DistributedSampler's shuffling.
     """
+    if hook is not None and distributed.is_active():
+        raise ConfigError(
+            f"{desc}: pruning hooks replace parameters under DDP; run this method single-process"
+        )
+    net = distributed.wrap(model, device)
     opt = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     steps = steps_per_epoch(loaders[0], cfg)
@@ -312,10 +331,11 @@ def train_plain(
     step = 0
     for epoch in range(epochs):
         model.train()
-        bar = tqdm(limited(loaders[0], steps), total=steps, desc=f"{desc} {epoch + 1}/{epochs}", disable=None)
+        distributed.set_epoch(loaders[0], first_epoch + epoch)
+        bar = progress(limited(loaders[0], steps), steps, f"{desc} {epoch + 1}/{epochs}")
         for x, y in bar:
             with autocast(device, cfg.amp):
-                loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
             check_loss(loss, step, desc)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
@@ -412,13 +432,20 @@ class Pruner:
         return self.tracker.update(cls, patch, self.kept_costs()), info
 
     def update(self, step: int, loss: float | None) -> dict[str, Any]:
-        """Re-allocate before ``step``: new keep ratios, new soft masks; returns the log record."""
+        """Re-allocate before ``step``: new keep ratios, new soft masks; returns the log record.
+
+        Under torchrun the window statistics are summed over the ranks first, and the new gates are
+        checked identical on every rank afterwards (TrainingError on every rank if not).
+        """
+        self.taylor.all_reduce_()
+        self.benefit.all_reduce_()
         importance, info = self.importance()
         kappa = budget_mod.effective_keep(self.goal(importance), self.schedule.ramp(step))
         alloc = self.allocate(kappa, self.taylor.scores(), self.schedule.tau(step))
         for name, values in alloc.soft.items():
             self.bank.set_gate(name, torch.as_tensor(values, dtype=torch.float32))
         self.kept.update(alloc.kept)
+        distributed.check_same_plan(self.bank.gates(), self.kept, f"keep-ratio update before step {step}")
         self.last = alloc
         self.taylor.reset()
         self.benefit.reset()
@@ -534,8 +561,13 @@ class Loop:
     opt: torch.optim.AdamW = field(init=False)
     probe_opt: torch.optim.AdamW = field(init=False)
     scaler: torch.amp.GradScaler = field(init=False)
+    net: nn.Module = field(init=False)
+    probe_net: nn.Module = field(init=False)
 
     def __post_init__(self) -> None:
+        # under torchrun: DDP around the masked model and around the probes (their own gradients)
+        self.net = distributed.wrap(self.masked, self.device)
+        self.probe_net = distributed.wrap(self.pruner.probes, self.device)
         self.opt = make_optimizer(self.masked, self.cfg)
         self.probe_opt = torch.optim.AdamW(self.pruner.probes.parameters(), lr=self.cfg.scaled_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.amp and self.device.type == "cuda")
@@ -563,8 +595,9 @@ class Loop:
     def run_epoch(self) -> None:
         self.masked.train()
         self.pruner.probes.train()
-        bar = tqdm(limited(self.loaders[0], self.spe), total=self.spe, disable=None,
-                   desc=f"{self.cfg.method} {self.epoch + 1}/{self.cfg.epochs}")  # fmt: skip
+        distributed.set_epoch(self.loaders[0], self.epoch)
+        bar = progress(limited(self.loaders[0], self.spe), self.spe,
+                       f"{self.cfg.method} {self.epoch + 1}/{self.cfg.epochs}")  # fmt: skip
         for x, y in bar:
             if self.pruner.schedule.is_update(self.step):
                 self.log(self.pruner.update(self.step, self.window_loss()))
@@ -579,16 +612,17 @@ class Loop:
         self.pruner.bank.scoring(pruning)
         self.taps.recording = True
         with autocast(self.device, self.cfg.amp):
-            logits = self.masked(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         check_loss(loss, self.step, "P3B training")
-        probe_out = self.pruner.probes([f.float() for f in self.taps.take()], y)
+        probe_out = self.probe_net([f.float() for f in self.taps.take()], y)
         self.opt.zero_grad(set_to_none=True)
         self.probe_opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         probe_out.loss.backward()
         if pruning:
             scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+            distributed.average_gradients(list(self.pruner.bank.gates().values()))
             self.pruner.taylor.accumulate(self.pruner.bank.gates(), grad_scale=scale)
             self.pruner.benefit.add(probe_out)
         self.scaler.step(self.opt)
@@ -607,13 +641,18 @@ class Loop:
         return plan
 
     def window_loss(self) -> float | None:
-        """Mean task loss since the last update (then forget it)."""
+        """Mean task loss since the last update, over all ranks (then forget it)."""
+        if distributed.is_active():
+            total, count = distributed.sum_over_ranks([sum(self.losses), len(self.losses)])
+            self.losses = []
+            return total / count if count else None
         mean = sum(self.losses) / len(self.losses) if self.losses else None
         self.losses = []
         return mean
 
     def log(self, record: Mapping[str, Any]) -> None:
-        append_log(self.out, {"event": "update", "epoch": self.epoch, **record})
+        if distributed.is_main_process():
+            append_log(self.out, {"event": "update", "epoch": self.epoch, **record})
 
     # checkpoints ------------------------------------------------------------------------------------
 
@@ -628,10 +667,26 @@ class Loop:
             "loader_rng": None if gen is None else gen.get_state(),
         }  # fmt: skip
 
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG streams, the statistics window not yet all-reduced, losses."""
+        return {"rng": rng_state(), "taylor": self.pruner.taylor.state_dict(),
+                "benefit": self.pruner.benefit.state_dict(), "losses": list(self.losses)}  # fmt: skip
+
     def save_checkpoint(self) -> None:
-        atomic_save(self.state_dict(), self.out / "checkpoint.pt")
+        """Rank 0 writes (atomically); under torchrun the checkpoint holds every rank's :meth:`rank_state`."""
+        ranks = distributed.gather_objects(self.rank_state()) if distributed.is_active() else None
+        if not distributed.is_main_process():
+            return
+        state = self.state_dict()
+        if ranks is not None:
+            state["ranks"] = ranks
+        atomic_save(state, self.out / "checkpoint.pt")
 
     def load_checkpoint(self, path: Path) -> None:
+        """Every rank loads ``path``; a rank that cannot makes every rank raise."""
+        distributed.on_every_rank(lambda: self._load_checkpoint(path), f"loading {path}")
+
+    def _load_checkpoint(self, path: Path) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
             check_resume_config(state["config"], self.cfg, path)
@@ -641,6 +696,10 @@ class Loop:
             self.probe_opt.load_state_dict(state["probe_opt"])
             self.scaler.load_state_dict(state["scaler"])
             self.pruner.load_state_dict(state["pruner"])
+            own = state["ranks"][distributed.rank()] if distributed.is_active() else None
+            if own is not None:
+                self.pruner.taylor.load_state_dict(own["taylor"])
+                self.pruner.benefit.load_state_dict(own["benefit"])
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
             raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
         self.epoch, self.step, self.accuracy = (
@@ -648,15 +707,22 @@ class Loop:
             int(state["step"]),
             list(state["accuracy"]),
         )
-        self.losses = list(state["losses"])
-        set_rng_state(state["rng"])
+        self.losses = list(state["losses"] if own is None else own["losses"])
+        set_rng_state(state["rng"] if own is None else own["rng"])
         if state["loader_rng"] is not None and self.loaders[0].generator is not None:
             self.loaders[0].generator.set_state(state["loader_rng"])
         logger.info("resumed %s at epoch %d, step %d", path, self.epoch, self.step)
 
 
 def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) -> None:
-    ignore = {"resume", "force", "device", "out"}
+    ignore = {"resume", "force", "device", "out", "dist_timeout", "world_size"}
+    ranks = int(saved.get("world_size", 1))
+    if ranks != cfg.world_size:
+        raise CheckpointError(
+            f"{path} was written by a run on {ranks} process(es), this one has {cfg.world_size}: the "
+            "effective batch, the learning rate and the steps per epoch the pruning schedule counts depend "
+            f"on it; resume with {ranks} process(es) in all (torchrun --nnodes × --nproc_per_node)"
+        )
     now = cfg.to_dict()
     diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
     if diff:
@@ -732,6 +798,7 @@ def prepare(cfg: PruneConfig, model: nn.Module | None, loaders: Loaders | None) 
         loaders, n_data = build_data(cfg, model)
     else:
         n_data = cfg.num_classes or int(getattr(model, "num_classes", 0))
+    loaders = distributed.shard_loaders(loaders, cfg.seed)  # unchanged without torchrun
     fit_head(model, n_data, cfg)
     model.to(device)
     side = model_input(model, cfg)[0]
@@ -755,14 +822,42 @@ def run(
     ``model``/``loaders`` replace the configured model and data (library use, tests).
     ``stop_after_epoch`` stops after that many epochs with a checkpoint (resume later); the report
     then has ``"finished": False`` and is not written.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) the run joins the process group first (or
+    uses one already initialised) and trains data-parallel; every rank returns the same report and
+    rank 0 alone writes files. See docs/distributed.md.
     """
+    with distributed.session(config.device, config.dist_timeout, config.out) as ctx:
+        return _run(_with_world_size(config, ctx), model, loaders, stop_after_epoch)
+
+
+def _with_world_size(config: PruneConfig, ctx: distributed.DistContext) -> PruneConfig:
+    if config.world_size not in (1, ctx.world_size):
+        raise ConfigError(
+            f"world_size {config.world_size} in the options, but {ctx.world_size} process(es) run; leave "
+            "world_size out, torchrun sets it"
+        )
+    if ctx.enabled and config.method.startswith("global-"):
+        raise ConfigError(
+            f"--method {config.method} prunes parameters in place, which DDP cannot follow; run the "
+            "torch-pruning baselines single-process (without torchrun)"
+        )
+    return config.replace(world_size=ctx.world_size) if ctx.world_size != config.world_size else config
+
+
+def _run(
+    config: PruneConfig, model: nn.Module | None, loaders: Loaders | None, stop_after_epoch: int | None
+) -> dict[str, Any]:
     start = time.time()
-    out = prepare_out_dir(config)
-    prep = prepare(config, model, loaders)
+    out = distributed.on_main(lambda: prepare_out_dir(config), "preparing --out") or Path(config.out)
+    distributed.check_same_options(config.to_dict())
+    prep = distributed.on_every_rank(lambda: prepare(config, model, loaders), "loading the model and data")
     if config.method != "dense":
         check_budget(config, prep.groups)
     if not config.resume:  # only now: a run that fails on bad input leaves the directory reusable
-        atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1))
+        distributed.on_main(
+            lambda: atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1)), "run.json"
+        )
     top1_before = evaluate(prep.gm, prep.loaders[1], prep.device, config.amp)
     logger.info("top-1 before pruning: %.4f", top1_before)
     if config.method in ("p3b", "uniform"):
@@ -774,10 +869,12 @@ def run(
 
         report = run_global(config, out, prep)
     if not report.get("finished", True):
+        distributed.barrier()  # the checkpoint rank 0 writes exists when every rank returns
         return report
     report.update(top1_before_pruning=top1_before, seconds=round(time.time() - start, 1))
     report = {**_report_head(config, prep.groups), **report, "config": config.to_dict()}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    text = json.dumps(report, indent=1)
+    distributed.on_main(lambda: atomic_write_text(out / "report.json", text), "writing report.json")
     logger.info("report: %s", out / "report.json")
     return report
 
@@ -797,6 +894,7 @@ def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:
         "granularity": cfg.granularity, "params_dense": groups.params_total,
         "flops_dense": groups.flops_total,
         "budget_params": round(cfg.keep_ratio * groups.params_total),
+        "world_size": cfg.world_size, "effective_batch": cfg.effective_batch,
     }  # fmt: skip
 
 
@@ -807,6 +905,7 @@ def run_p3b(cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int |
     spe = steps_per_epoch(prep.loaders[0], cfg)
     pruner = Pruner(cfg, prep.groups, bank, make_schedule(cfg, spe), probes)
     loop = Loop(cfg, out, prep.device, masked, taps, pruner, prep.loaders)
+    seed_rank(cfg)
     if cfg.resume:
         loop.load_checkpoint(out / "checkpoint.pt")
     if not loop.train(stop_after_epoch):
@@ -815,27 +914,36 @@ def run_p3b(cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int |
     return finalize(cfg, out, prep, loop, plan)
 
 
+def seed_rank(cfg: PruneConfig) -> None:
+    """Under torchrun, once every model is built: rank r draws augmentation and dropout from seed + r."""
+    if distributed.is_active():
+        seed_everything(cfg.seed + distributed.rank())
+
+
 def finalize(cfg: PruneConfig, out: Path, prep: Prepared, loop: Loop, plan: KeepPlan) -> dict[str, Any]:
     """Hard-masked accuracy, slim model (checked), plan/slim files, fine-tuning, the report body."""
     groups = prep.groups
     top1_masked = evaluate(loop.masked, prep.loaders[1], prep.device, cfg.amp)
-    plan.save(out / "plan.json")
+    distributed.on_main(lambda: plan.save(out / "plan.json"), "writing plan.json")
     copy_weights(loop.masked, prep.gm)
     slim = p3b_fx.slim(prep.gm, plan, groups)
-    diff = slim_difference(loop.masked, slim, prep.loaders[1], prep.device)
-    append_log(out, {"event": "slim", "max_abs_diff": diff, "params": plan.predicted_params(groups)})
+    diff = distributed.max_over_ranks(slim_difference(loop.masked, slim, prep.loaders[1], prep.device))
+    if distributed.is_main_process():
+        append_log(out, {"event": "slim", "max_abs_diff": diff, "params": plan.predicted_params(groups)})
     if not diff <= SLIM_TOLERANCE:
         raise TrainingError(
             f"the slim model differs from the hard-masked model by {diff:.3g} (> {SLIM_TOLERANCE}): "
             f"a rewrite bug; the plan is saved in {out / 'plan.json'}, please report it"
         )
-    atomic_save(slim, out / "slim.pt")
+    distributed.on_main(lambda: atomic_save(slim, out / "slim.pt"), "writing slim.pt")
     accs = (
-        train_plain(slim, prep.loaders, cfg, prep.device, cfg.finetune_epochs) if cfg.finetune_epochs else []
+        train_plain(slim, prep.loaders, cfg, prep.device, cfg.finetune_epochs, first_epoch=cfg.epochs)
+        if cfg.finetune_epochs
+        else []
     )
     top1 = accs[-1] if accs else top1_masked
     if accs:
-        atomic_save(slim, out / "slim.pt")
+        distributed.on_main(lambda: atomic_save(slim, out / "slim.pt"), "writing slim.pt")
     params = plan.predicted_params(groups)
     _plots(out, loop.pruner, loop.accuracy + accs)
     return {
@@ -849,11 +957,16 @@ def finalize(cfg: PruneConfig, out: Path, prep: Prepared, loop: Loop, plan: Keep
 
 def run_dense(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
     """Fine-tune only, as many epochs as a pruning run plus its fine-tuning."""
+    seed_rank(cfg)
     accs = train_plain(prep.model, prep.loaders, cfg, prep.device, cfg.epochs + cfg.finetune_epochs)
     groups = prep.groups
-    atomic_save(prep.model.state_dict(), out / "dense.pt")
     plan = KeepPlan.dense(groups)
-    plan.save(out / "plan.json")
+
+    def write() -> None:
+        atomic_save(prep.model.state_dict(), out / "dense.pt")
+        plan.save(out / "plan.json")
+
+    distributed.on_main(write, "writing dense.pt and plan.json")
     _plots(out, None, accs)
     return {
         "params_slim": groups.params_total, "flops_slim": groups.flops_total, "top1": accs[-1],
@@ -864,6 +977,8 @@ def run_dense(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
 
 
 def _plots(out: Path, pruner: Pruner | None, accuracy: list[float]) -> None:
+    if not distributed.is_main_process():
+        return
     from p3b_fx import plots  # noqa: PLC0415 - matplotlib is heavy
 
     history = pruner.history if pruner is not None else []

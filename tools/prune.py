@@ -3,6 +3,10 @@
 Thin entry point: parses flags into a :class:`p3b_fx.config.PruneConfig` (a ``--config`` TOML file
 first, flags on top; a flag not given leaves the file's value) and calls :func:`p3b_fx.train.run`.
 Every failure prints one clear message on stderr and exits with a non-zero code.
+
+Data-parallel on many GPUs or nodes: ``torchrun --nproc_per_node=N tools/prune.py …`` (see
+docs/distributed.md); ``--batch-size`` is then per process. Only rank 0 logs at INFO and prints the
+summary; the other ranks log warnings and errors.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,25 +55,34 @@ def parser() -> argparse.ArgumentParser:
         "--sparse-epochs", type=float, help="epoch at which full sparsity is reached (default 50%%)"
     )
     p.add_argument("--updates-per-epoch", type=int, help="keep-ratio updates per epoch (default 3)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="base learning rate at batch 512 (scaled linearly)")
+    p.add_argument("--batch-size", type=int, help="batch per process (effective batch: × torchrun processes)")
+    p.add_argument("--lr", type=float, help="base learning rate at batch 512 (scaled by the effective batch)")
     p.add_argument("--probe", choices=PROBE_KINDS, help="patch probe design")
     p.add_argument("--out", help="output directory")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of an epoch (quick runs)")
+    p.add_argument(
+        "--dist-timeout", type=float, help="minutes a rank waits for the others under torchrun (default 30)"
+    )
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     p.add_argument("--force", action="store_true", default=None, help="overwrite the run in --out")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun launch (WORLD_SIZE > 1), or a single process."""
+    return os.environ.get("WORLD_SIZE", "1") in ("", "1") or os.environ.get("RANK", "0") in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
+    fmt = "%(levelname)s %(message)s" if rank is None else f"[rank {rank}] %(levelname)s %(message)s"
+    logging.basicConfig(level=level if is_rank0() else max(level, logging.WARNING), format=fmt)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
     try:
         from p3b_fx.train import run  # noqa: PLC0415 - keeps --help fast
@@ -76,11 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = PruneConfig.from_sources(args.config, overrides)
         report = run(config)
     except P3BError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        tag = "" if rank is None else f" (rank {rank})"
+        print(f"error{tag}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted: the last epoch checkpoint is kept; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not is_rank0():
+        return 0
     print(
         f"{report['method']}: {report['params_dense']:,} -> {report['params_slim']:,} parameters, "
         f"top-1 {100 * report['top1']:.2f}% (before pruning {100 * report['top1_before_pruning']:.2f}%); "
