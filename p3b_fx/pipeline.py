@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 import p3b_fx
-from p3b_fx import latency, train
+from p3b_fx import distributed, latency, train
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.groups import Role
 from p3b_fx.core.io import atomic_write_text
@@ -95,6 +95,8 @@ def run_compile(cfg: CompileConfig) -> dict[str, Any]:
     out = Path(cfg.prune.out)
     if cfg.slim_model is None:
         report = train.run(cfg.prune.replace(out=str(out / "prune")))
+        if not distributed.is_main_process():  # under torchrun only rank 0 exports and bundles
+            return report
         slim_path = Path(report["slim"])
     else:
         report, slim_path = {}, Path(cfg.slim_model)
