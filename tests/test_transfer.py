@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 from p3b_fx import transfer
 from p3b_fx.errors import ConfigError, TrainingError
@@ -258,3 +259,19 @@ def test_a_failed_run_is_reported_and_the_others_go_on(
     assert set(outcome.failures) == {"p3b-pr0.5-seed0", "p3b-pr0.7-seed0"}
     assert "TrainingError: the loss became nan" in outcome.failures["p3b-pr0.5-seed0"]
     assert snapshots == [1, 1, 1, 2, 3]
+
+
+def test_own_domain_from_an_image_folder(tmp_path: Path) -> None:
+    """Any source/target pair: a timm model with a 10-class head onto a 3-class ImageFolder."""
+    for split in ("train", "val"):
+        for label, shade in enumerate((30, 120, 220)):
+            folder = tmp_path / "domain" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), (shade, shade + i, shade)).save(folder / f"{i}.png")
+    argv = tiny_argv(tmp_path, "--target-data", str(tmp_path / "domain"), "--num-classes", "3")
+    argv[argv.index("--methods") + 1 : argv.index("--methods") + 3] = ["dense", "uniform"]
+    assert cli.main(argv) == 0
+    records = json.loads((tmp_path / "transfer.json").read_text())["records"]
+    assert [r["method"] for r in records] == ["dense", "uniform"]
+    assert all(r["config"]["num_classes"] == 3 and 0.0 <= r["top1"] <= 1.0 for r in records)
