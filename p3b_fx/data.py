@@ -15,8 +15,8 @@ The two small sets use a split fixed by :data:`SPLIT_SEED`, independent of the r
 run and every caller sees the same test images. Every dataset yields ``(image, label)`` with a
 float32 image of shape ``(3, img_size, img_size)``: grayscale is repeated to three channels, then
 the image is resized and normalised with the caller's mean/std (take them from the model's
-``pretrained_cfg``). ``augment=True`` adds a random crop with zero padding, plus a horizontal flip
-only where a mirrored image keeps its label (not for digits).
+``pretrained_cfg``). ``augment=True`` adds a random crop with zero padding (unless ``crop=False``),
+plus a horizontal flip only where a mirrored image keeps its label (not for digits).
 
 Torchvision sets are held in memory as uint8 tensors (Fashion-MNIST: 47 MB), which avoids one PIL
 round trip per image; ImageFolder images are read lazily.
@@ -204,9 +204,12 @@ def load_dataset(
     std: tuple[float, ...],
     root: str | Path | None = None,
     augment: bool = False,
+    crop: bool = True,
     download: bool = False,
 ) -> Dataset[Sample]:
     """The train or test split of a named dataset or an ImageFolder tree, as ``(image, label)`` pairs.
+
+    ``augment`` turns on the random flip (where it keeps labels) and, with ``crop``, the random crop.
 
     Raises :class:`DataError` naming the fix (install command or expected layout) when data is missing,
     and :class:`ConfigError` on a bad ``img_size``/``mean``/``std``.
@@ -214,9 +217,10 @@ def load_dataset(
     spec = spec_of(name_or_path)
     _check_transform_args(img_size, mean, std)
     if spec is None:
-        tf = ImageTransform(img_size, mean, std, augment, hflip=True, crop_pad=round(img_size / 8))
+        pad = round(img_size / 8) if crop else 0
+        tf = ImageTransform(img_size, mean, std, augment, hflip=True, crop_pad=pad)
         return _image_folder(Path(name_or_path).expanduser(), train, tf)
-    pad = max(1, round(img_size * spec.crop_pad_frac))
+    pad = max(1, round(img_size * spec.crop_pad_frac)) if crop else 0
     tf = ImageTransform(img_size, mean, std, augment, hflip=spec.hflip, crop_pad=pad)
     if spec.name in _SMALL_SPLITS:
         images, labels = _load_mnist5k() if spec.name == "mnist-5k" else _load_digits()
@@ -256,6 +260,7 @@ def build_loaders(
     workers: int = 0,
     root: str | Path | None = None,
     augment: bool = True,
+    crop: bool = True,
     download: bool = False,
 ) -> tuple[DataLoader[Sample], DataLoader[Sample]]:
     """Train loader (shuffled by a generator seeded with ``seed``, augmented) and test loader (in order).
@@ -270,7 +275,9 @@ def build_loaders(
             f"eval_batch_size={eval_batch_size}, workers={workers}"
         )
     common: dict[str, Any] = {"img_size": img_size, "mean": mean, "std": std, "root": root}
-    train_set = load_dataset(name_or_path, train=True, augment=augment, download=download, **common)
+    train_set = load_dataset(
+        name_or_path, train=True, augment=augment, crop=crop, download=download, **common
+    )
     test_set = load_dataset(name_or_path, train=False, augment=False, download=download, **common)
     gen = torch.Generator().manual_seed(seed)
     extra: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}

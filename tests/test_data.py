@@ -82,6 +82,12 @@ def test_augmentation_keeps_shape_and_is_seeded() -> None:
     assert not DATASETS["mnist-5k"].hflip and not DATASETS["digits"].hflip and DATASETS["fashion-mnist"].hflip
 
 
+def test_crop_false_leaves_only_the_flip() -> None:
+    plain = load_dataset("mnist-5k", train=True, img_size=28, mean=MEAN, std=STD)
+    no_crop = load_dataset("mnist-5k", train=True, img_size=28, mean=MEAN, std=STD, augment=True, crop=False)
+    assert all(torch.equal(plain[i][0], no_crop[i][0]) for i in range(8))  # digits: no flip, no crop
+
+
 def test_build_loaders_shuffle_follows_seed() -> None:
     def first_labels(seed: int) -> list[int]:
         train, test = build_loaders(

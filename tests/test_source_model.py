@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -83,19 +84,73 @@ def test_card_without_fields_is_a_checkpoint_error(asset_copy: Path) -> None:
         load_source_model(directory=asset_copy)
 
 
-def _load_tool(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+@pytest.fixture
+def tool(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """tools/pretrain_source.py as a module; torch's thread count and determinism flag restored after."""
     spec = importlib.util.spec_from_file_location("pretrain_source", TOOL)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "pretrain_source", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
-    return module
+    threads, deterministic, rng = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_rng_state(),
+    )
+    yield module
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(rng)
 
 
 def test_pretrain_tool_rejects_bad_options(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tool: ModuleType, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tool = _load_tool(monkeypatch)
     assert tool.main(["--epochs", "0", "--patch-size", "5", "--out", str(tmp_path)]) == 2
     assert "epochs must be >= 1" in caplog.text and "multiple of patch-size 5" in caplog.text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recorded_command_drops_resume(tool: ModuleType) -> None:
+    argv = ["--epochs", "10", "--resume", "/x.pt", "--threads", "1", "--resume=/y.pt", "--seed", "3"]
+    assert tool.without_resume(argv) == ["--epochs", "10", "--threads", "1", "--seed", "3"]
+
+
+@pytest.mark.skipif(not HAS_DEBIAN_FMNIST, reason="Debian package dataset-fashion-mnist is not installed")
+def test_interrupted_pretraining_resumes_bit_for_bit(
+    tool: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = [
+        "--epochs",
+        "2",
+        "--train-limit",
+        "128",
+        "--depth",
+        "1",
+        "--embed-dim",
+        "24",
+        "--batch-size",
+        "64",
+    ]
+    tiny += ["--data-root", str(tmp_path / "data")]
+    assert tool.main([*tiny, "--out", str(tmp_path / "straight")]) == 0
+    original, calls = tool.train_epoch, []
+
+    def interrupted(*args: object, **kwargs: object) -> float:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return float(original(*args, **kwargs))
+
+    monkeypatch.setattr(tool, "train_epoch", interrupted)
+    resume = ["--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "resume.pt")]
+    with pytest.raises(KeyboardInterrupt):
+        tool.main([*tiny, *resume])
+    monkeypatch.setattr(tool, "train_epoch", original)
+    assert tool.main([*tiny, *resume]) == 0
+    straight = json.loads((tmp_path / "straight" / f"{SOURCE_STEM}.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / f"{SOURCE_STEM}.json").read_text())
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    assert resumed["command"] == straight["command"].replace(
+        str(tmp_path / "straight"), str(tmp_path / "resumed")
+    )

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import platform
 import random
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -40,9 +41,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from p3b_fx.core.io import sha256_of
+from p3b_fx.core.io import atomic_write_bytes, sha256_of
 from p3b_fx.data import DATASETS, Sample, build_loaders
-from p3b_fx.errors import ConfigError, P3BError, TrainingError
+from p3b_fx.errors import CheckpointError, ConfigError, P3BError, TrainingError
 from p3b_fx.source_model import ASSETS_DIR, CARD_FORMAT, SOURCE_STEM, build_vit
 
 logger = logging.getLogger("pretrain_source")
@@ -69,6 +70,7 @@ class PretrainConfig:
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
+    crop: bool = False  # random-crop augmentation (the flip is always on); off: 10 epochs underfit already
     train_limit: int | None = None  # use only the first N shuffled training images (smoke runs)
 
     def validate(self) -> None:
@@ -109,10 +111,14 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainConfig, argparse.Namespa
     p.add_argument("--depth", type=int, default=d.depth)
     p.add_argument("--num-heads", type=int, default=d.num_heads)
     p.add_argument("--mlp-ratio", type=float, default=d.mlp_ratio)
+    p.add_argument(
+        "--crop", action=argparse.BooleanOptionalAction, default=d.crop, help="random-crop augmentation"
+    )
     p.add_argument("--train-limit", type=int, default=None, help="train on N images only (smoke run)")
     p.add_argument("--out", type=Path, default=ASSETS_DIR, help="output folder (default: p3b_fx/assets)")
     p.add_argument("--data-root", type=Path, default=None, help="torchvision data root (default: cache)")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST if not found locally")
+    p.add_argument("--resume", type=Path, default=None, help="epoch checkpoint to resume from and update")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between tqdm updates")
     ns = p.parse_args(argv)
     fields = set(PretrainConfig.__dataclass_fields__)
@@ -165,49 +171,104 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return correct / max(1, total)
 
 
-def train(model: nn.Module, cfg: PretrainConfig, train_loader: DataLoader[Sample], interval: float) -> float:
-    """Train in place; returns the mean training loss of the last epoch."""
+@dataclass
+class TrainState:
+    """Everything an epoch boundary needs to resume bit-for-bit (with the global and loader RNG states)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    loader_gen: torch.Generator
+    epoch: int = 0  # epochs finished
+    elapsed_s: float = 0.0  # training seconds summed over (resumed) processes
+    mean_loss: float = float("nan")
+
+
+def save_resume(path: Path, st: TrainState, cfg: PretrainConfig) -> None:
+    blob = {"cfg": asdict(cfg), "epoch": st.epoch, "elapsed_s": st.elapsed_s, "mean_loss": st.mean_loss,
+            "model": st.model.state_dict(), "opt": st.opt.state_dict(), "sched": st.sched.state_dict(),
+            "rng": torch.get_rng_state(), "loader_gen": st.loader_gen.get_state()}  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_resume(path: Path, st: TrainState, cfg: PretrainConfig) -> None:
+    """Restore ``st`` (and the global RNG) from an epoch checkpoint written with the same options."""
+    try:
+        blob = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"resume checkpoint {path} is unreadable ({err}); delete it to start over"
+        ) from err
+    if blob.get("cfg") != asdict(cfg):
+        raise ConfigError(
+            f"resume checkpoint {path} was written with options {blob.get('cfg')}, not {asdict(cfg)}; "
+            "pass the same options or delete it to start over"
+        )
+    st.model.load_state_dict(blob["model"])
+    st.opt.load_state_dict(blob["opt"])
+    st.sched.load_state_dict(blob["sched"])
+    torch.set_rng_state(blob["rng"])
+    st.loader_gen.set_state(blob["loader_gen"])
+    st.epoch, st.elapsed_s, st.mean_loss = (
+        int(blob["epoch"]),
+        float(blob["elapsed_s"]),
+        float(blob["mean_loss"]),
+    )
+    logger.info("resumed from %s after epoch %d", path, st.epoch)
+
+
+def train_epoch(st: TrainState, loader: DataLoader[Sample], criterion: nn.Module, bar: tqdm) -> float:
+    """One pass over ``loader``; returns the mean training loss."""
+    st.model.train()
+    loss_sum, n = 0.0, 0
+    for images, labels in loader:
+        loss = criterion(st.model(images), labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss {float(loss)} in epoch {st.epoch + 1}; lower --lr")
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
+        st.opt.step()
+        st.sched.step()
+        loss_sum, n = loss_sum + loss.item(), n + 1
+        bar.update(1)
+        bar.set_postfix(epoch=st.epoch + 1, loss=f"{loss_sum / n:.3f}", refresh=False)
+    return loss_sum / max(1, n)
+
+
+def train(
+    model: nn.Module, cfg: PretrainConfig, loader: DataLoader[Sample], interval: float, resume: Path | None
+) -> TrainState:
+    """Train in place, resuming from / saving to ``resume`` at epoch boundaries when given."""
     opt = make_optimizer(model, cfg)
-    steps = cfg.epochs * len(train_loader)
-    sched = make_schedule(opt, round(cfg.warmup_epochs * len(train_loader)), steps)
+    steps = cfg.epochs * len(loader)
+    sched = make_schedule(opt, round(cfg.warmup_epochs * len(loader)), steps)
+    if loader.generator is None:
+        raise ConfigError("the training loader needs a seeded generator for reproducible shuffling")
+    st = TrainState(model, opt, sched, loader.generator)
+    if resume is not None and resume.is_file():
+        load_resume(resume, st, cfg)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    bar = tqdm(total=steps, desc="pretrain", unit="step", mininterval=interval, file=sys.stderr)
-    mean_loss = float("nan")
-    for epoch in range(cfg.epochs):
-        model.train()
-        loss_sum, n = 0.0, 0
-        for images, labels in train_loader:
-            loss = criterion(model(images), labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss {float(loss)} in epoch {epoch + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            loss_sum, n = loss_sum + loss.item(), n + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n:.3f}", refresh=False)
-        mean_loss = loss_sum / max(1, n)
-        logger.info("epoch %d/%d: mean train loss %.4f", epoch + 1, cfg.epochs, mean_loss)
+    bar = tqdm(
+        total=steps, initial=st.epoch * len(loader), desc="pretrain", unit="step", mininterval=interval
+    )
+    while st.epoch < cfg.epochs:
+        start = time.perf_counter()
+        st.mean_loss = train_epoch(st, loader, criterion, bar)
+        st.epoch, st.elapsed_s = st.epoch + 1, st.elapsed_s + time.perf_counter() - start
+        logger.info("epoch %d/%d: mean train loss %.4f", st.epoch, cfg.epochs, st.mean_loss)
+        if resume is not None:
+            save_resume(resume, st, cfg)
     bar.close()
-    return mean_loss
+    return st
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
+    """Create ``path``'s folder, then write ``data`` atomically (temp file in that folder, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; assets are package data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def machine_description(threads: int) -> str:
@@ -236,18 +297,33 @@ def round_to_storage_dtype(model: nn.Module) -> None:
 def write_assets(model: nn.Module, card: dict[str, Any], out: Path) -> tuple[Path, Path]:
     weights = out / f"{SOURCE_STEM}.safetensors"
     state = {k: v.detach().to(STORAGE_DTYPE).contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(weights, save(state, metadata={"format": "pt", "card": f"{SOURCE_STEM}.json"}))
+    atomic_write(weights, save(state, metadata={"format": "pt"}))
     card = {**card, "weights_file": weights.name, "weights_sha256": sha256_of(weights)}
     card_path = out / f"{SOURCE_STEM}.json"
     atomic_write(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return weights, card_path
 
 
+def without_resume(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--resume PATH``: resuming restores every state, so it does not change the result."""
+    kept: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next or arg.startswith("--resume="):
+            skip_next = False
+        elif arg == "--resume":
+            skip_next = True
+        else:
+            kept.append(arg)
+    return kept
+
+
 def run(cfg: PretrainConfig, ns: argparse.Namespace, argv: list[str]) -> int:
     seed_everything(cfg.seed, cfg.threads)
     train_loader, test_loader = build_loaders(
         "fashion-mnist", img_size=cfg.img_size, mean=MEAN, std=STD, batch_size=cfg.batch_size,
-        eval_batch_size=500, seed=cfg.seed, root=ns.data_root, augment=True, download=ns.download,
+        eval_batch_size=500, seed=cfg.seed, root=ns.data_root, augment=True, crop=cfg.crop,
+        download=ns.download,
     )  # fmt: skip
     if cfg.train_limit is not None:
         subset = Subset(train_loader.dataset, range(min(cfg.train_limit, len(train_loader.dataset))))  # type: ignore[arg-type]
@@ -261,9 +337,8 @@ def run(cfg: PretrainConfig, ns: argparse.Namespace, argv: list[str]) -> int:
     model = build_vit(TIMM_MODEL, cfg.model_kwargs(), card)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s %s: %.2f M parameters", TIMM_MODEL, cfg.model_kwargs(), n_params / 1e6)
-    start = time.perf_counter()
-    last_loss = train(model, cfg, train_loader, ns.progress_interval)
-    train_s = time.perf_counter() - start
+    st = train(model, cfg, train_loader, ns.progress_interval, ns.resume)
+    last_loss, train_s = st.mean_loss, st.elapsed_s
     round_to_storage_dtype(model)
     accuracy = evaluate(model, test_loader)
     logger.info("Fashion-MNIST test accuracy %.4f after %.1f min of training", accuracy, train_s / 60)
@@ -275,7 +350,7 @@ def run(cfg: PretrainConfig, ns: argparse.Namespace, argv: list[str]) -> int:
         "final_train_loss": round(last_loss, 4), "train_seconds": round(train_s, 1),
         "train_config": asdict(cfg), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_description(cfg.threads), "torch": torch.__version__, "timm": timm.__version__,
-        "command": shlex.join(["python", "tools/pretrain_source.py", *argv]),
+        "command": shlex.join(["python", "tools/pretrain_source.py", *without_resume(argv)]),
     }  # fmt: skip
     weights, card_path = write_assets(model, card, ns.out)
     logger.info("wrote %s (%.1f MB) and %s", weights, weights.stat().st_size / 1e6, card_path)
