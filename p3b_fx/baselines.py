@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+import p3b_fx
 from p3b_fx.config import PruneConfig
-from p3b_fx.errors import ConfigError, TrainingError
+from p3b_fx.errors import ConfigError, P3BError, TrainingError
 
 if TYPE_CHECKING:
     from p3b_fx.train import Prepared
@@ -165,7 +166,12 @@ def run_global(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
     if cfg.finetune_epochs:
         accs += train_plain(model, prep.loaders, cfg, prep.device, cfg.finetune_epochs)
     atomic_save(model, out / "slim.pt")
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    macs_tp, params = tp.utils.count_ops_and_params(model, example)
+    try:  # the same MAC counter as P3B's reports (linears + attention matmuls), so they compare
+        macs = p3b_fx.find_groups(p3b_fx.trace(model.eval(), input_shape=tuple(example.shape))).flops_total
+    except P3BError as exc:
+        logger.warning("counting MACs with torch_pruning's counter instead: %s", exc)
+        macs = int(macs_tp)
     budget = cfg.keep_ratio * dense
     return {
         "params_slim": int(params), "flops_slim": int(macs), "top1": accs[-1], "accuracy_curve": accs,

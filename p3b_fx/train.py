@@ -43,6 +43,7 @@ from p3b_fx.benefit import BenefitAccumulator, BenefitProbes
 from p3b_fx.config import SOURCE_MODEL, PruneConfig
 from p3b_fx.core.groups import Block, BlockKind, GroupSet, Role
 from p3b_fx.core.masks import MaskBank
+from p3b_fx.core.meta import INPUT_SHAPE
 from p3b_fx.core.plan import KeepPlan
 from p3b_fx.criteria import TaylorAccumulator
 from p3b_fx.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -193,9 +194,12 @@ def model_input(model: nn.Module, cfg: PruneConfig) -> tuple[int, tuple[float, .
     """Image side, mean and std the model expects (from its patch embedding and pretrained_cfg)."""
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    side = (
-        int(size[0]) if size is not None else int(cfg.img_size or pcfg.get("input_size", (3, 224, 224))[-1])
-    )
+    traced = model.meta.get(INPUT_SHAPE) if isinstance(model, fx.GraphModule) else None
+    fallback = cfg.img_size or pcfg.get("input_size", [None])[-1]
+    known = size[0] if size is not None else traced[-1] if traced else fallback
+    if known is None:
+        raise ConfigError(f"cannot tell the input size of {type(model).__name__}; pass --img-size")
+    side = int(known)
     mean = tuple(float(v) for v in pcfg.get("mean", (0.5, 0.5, 0.5)))
     std = tuple(float(v) for v in pcfg.get("std", (0.5, 0.5, 0.5)))
     return side, mean, std
@@ -890,7 +894,8 @@ def check_budget(cfg: PruneConfig, groups: GroupSet) -> None:
 
 def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:
     return {
-        "method": cfg.method, "prune_ratio": cfg.prune_ratio, "budget": cfg.budget,
+        "method": cfg.method, "prune_ratio": 0.0 if cfg.method == "dense" else cfg.prune_ratio,
+        "budget": cfg.budget,
         "granularity": cfg.granularity, "params_dense": groups.params_total,
         "flops_dense": groups.flops_total,
         "budget_params": round(cfg.keep_ratio * groups.params_total),
