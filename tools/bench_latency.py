@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import p3b_fx
 from p3b_fx import latency
 from p3b_fx.export.jetpack import jetpack
+from p3b_fx.machine import cpu_name
 from p3b_fx.source_model import load_source_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -123,13 +123,7 @@ def format_row(r: Row) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass  # no /proc: keep platform's name
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}"
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from p3b_fx import transfer
 from p3b_fx.config import METHODS, PROBE_KINDS, SOURCE_MODEL
 from p3b_fx.errors import P3BError
+from p3b_fx.machine import cpu_name
 
 EXIT_ERROR = 2
 EXIT_FAILED_RUNS = 1
@@ -106,13 +107,7 @@ def make_spec(args: argparse.Namespace) -> transfer.BenchSpec:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_name()
     import torch  # noqa: PLC0415
 
     return (

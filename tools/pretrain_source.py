@@ -44,6 +44,7 @@ from tqdm import tqdm
 from p3b_fx.core.io import atomic_write_bytes, sha256_of
 from p3b_fx.data import DATASETS, Sample, build_loaders
 from p3b_fx.errors import CheckpointError, ConfigError, P3BError, TrainingError
+from p3b_fx.machine import cpu_name
 from p3b_fx.source_model import ASSETS_DIR, CARD_FORMAT, SOURCE_STEM, build_vit
 
 logger = logging.getLogger("pretrain_source")
@@ -272,15 +273,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def machine_description(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     return (
         f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), {platform.system()} {platform.release()}"
     )
