@@ -23,6 +23,7 @@ from p3b_fx import distributed, latency, train
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.groups import Role
 from p3b_fx.core.io import atomic_write_text
+from p3b_fx.core.plan import KeepPlan
 from p3b_fx.errors import ConfigError, ExportError
 from p3b_fx.export.jetpack import jetpack as get_jetpack
 from p3b_fx.export.jetson import write_bundle
@@ -50,6 +51,7 @@ class CompileConfig:
     prune: PruneConfig
     jetpack: str = "6.1"
     slim_model: str | None = None  # an existing slim.pt: skip pruning
+    plan: str | None = None  # an existing plan.json applied to the model's weights: skip pruning
     dynamic_batch: bool = False
     strict: bool = False
     reference_batch: int = 8
@@ -59,6 +61,8 @@ class CompileConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.plan is not None and self.slim_model is not None:
+            raise ConfigError("--plan and --slim-model both say what to compile; give one of them")
 
 
 def check_target(cfg: CompileConfig) -> None:
@@ -95,14 +99,17 @@ def reference_batch(cfg: CompileConfig) -> torch.Tensor:
 def run_compile(cfg: CompileConfig) -> dict[str, Any]:
     check_target(cfg)
     out = Path(cfg.prune.out)
-    if cfg.slim_model is None:
+    if cfg.plan is not None or cfg.slim_model is not None:
+        _prepare_out(out, cfg.prune.force or cfg.prune.resume)
+    if cfg.plan is not None:
+        report, slim = _slim_from_plan(cfg)
+    elif cfg.slim_model is not None:
+        report, slim = {}, _load_slim(Path(cfg.slim_model))
+    else:
         report = train.run(cfg.prune.replace(out=str(out / "prune")))
         if not distributed.is_main_process():  # under torchrun only rank 0 exports and bundles
             return report
-        slim_path = Path(report["slim"])
-    else:
-        report, slim_path = {}, Path(cfg.slim_model)
-    slim = _load_slim(slim_path)
+        slim = _load_slim(Path(report["slim"]))
     images = reference_batch(cfg)
     problems = head_dim_report(slim, (1, *images.shape[1:]))
     if problems:
@@ -167,6 +174,33 @@ def _latency(cfg: CompileConfig, slim: fx.GraphModule, input_shape: tuple[int, .
     except p3b_fx.errors.P3BError as exc:  # a measurement, not a product: the artefacts stand without it
         logger.warning("latency not measured: %s", exc)
         return {"skipped": str(exc)}
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if (out / "report.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a compiled run (report.json); pass --force or another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output directory {out}: {exc.strerror}") from exc
+
+
+def _slim_from_plan(cfg: CompileConfig) -> tuple[dict[str, Any], fx.GraphModule]:
+    """The configured model (weights from --checkpoint, head fitted to the data) sliced by a plan."""
+    assert cfg.plan is not None
+    prune = cfg.prune
+    model = train.build_model(prune)
+    train.fit_head(model, train.build_data(prune, model)[1], prune)
+    side = train.model_input(model, prune)[0]
+    gm = p3b_fx.trace(model, input_shape=(1, 3, side, side))
+    groups = p3b_fx.find_groups(gm)
+    plan = KeepPlan.load(cfg.plan)
+    slim = p3b_fx.slim(gm, plan, groups).eval()
+    report = {
+        "plan": cfg.plan, "params_dense": groups.params_total, "params_slim": plan.predicted_params(groups),
+        "flops_dense": groups.flops_total, "flops_slim": plan.predicted_flops(groups),
+    }  # fmt: skip
+    return report, slim
 
 
 def _load_slim(path: Path) -> fx.GraphModule:

@@ -35,3 +35,35 @@ def test_jetson_bundle_end_to_end(tmp_path: Path) -> None:
     files = set(report["bundle"]["files"])
     assert {"model.onnx", "build_engine.sh", "verify.py", "reference_inputs.npy"} <= files
     assert "--memPoolSize=workspace" in report["bundle"]["trtexec"]
+
+
+def _source_plan(tmp_path: Path, ratio: float) -> tuple[Path, int]:
+    import p3b_fx  # noqa: PLC0415
+    from p3b_fx.source_model import load_source_model  # noqa: PLC0415
+
+    model, _ = load_source_model()
+    groups = p3b_fx.find_groups(p3b_fx.trace(model))
+    plan = p3b_fx.KeepPlan.random(groups, ratio, seed=1)
+    plan.save(tmp_path / "plan.json")
+    return tmp_path / "plan.json", plan.predicted_params(groups)
+
+
+def test_an_existing_plan_compiles_without_pruning(tmp_path: Path) -> None:
+    plan, params = _source_plan(tmp_path, 0.5)
+    out = tmp_path / "run"
+    assert prune_and_compile.main(["--target", "onnx", "--plan", str(plan), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_slim"] == params and report["onnx"]["parity_max_abs_diff"] <= 1e-4
+    assert not (out / "prune").exists()  # no training ran
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import p3b_fx  # noqa: PLC0415
+    from tests.conftest import tiny_vit  # noqa: PLC0415
+
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit()))
+    p3b_fx.KeepPlan.random(groups, 0.5).save(tmp_path / "other.json")
+    code = prune_and_compile.main(
+        ["--target", "onnx", "--plan", str(tmp_path / "other.json"), "--out", str(tmp_path)]
+    )
+    assert code != 0 and "made for architecture" in capsys.readouterr().err

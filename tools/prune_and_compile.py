@@ -37,6 +37,7 @@ def parser() -> object:
         "--jetpack", default="6.1", choices=JETPACKS, help="JetPack release of the board (default 6.1)"
     )
     p.add_argument("--slim-model", help="an existing slim.pt from tools/prune.py: skip pruning")
+    p.add_argument("--plan", help="an existing plan.json: slim --model/--checkpoint by it, skip pruning")
     p.add_argument("--dynamic-batch", action="store_true", help="export a dynamic batch axis")
     p.add_argument(
         "--strict", action="store_true", help="refuse head_dim that TensorRT fused attention cannot use"
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    own = ("config", "verbose", "target", "jetpack", "slim_model", "dynamic_batch", "strict")
+    own = ("config", "verbose", "target", "jetpack", "slim_model", "plan", "dynamic_batch", "strict")
     overrides = {k: v for k, v in vars(args).items() if k not in own}
     try:
         from p3b_fx.config import PruneConfig  # noqa: PLC0415 - keeps --help fast
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.config, {**base, **{k: v for k, v in overrides.items() if v is not None}}
         )
         cfg = CompileConfig(args.target, prune, jetpack=args.jetpack, slim_model=args.slim_model,
-                            dynamic_batch=args.dynamic_batch, strict=args.strict)  # fmt: skip
+                            plan=args.plan, dynamic_batch=args.dynamic_batch, strict=args.strict)  # fmt: skip
         report = run_compile(cfg)
     except P3BError as exc:
         print(f"error: {exc}", file=sys.stderr)
