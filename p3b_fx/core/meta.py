@@ -13,17 +13,8 @@ Writer: ``passes.annotate_shapes``. Readers: ``passes.find_groups``, ``passes.re
 
 BLOCK: Final = "p3b.block"
 """Name of the residual sub-block (e.g. ``blocks.3.attn``) a node belongs to.
-Writer: ``passes.find_blocks``. Readers: ``passes.find_groups``, ``passes.insert_masks``."""
-
-AXES: Final = "p3b.axes"
-"""Per output axis, the tuple of group labels whose elements run along it (row-major), or ``()``
-for an axis no group runs along. Writer: ``passes.find_groups``. Reader: ``passes.rewrite_slim``
-(to rewrite baked reshape sizes)."""
-
-SDPA_SCALE: Final = "p3b.sdpa_scale"
-"""For a ``scaled_dot_product_attention`` node whose head dimension is prunable: the softmax scale
-of the dense model, which the slim graph must pass explicitly. Writer: ``passes.find_groups``.
-Reader: ``passes.rewrite_slim``."""
+No pass writes it yet (blocks are carried by ``GroupSet``); ``passes.decompose_sdpa``
+copies it when present."""
 
 MASK_SITE: Final = "p3b.mask_site"
 """Marks a node inserted by ``passes.insert_masks`` (value: the site name), so that a second run
@@ -33,4 +24,4 @@ INPUT_SHAPE: Final = "p3b.input_shape"
 """``GraphModule.meta`` key (not node meta): the example input shape, batch 1, that the shape
 analysis uses. Writer: ``p3b_fx.trace``. Readers: ``passes.find_groups``, export."""
 
-ALL_KEYS: Final = (SHAPE, BLOCK, AXES, SDPA_SCALE, MASK_SITE)
+ALL_KEYS: Final = (SHAPE, BLOCK, MASK_SITE)
