@@ -151,7 +151,13 @@ def run_global(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
     """Prune-while-fine-tuning with Torch-Pruning's global criterion; the report body."""
     import torch_pruning as tp  # noqa: PLC0415
 
-    from p3b_fx.train import append_log, atomic_save, steps_per_epoch, train_plain  # noqa: PLC0415
+    from p3b_fx.train import (  # noqa: PLC0415
+        append_log,
+        atomic_save,
+        finetune_decay,
+        steps_per_epoch,
+        train_plain,
+    )
 
     model = prep.model
     side = int(prep.gm.meta.get("p3b.input_shape", (1, 3, 224, 224))[-1])
@@ -164,7 +170,8 @@ def run_global(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
     for record in hook.history:
         append_log(out, {"event": "prune", **record})
     if cfg.finetune_epochs:
-        accs += train_plain(model, prep.loaders, cfg, prep.device, cfg.finetune_epochs)
+        accs += train_plain(model, prep.loaders, cfg, prep.device, cfg.finetune_epochs,
+                            first_epoch=cfg.epochs, decay_epochs=finetune_decay(cfg))  # fmt: skip
     atomic_save(model, out / "slim.pt")
     macs_tp, params = tp.utils.count_ops_and_params(model, example)
     try:  # the same MAC counter as P3B's reports (linears + attention matmuls), so they compare

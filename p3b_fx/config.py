@@ -21,6 +21,7 @@ METHODS = ("p3b", "dense", "uniform", "global-taylor", "global-magnitude")
 GRANULARITIES = ("reference", "deploy")
 BUDGET_UNITS = ("params", "flops")
 PROBE_KINDS = ("patch_conv", "patch_linear")
+LR_DECAYS = ("cosine", "constant")
 SOURCE_MODEL = "source"
 """``model`` value that selects the shipped Fashion-MNIST source model (the default)."""
 
@@ -34,6 +35,16 @@ DIST_TIMEOUT_MINUTES = 30.0
 @dataclass(frozen=True)
 class PruneConfig:
     """One pruning run. ``lr`` is the base rate at batch 512; :attr:`scaled_lr` is what AdamW uses.
+
+    The learning rate is constant while pruning (method doc §5). ``lr_decay`` shapes the fine-tuning
+    epochs that follow (the slim model's ``finetune_epochs``; for ``dense``, its last
+    ``finetune_epochs``): ``cosine`` decays it per step to 0, ``constant`` keeps it.
+
+    Probe cost: ``probe`` picks the patch probe (``patch_conv`` is the reference design),
+    ``probe_hidden`` the conv probe's channels (default: the model width) and ``probe_every`` runs
+    the probes (their training step and the ΔΨ sample) on every N-th step only, plus the last step
+    of each update window; 1 is the reference. The block benefit is then averaged over fewer,
+    equally weighted samples of the same window.
 
     ``batch_size`` is per process; ``world_size`` (the number of torchrun processes) is filled in by
     :func:`p3b_fx.train.run` from the process group, so the effective batch is their product.
@@ -57,6 +68,7 @@ class PruneConfig:
     round_to: int = 1
     epochs: int = 10
     finetune_epochs: int = 0
+    lr_decay: str = "cosine"
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
@@ -66,6 +78,7 @@ class PruneConfig:
     updates_per_epoch: int = 3
     probe: str = "patch_conv"
     probe_hidden: int | None = None
+    probe_every: int = 1
     augment: bool = True
     seed: int = 0
     out: str = "runs/p3b"
@@ -153,8 +166,14 @@ def _check_choices(cfg: PruneConfig) -> None:
     _choice(cfg.granularity, GRANULARITIES, "granularity")
     _choice(cfg.budget, BUDGET_UNITS, "budget unit")
     _choice(cfg.probe, PROBE_KINDS, "probe kind")
+    _choice(cfg.lr_decay, LR_DECAYS, "lr_decay")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device {cfg.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+    if cfg.method.startswith("global-") and (cfg.budget != "params" or cfg.blocks_only):
+        raise ConfigError(
+            f"method {cfg.method} prunes to a parameter budget of the whole model; budget "
+            f"{cfg.budget!r}{' with blocks_only' if cfg.blocks_only else ''} applies to p3b and uniform only"
+        )
     if not isinstance(cfg.model_kwargs, Mapping):
         raise ConfigError(
             f"model_kwargs must be a table of timm constructor arguments, got {cfg.model_kwargs!r}"
@@ -179,7 +198,8 @@ def _check_numbers(cfg: PruneConfig) -> None:
     if not 0.0 <= cfg.floor < 1.0:
         raise ConfigError(f"floor {cfg.floor} must be in [0, 1)")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "round_to": cfg.round_to,
-                "updates_per_epoch": cfg.updates_per_epoch, "world_size": cfg.world_size}  # fmt: skip
+                "updates_per_epoch": cfg.updates_per_epoch, "world_size": cfg.world_size,
+                "probe_every": cfg.probe_every}  # fmt: skip
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")

@@ -16,8 +16,10 @@ checked identical on every rank, files written by rank 0 only. Without torchrun 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -56,7 +58,8 @@ logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 Loaders = tuple[DataLoader[Any], DataLoader[Any]]
 
-RUN_FILES = ("run.json", "checkpoint.pt", "log.jsonl", "report.json", "plan.json", "slim.pt")
+RUN_FILES = ("run.json", "checkpoint.pt", "finetune.pt", "log.jsonl", "report.json", "plan.json", "slim.pt",
+             "dense.pt")  # fmt: skip
 """Files a run writes; an output directory holding any of them belongs to another run."""
 
 SLIM_TOLERANCE = 1e-4
@@ -317,23 +320,37 @@ def progress(items: Iterator[Batch], total: int, desc: str) -> Any:
 def train_plain(
     model: nn.Module, loaders: Loaders, cfg: PruneConfig, device: torch.device, epochs: int, *,
     hook: Callable[[int], None] | None = None, desc: str = "fine-tune", first_epoch: int = 0,
+    decay_epochs: int = 0, checkpoint: Path | None = None, stop_after: int | None = None,
 ) -> list[float]:  # fmt: skip
     """Ordinary fine-tuning (AdamW, label smoothing, AMP on CUDA); test top-1 after each epoch.
 
     ``hook(step)`` runs after every optimiser step (the global baselines prune there; not under
-    torchrun). ``first_epoch`` numbers the epochs for a DistributedSampler's shuffling.
+    torchrun). ``first_epoch`` numbers the epochs for a DistributedSampler's shuffling. The last
+    ``decay_epochs`` epochs decay the learning rate per step (:func:`decay_factor`).
+
+    ``checkpoint``: written (atomically, by rank 0) after every epoch, and continued from when it
+    exists and ``cfg.resume`` is set; single-process resumes are exact (weights, optimiser, RNG and
+    data order). ``stop_after``: return after that many epochs of this call (an interrupted run;
+    fewer accuracies than ``epochs`` come back).
     """
-    if hook is not None and distributed.is_active():
+    if hook is not None and (distributed.is_active() or checkpoint is not None):
         raise ConfigError(
-            f"{desc}: pruning hooks replace parameters under DDP; run this method single-process"
+            f"{desc}: pruning hooks replace parameters, which DDP and epoch checkpoints cannot follow; "
+            "run this method single-process"
         )
-    net = distributed.wrap(model, device)
     opt = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     steps = steps_per_epoch(loaders[0], cfg)
+    decay_start, decay_steps = (epochs - decay_epochs) * steps, decay_epochs * steps
     accs: list[float] = []
-    step = 0
-    for epoch in range(epochs):
+    step = start = 0
+    if checkpoint is not None and cfg.resume and checkpoint.is_file():
+        accs = _load_plain_checkpoint(checkpoint, model, opt, scaler, loaders=loaders, cfg=cfg)
+        start, step = len(accs), len(accs) * steps
+    net = distributed.wrap(model, device)
+    for epoch in range(start, epochs):
+        if stop_after is not None and epoch >= stop_after:
+            break
         model.train()
         distributed.set_epoch(loaders[0], first_epoch + epoch)
         bar = progress(limited(loaders[0], steps), steps, f"{desc} {epoch + 1}/{epochs}")
@@ -346,12 +363,64 @@ def train_plain(
             if hook is not None:
                 hook(step)
                 opt = _refresh_optimizer(opt, model, cfg)
+            if step >= decay_start:
+                for group in opt.param_groups:
+                    group["lr"] = cfg.scaled_lr * decay_factor(step - decay_start, decay_steps)
             scaler.step(opt)
             scaler.update()
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
         accs.append(evaluate(model, loaders[1], device, cfg.amp))
+        if checkpoint is not None:
+            state = _plain_state(model, opt, scaler, loaders, cfg=cfg, accs=accs)
+            distributed.on_main(functools.partial(atomic_save, state, checkpoint), f"writing {checkpoint}")
     return accs
+
+
+def _plain_state(
+    model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loaders: Loaders, *,
+    cfg: PruneConfig, accs: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    gen = loaders[0].generator
+    return {
+        "format": 1, "kind": "fine-tune", "config": cfg.to_dict(), "epoch": len(accs), "accuracy": accs,
+        "model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
+        "rng": rng_state(), "loader_rng": None if gen is None else gen.get_state(),
+    }  # fmt: skip
+
+
+def _load_plain_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+    loaders: Loaders, cfg: PruneConfig,
+) -> list[float]:  # fmt: skip
+    """Restore an epoch checkpoint of :func:`train_plain`; the accuracies of its finished epochs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("kind") != "fine-tune":
+            raise KeyError("kind")
+        check_resume_config(state["config"], cfg, path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        scaler.load_state_dict(state["scaler"])
+        accs = [float(a) for a in state["accuracy"]]
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, AttributeError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+    if not distributed.is_active():  # under torchrun every rank keeps its own streams
+        set_rng_state(state["rng"])
+        if state["loader_rng"] is not None and loaders[0].generator is not None:
+            loaders[0].generator.set_state(state["loader_rng"])
+    logger.info("resumed %s after epoch %d", path, len(accs))
+    return accs
+
+
+def decay_factor(step: int, total: int) -> float:
+    """Cosine decay from 1 (at ``step`` 0) towards 0 over ``total`` steps: the share of the base lr."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def finetune_decay(cfg: PruneConfig) -> int:
+    """How many of the closing fine-tuning epochs decay the learning rate (``cfg.lr_decay``)."""
+    return cfg.finetune_epochs if cfg.lr_decay == "cosine" else 0
 
 
 def _refresh_optimizer(opt: torch.optim.AdamW, model: nn.Module, cfg: PruneConfig) -> torch.optim.AdamW:
@@ -611,27 +680,46 @@ class Loop:
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", sparsity=f"{sparsity:.2f}")
             self.step += 1
 
+    def probes_run(self, step: int) -> bool:
+        """Whether the probes run at ``step``: every ``probe_every``-th step and the last of a window.
+
+        The step before every re-allocation always probes, so no update window is left without a
+        block-benefit sample, whatever ``probe_every`` is.
+        """
+        schedule = self.pruner.schedule
+        last_of_window = step + 1 <= schedule.finalize and schedule.is_update(step + 1)
+        return step % self.cfg.probe_every == 0 or last_of_window
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One optimiser step of the masked model, then (on probe steps) one of the probes.
+
+        The probes run after the model's backward pass, on the detached features, so the model's
+        activations are freed before the probes build theirs: peak memory is the larger of the two,
+        not their sum.
+        """
         pruning = self.step >= self.pruner.schedule.warmup_end
+        probing = self.probes_run(self.step)
         self.pruner.bank.scoring(pruning)
-        self.taps.recording = True
+        self.taps.recording = probing
         with autocast(self.device, self.cfg.amp):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         check_loss(loss, self.step, "P3B training")
-        probe_out = self.probe_net([f.float() for f in self.taps.take()], y)
         self.opt.zero_grad(set_to_none=True)
-        self.probe_opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-        probe_out.loss.backward()
         if pruning:
             scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
             distributed.average_gradients(list(self.pruner.bank.gates().values()))
             self.pruner.taylor.accumulate(self.pruner.bank.gates(), grad_scale=scale)
-            self.pruner.benefit.add(probe_out)
         self.scaler.step(self.opt)
         self.scaler.update()
-        self.probe_opt.step()
+        if probing:
+            probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
+            self.probe_opt.zero_grad(set_to_none=True)
+            probe_out.loss.backward()
+            if pruning:
+                self.pruner.benefit.add(probe_out)
+            self.probe_opt.step()
         acc = float((logits.argmax(-1) == y).float().mean())
         return float(loss.item()), acc
 
@@ -867,7 +955,7 @@ def _run(
     if config.method in ("p3b", "uniform"):
         report = run_p3b(config, out, prep, stop_after_epoch)
     elif config.method == "dense":
-        report = run_dense(config, out, prep)
+        report = run_dense(config, out, prep, stop_after_epoch)
     else:
         from p3b_fx.baselines import run_global  # noqa: PLC0415 - needs torch_pruning
 
@@ -916,7 +1004,7 @@ def run_p3b(cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int |
     if not loop.train(stop_after_epoch):
         return {"finished": False, "epoch": loop.epoch, "step": loop.step}
     plan = loop.finish()
-    return finalize(cfg, out, prep, loop, plan)
+    return finalize(cfg, out, prep, loop, plan, stop_after_epoch=stop_after_epoch)
 
 
 def seed_rank(cfg: PruneConfig) -> None:
@@ -925,8 +1013,14 @@ def seed_rank(cfg: PruneConfig) -> None:
         seed_everything(cfg.seed + distributed.rank())
 
 
-def finalize(cfg: PruneConfig, out: Path, prep: Prepared, loop: Loop, plan: KeepPlan) -> dict[str, Any]:
-    """Hard-masked accuracy, slim model (checked), plan/slim files, fine-tuning, the report body."""
+def finalize(
+    cfg: PruneConfig, out: Path, prep: Prepared, loop: Loop, plan: KeepPlan, *, stop_after_epoch: int | None
+) -> dict[str, Any]:
+    """Hard-masked accuracy, slim model (checked), plan/slim files, fine-tuning, the report body.
+
+    The slim fine-tuning checkpoints every epoch into ``finetune.pt``; a resumed run rebuilds the
+    same slim model from the pruning checkpoint and continues from there.
+    """
     groups = prep.groups
     top1_masked = evaluate(loop.masked, prep.loaders[1], prep.device, cfg.amp)
     distributed.on_main(lambda: plan.save(out / "plan.json"), "writing plan.json")
@@ -941,11 +1035,15 @@ def finalize(cfg: PruneConfig, out: Path, prep: Prepared, loop: Loop, plan: Keep
             f"a rewrite bug; the plan is saved in {out / 'plan.json'}, please report it"
         )
     distributed.on_main(lambda: atomic_save(slim, out / "slim.pt"), "writing slim.pt")
-    accs = (
-        train_plain(slim, prep.loaders, cfg, prep.device, cfg.finetune_epochs, first_epoch=cfg.epochs)
-        if cfg.finetune_epochs
-        else []
-    )
+    accs: list[float] = []
+    if cfg.finetune_epochs:
+        accs = train_plain(
+            slim, prep.loaders, cfg, prep.device, cfg.finetune_epochs, first_epoch=cfg.epochs,
+            decay_epochs=finetune_decay(cfg), checkpoint=out / "finetune.pt",
+            stop_after=None if stop_after_epoch is None else stop_after_epoch - cfg.epochs,
+        )  # fmt: skip
+        if len(accs) < cfg.finetune_epochs:
+            return {"finished": False, "epoch": cfg.epochs + len(accs)}
     top1 = accs[-1] if accs else top1_masked
     if accs:
         distributed.on_main(lambda: atomic_save(slim, out / "slim.pt"), "writing slim.pt")
@@ -955,15 +1053,32 @@ def finalize(cfg: PruneConfig, out: Path, prep: Prepared, loop: Loop, plan: Keep
         "params_slim": params, "flops_slim": plan.predicted_flops(groups), "top1_pruned": top1_masked,
         "top1": top1, "keep_ratios": block_keep_ratios(groups, plan), "plan": str(out / "plan.json"),
         "slim": str(out / "slim.pt"), "slim_max_abs_diff": diff, "accuracy_curve": loop.accuracy + accs,
-        "budget_met": abs(params / (cfg.keep_ratio * groups.params_total) - 1) <= BUDGET_TOLERANCE,
+        "budget_met": budget_met(cfg, groups, plan),
         "removed_blocks": [b.name for b in plan.removed_blocks(groups)],
     }  # fmt: skip
 
 
-def run_dense(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
-    """Fine-tune only, as many epochs as a pruning run plus its fine-tuning."""
+def budget_met(cfg: PruneConfig, groups: GroupSet, plan: KeepPlan) -> bool:
+    """Whether ``plan`` meets the run's budget within 1%, in its unit (params or FLOPs) and scope."""
+    costs = budget_mod.cost_model_from_groups(groups, budget_mod.BudgetUnit(cfg.budget))
+    kept = plan.kept_sizes(groups)
+    blocks = sum(costs.block_cost(b.name, kept) for b in groups.blocks)
+    target = budget_mod.budget_target(budget_mod.dense_costs(costs), costs.nonblock, cfg.keep_ratio,
+                                      cfg.blocks_only)  # fmt: skip
+    scale = costs.dense_total if not cfg.blocks_only else float(budget_mod.dense_costs(costs).sum())
+    return abs(blocks - target) <= BUDGET_TOLERANCE * cfg.keep_ratio * scale
+
+
+def run_dense(cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int | None) -> dict[str, Any]:
+    """Fine-tune only, as many epochs as a pruning run plus its fine-tuning (checkpointed per epoch)."""
     seed_rank(cfg)
-    accs = train_plain(prep.model, prep.loaders, cfg, prep.device, cfg.epochs + cfg.finetune_epochs)
+    epochs = cfg.epochs + cfg.finetune_epochs
+    accs = train_plain(
+        prep.model, prep.loaders, cfg, prep.device, epochs, decay_epochs=finetune_decay(cfg),
+        checkpoint=out / "checkpoint.pt", stop_after=stop_after_epoch,
+    )  # fmt: skip
+    if len(accs) < epochs:
+        return {"finished": False, "epoch": len(accs)}
     groups = prep.groups
     plan = KeepPlan.dense(groups)
 

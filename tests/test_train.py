@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -188,3 +189,74 @@ def test_cli_help_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0 and "--prune-ratio" in capsys.readouterr().out
     assert prune_cli.main(["--prune-ratio", "1.2", "--out", "/nonexistent/x"]) != 0
     assert "prune ratio 1.2" in capsys.readouterr().err
+
+
+def test_finetune_resume_continues_the_slim_finetuning(tmp_path: Path) -> None:
+    """An interrupted slim fine-tuning resumes from its epoch checkpoint and ends like a straight run."""
+    straight = train.run(tiny_config(tmp_path / "straight", finetune_epochs=2))
+    cfg = tiny_config(tmp_path / "split", finetune_epochs=2)
+    stopped = train.run(cfg, stop_after_epoch=cfg.epochs + 1)
+    assert stopped["finished"] is False and (tmp_path / "split" / "finetune.pt").is_file()
+    assert not (tmp_path / "split" / "report.json").exists()
+    resumed = train.run(cfg.replace(resume=True))
+    assert resumed["accuracy_curve"] == straight["accuracy_curve"]
+    assert resumed["top1"] == straight["top1"] and resumed["params_slim"] == straight["params_slim"]
+
+
+def test_dense_checkpoints_every_epoch_and_resumes(tmp_path: Path) -> None:
+    straight = train.run(tiny_config(tmp_path / "straight", method="dense", finetune_epochs=1))
+    cfg = tiny_config(tmp_path / "split", method="dense", finetune_epochs=1)
+    assert train.run(cfg, stop_after_epoch=2)["finished"] is False
+    resumed = train.run(cfg.replace(resume=True))
+    assert resumed["accuracy_curve"] == straight["accuracy_curve"]
+
+
+def test_finetune_lr_decays_to_zero() -> None:
+    assert train.decay_factor(0, 10) == 1.0
+    assert train.decay_factor(5, 10) == pytest.approx(0.5)
+    assert train.decay_factor(10, 10) == pytest.approx(0.0)
+    cfg = tiny_config(Path("unused"), finetune_epochs=3)
+    assert train.finetune_decay(cfg) == 3
+    assert train.finetune_decay(cfg.replace(lr_decay="constant")) == 0
+    with pytest.raises(ConfigError, match="lr_decay"):
+        cfg.replace(lr_decay="step")
+
+
+@pytest.mark.parametrize("every", [1, 3, 7])
+def test_probe_every_leaves_no_window_without_a_sample(every: int) -> None:
+    cfg = tiny_config(Path("unused"), probe_every=every, epochs=4, updates_per_epoch=3)
+    schedule = train.make_schedule(cfg, 5)
+    fake = SimpleNamespace(cfg=cfg, pruner=SimpleNamespace(schedule=schedule))
+    probed = {s for s in range(schedule.total_steps) if train.Loop.probes_run(fake, s)}  # type: ignore[arg-type]
+    assert {u - 1 for u in schedule.update_steps()} <= probed
+    assert set(range(0, schedule.total_steps, every)) <= probed
+    if every == 1:
+        assert probed == set(range(schedule.total_steps))
+
+
+def test_conv_probe_every_third_step_runs_and_meets_the_budget(tmp_path: Path) -> None:
+    report = train.run(tiny_config(tmp_path / "run", probe="patch_conv", probe_hidden=8, probe_every=3))
+    assert report["budget_met"]
+    assert abs(report["params_slim"] / (0.5 * report["params_dense"]) - 1) <= 0.01
+
+
+@pytest.mark.parametrize("blocks_only", [False, True])
+def test_flops_budget_end_to_end(tmp_path: Path, blocks_only: bool) -> None:
+    """A FLOPs budget: the slim model's MACs (not its parameters) meet the keep ratio."""
+    cfg = tiny_config(tmp_path / "run", budget="flops", blocks_only=blocks_only)
+    report = train.run(cfg)
+    assert report["budget_met"] and report["budget"] == "flops"
+    groups = p3b_fx.find_groups(p3b_fx.trace(train.build_model(cfg)))
+    plan = KeepPlan.load(report["plan"])
+    kept = plan.kept_sizes(groups)
+    blocks = sum(groups.block_flops(b, kept) for b in groups.blocks)
+    dense_blocks = sum(groups.block_flops(b) for b in groups.blocks)
+    if blocks_only:
+        assert abs(blocks / (0.5 * dense_blocks) - 1) <= 0.01
+    else:
+        assert abs(report["flops_slim"] / (0.5 * report["flops_dense"]) - 1) <= 0.01
+
+
+def test_global_baselines_refuse_a_flops_budget() -> None:
+    with pytest.raises(ConfigError, match="parameter budget"):
+        tiny_config(Path("unused"), method="global-taylor", budget="flops")

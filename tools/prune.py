@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p3b_fx.config import BUDGET_UNITS, GRANULARITIES, METHODS, PROBE_KINDS, PruneConfig
+from p3b_fx.config import BUDGET_UNITS, GRANULARITIES, LR_DECAYS, METHODS, PROBE_KINDS, PruneConfig
 from p3b_fx.errors import P3BError
 
 EXIT_ERROR = 2
@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, help="keep hidden neurons in multiples of this (deploy)")
     p.add_argument("--epochs", type=int, help="pruning epochs (warm-up, sparsify, sharpen)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs of the slim model")
+    p.add_argument("--lr-decay", choices=LR_DECAYS,
+                   help="lr during the fine-tuning epochs: cosine to 0 (default) or constant")  # fmt: skip
     p.add_argument("--warmup-epochs", type=float, help="epochs before pruning starts (default 10%%)")
     p.add_argument(
         "--sparse-epochs", type=float, help="epoch at which full sparsity is reached (default 50%%)"
@@ -58,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch per process (effective batch: × torchrun processes)")
     p.add_argument("--lr", type=float, help="base learning rate at batch 512 (scaled by the effective batch)")
     p.add_argument("--probe", choices=PROBE_KINDS, help="patch probe design")
+    p.add_argument("--probe-hidden", type=int, help="conv probe channels (default: the model width)")
+    p.add_argument(
+        "--probe-every", type=int, help="run the probes every N-th step (default 1; always a window's last)"
+    )
     p.add_argument("--out", help="output directory")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
