@@ -52,7 +52,9 @@ def source() -> tuple[nn.Module, tuple[int, ...]]:
 def timm_model(name: str) -> Callable[[], tuple[nn.Module, tuple[int, ...]]]:
     def build() -> tuple[nn.Module, tuple[int, ...]]:
         model = timm.create_model(name, pretrained=False).eval()  # weights do not matter for latency
-        return model, tuple(int(s) for s in model.pretrained_cfg["input_size"])
+        cfg = model.pretrained_cfg
+        assert isinstance(cfg, dict), f"{name}: timm model without a pretrained_cfg"
+        return model, tuple(int(s) for s in cfg["input_size"])
 
     return build
 

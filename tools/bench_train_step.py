@@ -1,12 +1,16 @@
 """Benchmark: one P3B training step against one plain fine-tuning step of the same model.
 
-P3B step = masked forward with feature taps, task loss, probe loss on the detached taps, both
-backward passes, Taylor and benefit accumulation, AdamW + probe AdamW steps (``p3b_fx.train.Loop``).
-Plain step = forward, loss, backward, AdamW step. Each variant runs in its own subprocess (so peak
-memory is its own), on the same synthetic batch; reported: median step time over ``--steps`` steps
-after ``--warmup`` steps, and peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of
-the process's peak RSS (``resource.getrusage``) across the measured steps plus setup on CPU.
-Also timed: one keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
+P3B step = masked forward with feature taps, task loss, backward, Taylor accumulation, AdamW step,
+then (on probe steps) the probe loss on the detached taps, its backward, benefit accumulation and
+the probe AdamW step (``p3b_fx.train.Loop.train_step``). Plain step = forward, loss, backward, AdamW
+step. Each variant runs in its own subprocess (so peak memory is its own), on the same synthetic
+batch. Variants: the probe design (``patch_conv``, the reference, or ``patch_linear``), the conv
+probe's hidden width and ``probe_every`` (probes on every N-th step). Reported: the median over
+``--rounds`` rounds of the mean step time in a round of ``probe_every`` consecutive steps (so the
+amortised cost of a probe that runs every N-th step, not the cheaper median step), after
+``--warmup`` rounds; peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of the
+process's peak RSS (``resource.getrusage``) across setup and the measured steps on CPU. Also timed:
+one keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
 
 Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--write docs/bench-train-step.md]``
 """
@@ -37,7 +41,14 @@ import p3b_fx
 from p3b_fx import train
 from p3b_fx.config import PruneConfig
 
-PROBES = ("patch_conv", "patch_linear")
+VARIANTS: dict[str, tuple[str, float, int]] = {
+    "conv (reference)": ("patch_conv", 1.0, 1),
+    "conv, every 4th step": ("patch_conv", 1.0, 4),
+    "conv, hidden dim/4": ("patch_conv", 0.25, 1),
+    "conv, hidden dim/4, every 4th": ("patch_conv", 0.25, 4),
+    "linear": ("patch_linear", 1.0, 1),
+}
+"""label → (probe kind, conv hidden width as a share of the model width, probe_every)."""
 
 SOURCE_ARCH = {
     "img_size": 28,
@@ -51,10 +62,12 @@ SOURCE_ARCH = {
 
 
 def _config(args: argparse.Namespace, out: str) -> PruneConfig:
+    kwargs = json.loads(args.model_kwargs)
+    hidden = max(1, round(args.hidden_share * int(kwargs.get("embed_dim", 192))))
     return PruneConfig(
-        model="vit_tiny_patch16_224", model_kwargs=json.loads(args.model_kwargs), data="digits",
+        model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits",
         num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
-        device=args.device, amp=True,
+        device=args.device, amp=True, probe_hidden=hidden, probe_every=args.every,
     )  # fmt: skip
 
 
@@ -72,7 +85,7 @@ def _plain_step(
         with train.autocast(device, True):
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.step(opt)
         scaler.update()
 
@@ -91,6 +104,7 @@ def _p3b_step(model: nn.Module, cfg: PruneConfig, device: torch.device, out: Pat
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         loop.train_step(x, y)
+        loop.step += 1
 
     return step, loop
 
@@ -119,13 +133,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
-        for i in range(args.warmup + args.steps):
+        per_round = args.every if args.worker == "p3b" else 1
+        for i in range(args.warmup + args.rounds):
             _sync(device)
             t0 = time.perf_counter()
-            step(x, y)
+            for _ in range(per_round):
+                step(x, y)
             _sync(device)
             if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+                times.append((time.perf_counter() - t0) / per_round)
         result: dict[str, Any] = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
         if device.type == "cuda":
             result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -156,9 +172,9 @@ def table(args: argparse.Namespace, plain: dict[str, Any], p3b: dict[str, dict[s
     mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else "peak RSS growth (MiB)"
     kinds = list(p3b)
     rows = [
-        "| | plain fine-tuning | " + " | ".join(f"P3B, {k} probe" for k in kinds) + " |",
+        "| | plain fine-tuning | " + " | ".join(f"P3B, {k}" for k in kinds) + " |",
         "|---|---|" + "---|" * len(kinds),
-        f"| median step (ms) | {plain['median_ms']:.1f} | "
+        f"| step (ms, amortised) | {plain['median_ms']:.1f} | "
         + " | ".join(
             f"{p3b[k]['median_ms']:.1f} ({p3b[k]['median_ms'] / plain['median_ms']:.2f}x)" for k in kinds
         )
@@ -180,10 +196,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model-kwargs", default=json.dumps(SOURCE_ARCH), help="timm ViT kwargs (JSON)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=8, help="measured rounds (of probe_every steps each)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--probe", default="patch_conv", choices=PROBES, help=argparse.SUPPRESS)
+    p.add_argument("--probe", default="patch_conv", help=argparse.SUPPRESS)
+    p.add_argument("--hidden-share", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--write", help="also write the table as markdown to this file")
     p.add_argument("--worker", choices=("plain", "p3b"), help=argparse.SUPPRESS)
@@ -197,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     plain = _run_worker("plain", argv)
-    p3b = {kind: _run_worker("p3b", [*argv, "--probe", kind]) for kind in PROBES}
+    p3b = {}
+    for label, (kind, share, every) in VARIANTS.items():
+        flags = ["--probe", kind, "--hidden-share", str(share), "--every", str(every)]
+        p3b[label] = _run_worker("p3b", [*argv, *flags])
     text = table(args, plain, p3b)
     print(text)
     if args.write:
@@ -207,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Written by `tools/bench_train_step.py` on {when}; machine: {_machine(args.device)}; "
             f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}.\n"
             f"Model: timm ViT {args.model_kwargs}; batch {args.batch_size}; "
-            f"median of {args.steps} steps after {args.warmup} warm-up steps; "
+            f"median of {args.rounds} rounds after {args.warmup} warm-up rounds; "
             "each variant in its own process.\n\n"
         )
         Path(args.write).parent.mkdir(parents=True, exist_ok=True)

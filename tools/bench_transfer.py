@@ -86,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ints(values: object) -> list[int]:
+    assert isinstance(values, list), values
+    return [int(v) for v in values]
+
+
 def make_spec(args: argparse.Namespace) -> transfer.BenchSpec:
     preset = QUICK if args.quick else FULL
     base = {
@@ -101,7 +106,7 @@ def make_spec(args: argparse.Namespace) -> transfer.BenchSpec:
         base={k: v for k, v in base.items() if v is not None},
         methods=tuple(dict.fromkeys(args.methods)),
         ratios=tuple(dict.fromkeys(args.ratios)),
-        seeds=tuple(dict.fromkeys(args.seeds if args.seeds else preset["seeds"])),
+        seeds=tuple(dict.fromkeys(args.seeds if args.seeds else _ints(preset["seeds"]))),
         out=args.out or str(preset["out"]),
     )
 
@@ -167,6 +172,14 @@ def render(
         f"batch {s.get('batch_size', 64)}, base lr {s.get('lr')} at batch 512 (scaled linearly)"
         + (f" — {LR_WHY}" if s.get("lr") == FULL["lr"] else "")
         + (f"; at most {s['max_steps_per_epoch']} steps per epoch" if s.get("max_steps_per_epoch") else ""),
+        "- learning rate: constant while pruning (method doc §5), then "
+        + (
+            "cosine-decayed per step to 0 over the fine-tuning epochs (dense: over its last "
+            f"{s.get('finetune_epochs')})"
+            if s.get("lr_decay", "cosine") == "cosine"
+            else "constant through the fine-tuning epochs too"
+        )
+        + " — the same for every method",
         f"- P3B probe: `{s.get('probe')}`" + (f" — {PROBE_WHY}" if s.get("probe") == "patch_linear" else ""),
         "- MACs: counted per image on each final model with `torch.utils.flop_counter` (same counter for "
         "every method)",
