@@ -16,11 +16,14 @@ detached features, so nothing reaches the backbone. Linear probes of all blocks 
 matmul over the stacked B+1 feature maps; conv probes run block by block, on x_{i-1} and x_i in two
 calls, so their BatchNorm sees each map with its own batch statistics, as in the reference.
 
-Cost (:func:`probe_params`): a conv probe holds 9·dim·hidden + 9·hidden² conv weights; with
-hidden = dim = 768 (ViT-B) that is two 5.3 M convolutions, ≈ 10.6 M parameters per block plus the
-Linear (≈ 11.4 M with 1000 classes; ≈ 273 M for the 24 blocks of ViT-B). The method doc's "~5 M
-per block" is one of the two convolutions. ``hidden`` shrinks it (hidden = 256: ≈ 2.6 M with 1000
-classes); ``PATCH_LINEAR`` and ``CLS_LINEAR`` cost dim·classes + classes each.
+Cost (:func:`probe_params`): a conv probe holds 9·dim·hidden + 9·hidden² conv weights. The method
+doc fixes the layers, not their width; with hidden = dim = 768 (ViT-B) that is two 5.3 M
+convolutions, ≈ 10.6 M parameters per block plus the Linear (≈ 11.4 M with 1000 classes; ≈ 273 M
+for the 24 blocks of ViT-B), and its forward pass costs ~5.7x the model's. **Our choice**: the
+default width is :func:`default_hidden` = max(16, dim // 4) (ViT-B: 192 channels, ≈ 1.9 M
+parameters per block, about the model's own forward cost over all 24 blocks); ``hidden`` sets any
+other width. ``PATCH_LINEAR`` and ``CLS_LINEAR`` cost dim·classes + classes each.
+Measured: ``docs/bench-train-step.md`` (step cost), ``docs/bench-transfer.md`` (accuracy).
 
 This module knows nothing of torch.fx.
 """
@@ -47,7 +50,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BenefitAccumulator", "BenefitProbes", "ProbeKind", "ProbeOutput", "probe_params"]
+__all__ = [
+    "BenefitAccumulator",
+    "BenefitProbes",
+    "ProbeKind",
+    "ProbeOutput",
+    "default_hidden",
+    "probe_params",
+]
 
 
 class ProbeKind(StrEnum):
@@ -61,12 +71,17 @@ class ProbeKind(StrEnum):
 PATCH_KINDS = (ProbeKind.PATCH_CONV, ProbeKind.PATCH_LINEAR)
 
 
+def default_hidden(dim: int) -> int:
+    """The conv probe's default channel count for a model of width ``dim``: max(16, dim // 4)."""
+    return max(16, dim // 4)
+
+
 def probe_params(kind: ProbeKind | str, dim: int, num_classes: int, hidden: int | None = None) -> int:
     """Trainable parameters of ONE probe of ``kind`` (one block); BatchNorm running stats excluded."""
     width = dim
     convs = 0
     if ProbeKind(kind) is ProbeKind.PATCH_CONV:
-        width = dim if hidden is None else hidden
+        width = default_hidden(dim) if hidden is None else hidden
         convs = 9 * dim * width + 9 * width * width + 2 * 2 * width  # two convs, two BatchNorm (weight, bias)
     return convs + width * num_classes + num_classes
 
@@ -159,7 +174,8 @@ class BenefitProbes(nn.Module):
 
     ``grid_size``: patch grid (h, w), or one int for a square grid; None infers a square grid from
     the token count. ``num_prefix_tokens``: class + register/distillation tokens at the front (the
-    class token, when present, is token 0). ``hidden``: conv-probe channels (default ``dim``).
+    class token, when present, is token 0). ``hidden``: conv-probe channels (default
+    :func:`default_hidden`).
     ``label_smoothing`` is passed to the probes' cross-entropy (use the task's value).
     """
 
@@ -191,7 +207,7 @@ class BenefitProbes(nn.Module):
         if self.patch_kind is ProbeKind.PATCH_LINEAR:
             self.patch_linear = _BatchedLinear(num_blocks, dim, num_classes)
         else:
-            width = dim if hidden is None else hidden
+            width = default_hidden(dim) if hidden is None else hidden
             self.patch_conv = nn.ModuleList(ConvProbe(dim, num_classes, width) for _ in range(num_blocks))
         logger.debug(
             "benefit probes: %d blocks, patch probe %s, class-token probe %s, %d parameters",

@@ -41,7 +41,8 @@ class PruneConfig:
     ``finetune_epochs``): ``cosine`` decays it per step to 0, ``constant`` keeps it.
 
     Probe cost: ``probe`` picks the patch probe (``patch_conv`` is the reference design),
-    ``probe_hidden`` the conv probe's channels (default: the model width) and ``probe_every`` runs
+    ``probe_hidden`` the conv probe's channels (default: max(16, width // 4), see
+    :mod:`p3b_fx.benefit`) and ``probe_every`` runs
     the probes (their training step and the ΔΨ sample) on every N-th step only, plus the last step
     of each update window; 1 is the reference. The block benefit is then averaged over fewer,
     equally weighted samples of the same window.

@@ -40,7 +40,7 @@ TARGETS = ("onnx", "tensorrt", "jetson")
 # at batch 512 (measured by tools/bench_transfer.py, which uses the same 4 + 1 epochs and lr).
 EMBEDDED_DEFAULT: dict[str, Any] = {
     "data": "mnist-5k", "num_classes": 10, "prune_ratio": 0.5, "granularity": "deploy", "round_to": 8,
-    "epochs": 4, "finetune_epochs": 1, "lr": 5e-3, "batch_size": 64, "probe": "patch_linear",
+    "epochs": 4, "finetune_epochs": 1, "lr": 5e-3, "batch_size": 64, "probe": "patch_conv",
     "out": "runs/jetson",
 }  # fmt: skip
 

@@ -40,8 +40,8 @@ def keep_ratio_heatmap(
 
 def benefit_bars(path: Path, blocks: Sequence[str], history: Sequence[Mapping[str, Any]]) -> Path | None:
     """Last window's ΔΨ per block."""
-    if not history or not blocks:
-        return None
+    if not history or not blocks or history[-1].get("benefit_patch") is None:
+        return None  # no history, or a uniform run (no probes)
     last = history[-1]
     x = np.arange(len(blocks))
     fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(blocks) + 2), 3.0))

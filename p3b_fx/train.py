@@ -497,11 +497,11 @@ class Pruner:
         return np.where(np.asarray(out) > 0, out, self.dense)
 
     def importance(self) -> tuple[np.ndarray, dict[str, Any]]:
+        if self.cfg.method == "uniform":  # no probes run: the same keep ratio for every block
+            return np.ones(len(self.groups.blocks)), {"benefit_patch": None, "benefit_cls": None}
         cls, patch = self.benefit.mean()
         info = {"benefit_patch": patch.round(5).tolist(),
                 "benefit_cls": None if cls is None else cls.round(5).tolist()}  # fmt: skip
-        if self.cfg.method == "uniform":
-            return np.ones(len(self.groups.blocks)), info
         return self.tracker.update(cls, patch, self.kept_costs()), info
 
     def update(self, step: int, loss: float | None) -> dict[str, Any]:
@@ -686,6 +686,8 @@ class Loop:
         The step before every re-allocation always probes, so no update window is left without a
         block-benefit sample, whatever ``probe_every`` is.
         """
+        if self.cfg.method == "uniform":  # uniform allocation reads no block benefit
+            return False
         schedule = self.pruner.schedule
         last_of_window = step + 1 <= schedule.finalize and schedule.is_update(step + 1)
         return step % self.cfg.probe_every == 0 or last_of_window

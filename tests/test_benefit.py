@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from p3b_fx.benefit import BenefitAccumulator, BenefitProbes, ProbeKind, ProbeOutput, probe_params
+from p3b_fx.benefit import (
+    BenefitAccumulator,
+    BenefitProbes,
+    ProbeKind,
+    ProbeOutput,
+    default_hidden,
+    probe_params,
+)
 from p3b_fx.errors import CheckpointError, ConfigError, TrainingError
 
 DIM, CLASSES, BATCH = 16, 4, 8
@@ -192,9 +199,14 @@ def test_probe_params_matches_module(kind: ProbeKind, hidden: int | None, has_cl
 
 
 def test_probe_params_vit_b() -> None:
-    """ViT-B (dim 768, 1000 classes): each of the two 3x3 convs is ~5.3 M, the conv probe ~11.4 M."""
+    """ViT-B (dim 768, 1000 classes): at full width each 3x3 conv is ~5.3 M, the probe ~11.4 M;
+    the default width 192 gives ~1.9 M."""
     assert 9 * 768 * 768 == 5_308_416
-    assert probe_params(ProbeKind.PATCH_CONV, 768, 1000) == 2 * 5_308_416 + 4 * 768 + 768 * 1000 + 1000
+    full = probe_params(ProbeKind.PATCH_CONV, 768, 1000, hidden=768)
+    assert full == 2 * 5_308_416 + 4 * 768 + 768 * 1000 + 1000
+    assert default_hidden(768) == 192 and default_hidden(32) == 16
+    default = probe_params(ProbeKind.PATCH_CONV, 768, 1000)
+    assert default == 9 * 768 * 192 + 9 * 192 * 192 + 4 * 192 + 192 * 1000 + 1000 == 1_852_648
     assert (
         probe_params(ProbeKind.PATCH_LINEAR, 768, 1000)
         == probe_params(ProbeKind.CLS_LINEAR, 768, 1000)

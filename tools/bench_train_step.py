@@ -42,10 +42,9 @@ from p3b_fx import train
 from p3b_fx.config import PruneConfig
 
 VARIANTS: dict[str, tuple[str, float, int]] = {
-    "conv (reference)": ("patch_conv", 1.0, 1),
-    "conv, every 4th step": ("patch_conv", 1.0, 4),
-    "conv, hidden dim/4": ("patch_conv", 0.25, 1),
-    "conv, hidden dim/4, every 4th": ("patch_conv", 0.25, 4),
+    "conv, hidden = dim": ("patch_conv", 1.0, 1),
+    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1),
+    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4),
     "linear": ("patch_linear", 1.0, 1),
 }
 """label → (probe kind, conv hidden width as a share of the model width, probe_every)."""

@@ -47,9 +47,9 @@ LR_WHY = (
     "87.0% at 1e-2; one seed, measured before the benchmark)"
 )
 PROBE_WHY = (
-    "the reference conv probe (2 x Conv3x3, hidden = dim, on every block's input and output) costs "
-    "several times this small model's forward pass (docs/bench-train-step.md: 4.7x a plain step vs "
-    "1.06x with patch_linear), which would not fit the time budget on 2 CPU cores"
+    "the reference design (2 x [Conv3x3 → BatchNorm → ReLU], pool, linear) at the default width "
+    "max(16, dim // 4) = 48 channels; at the full width (192) the probes would cost ~4.5x a plain "
+    "training step on this small model (docs/bench-train-step.md)"
 )
 
 
@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     a("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default 1; --quick 1)")
     a("--batch-size", type=int, help="batch size (default 64)")
     a("--lr", type=float, help="base learning rate at batch 512, scaled linearly (default 5e-3, see LR_WHY)")
-    a("--probe", choices=PROBE_KINDS, default="patch_linear", help="P3B patch probe (default patch_linear)")
+    a("--probe", choices=PROBE_KINDS, default="patch_conv", help="P3B patch probe (default patch_conv)")
     a("--max-steps-per-epoch", type=int, help="cap the steps of an epoch (smoke tests)")
     a("--device", default="auto", help="auto, cpu or cuda[:N]")
     a("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (default 2)")
@@ -180,7 +180,7 @@ def render(
             else "constant through the fine-tuning epochs too"
         )
         + " — the same for every method",
-        f"- P3B probe: `{s.get('probe')}`" + (f" — {PROBE_WHY}" if s.get("probe") == "patch_linear" else ""),
+        f"- P3B probe: `{s.get('probe')}`" + (f" — {PROBE_WHY}" if s.get("probe") == "patch_conv" else ""),
         "- MACs: counted per image on each final model with `torch.utils.flop_counter` (same counter for "
         "every method)",
         "",

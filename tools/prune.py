@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch per process (effective batch: × torchrun processes)")
     p.add_argument("--lr", type=float, help="base learning rate at batch 512 (scaled by the effective batch)")
     p.add_argument("--probe", choices=PROBE_KINDS, help="patch probe design")
-    p.add_argument("--probe-hidden", type=int, help="conv probe channels (default: the model width)")
+    p.add_argument("--probe-hidden", type=int, help="conv probe channels (default: max(16, width // 4))")
     p.add_argument(
         "--probe-every", type=int, help="run the probes every N-th step (default 1; always a window's last)"
     )
