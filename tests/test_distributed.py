@@ -1,7 +1,9 @@
 """Data-parallel P3B (p3b_fx.distributed): two gloo ranks on the CPU against one process.
 
-One module fixture forks two ranks from this process (fork, not spawn: the ranks inherit torch and
-timm already imported, which saves ~5 s of CPU each) and gives them torchrun's environment (RANK,
+One module fixture starts two ranks from a fork server that has torch, timm and p3b_fx imported
+(not spawn: each rank would re-import them, ~5 s of CPU each; not a plain fork of this process:
+once this process has run a backward pass, as earlier tests in it do, autograd refuses to run in
+a forked child) and gives them torchrun's environment (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT — what ``torchrun --nproc_per_node=2`` sets), so
 ``train.run`` joins the gloo group from the environment as under torchrun. Meanwhile this process
 runs the single-process reference. Each rank runs three P3B jobs on a tiny timm ViT and sklearn
@@ -61,6 +63,8 @@ CONFIG: dict[str, Any] = {
     "dist_timeout": 1.0,
 }  # fmt: skip
 WORKER_TIMEOUT_S = 240
+_FORKSERVER = multiprocessing.get_context("forkserver")
+_FORKSERVER.set_forkserver_preload(["torch", "timm", "p3b_fx.train", "tests.test_distributed"])
 
 
 def _count_writes(mp: pytest.MonkeyPatch, writes: list[str]) -> None:
@@ -142,7 +146,7 @@ def _rank_runs(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rank_main(rank: int, spec: dict[str, Any]) -> None:
-    """Entry of a forked rank: its results, or its traceback, land next to the other rank's."""
+    """Entry of a rank process: its results, or its traceback, land next to the other rank's."""
     torch.set_num_threads(1)
     results = Path(spec["results"])
     try:
@@ -190,18 +194,14 @@ def one_process(cfg: PruneConfig, data: dict[str, tuple[torch.Tensor, torch.Tens
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip(
-            "the two ranks are forked from this process (no torch re-import); fork is unavailable here"
-        )
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("the two ranks start from a fork server, which this platform does not offer")
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("dist")
     cfg = PruneConfig(**CONFIG, out=str(tmp / "single"))
     data = materialise(cfg)
     spec = {"tensors": data, "out": str(tmp / "two"), "ports": free_ports(3), "results": str(tmp)}
-    procs = [
-        multiprocessing.get_context("fork").Process(target=_rank_main, args=(r, spec)) for r in range(WORLD)
-    ]
+    procs = [_FORKSERVER.Process(target=_rank_main, args=(r, spec)) for r in range(WORLD)]
     for p in procs:
         p.start()
     try:
