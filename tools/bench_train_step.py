@@ -8,9 +8,12 @@ batch. Variants: the probe design (``patch_conv``, the reference, or ``patch_lin
 probe's hidden width and ``probe_every`` (probes on every N-th step). Reported: the median over
 ``--rounds`` rounds of the mean step time in a round of ``probe_every`` consecutive steps (so the
 amortised cost of a probe that runs every N-th step, not the cheaper median step), after
-``--warmup`` rounds; peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of the
-process's peak RSS (``resource.getrusage``) across setup and the measured steps on CPU. Also timed:
-one keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
+``--warmup`` rounds; peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
+process's peak RSS during the steps (its counter reset after setup, whose one-off tracing peak is
+no step's) minus its RSS before the model was built (so weights, optimiser and probe state count);
+and the activations the model's forward keeps for backward while scoring (unique tensor storages
+seen by ``torch.autograd.graph.saved_tensors_hooks``: deterministic, unlike RSS). Also timed: one
+keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
 
 Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--write docs/bench-train-step.md]``
 """
@@ -18,7 +21,9 @@ Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--wri
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import json
 import platform
 import resource
@@ -70,8 +75,37 @@ def _config(args: argparse.Namespace, out: str) -> PruneConfig:
     )  # fmt: skip
 
 
+def _status_mib(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """Peak RSS of this process (MiB): VmHWM, which :func:`_reset_peak_rss` can reset on Linux."""
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mib() -> float:
+    now = _status_mib("VmRSS")
+    return now if now is not None else _rss_mib()
+
+
+def _reset_peak_rss() -> None:
+    """Free what setup left behind and restart the peak-RSS counter, so setup's transient peak
+    (tracing, shape propagation) is not counted as training-step memory. Linux only; a no-op
+    elsewhere."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _plain_step(
@@ -113,13 +147,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _saved_mib(net: nn.Module, x: torch.Tensor, loop: Any) -> float:
+    """Activations the model's forward keeps for backward (unique storages, MiB), while scoring."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    if loop is not None:
+        loop.pruner.bank.scoring(True)
+        loop.taps.recording = False
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return sum(seen.values()) / 2**20
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = train.pick_device(PruneConfig(device=args.device))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(args, tmp)
-        rss0 = _rss_mib()
+        rss0 = _current_rss_mib()
         model = train.build_model(cfg).to(device).train()
         side = int(json.loads(args.model_kwargs).get("img_size", 224))
         x = torch.randn(args.batch_size, 3, side, side, device=device)
@@ -131,6 +182,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             step = _plain_step(model, cfg, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        _reset_peak_rss()
         times = []
         per_round = args.every if args.worker == "p3b" else 1
         for i in range(args.warmup + args.rounds):
@@ -146,6 +198,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:
             result["peak_mib"] = _rss_mib() - rss0
+        result["saved_mib"] = _saved_mib(loop.net if loop is not None else model, x, loop)
         if loop is not None:
             t0 = time.perf_counter()
             loop.pruner.update(loop.pruner.schedule.update_steps()[0], None)
@@ -168,7 +221,8 @@ def _machine(device: str) -> str:
 
 
 def table(args: argparse.Namespace, plain: dict[str, Any], p3b: dict[str, dict[str, Any]]) -> str:
-    mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else "peak RSS growth (MiB)"
+    cpu_mem = "peak RSS over the pre-model baseline (MiB)"
+    mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else cpu_mem
     kinds = list(p3b)
     rows = [
         "| | plain fine-tuning | " + " | ".join(f"P3B, {k}" for k in kinds) + " |",
@@ -182,6 +236,11 @@ def table(args: argparse.Namespace, plain: dict[str, Any], p3b: dict[str, dict[s
         + " | ".join(
             f"{p3b[k]['peak_mib']:.0f} ({p3b[k]['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f}x)"
             for k in kinds
+        )
+        + " |",
+        f"| activations kept for backward (MiB) | {plain['saved_mib']:.1f} | "
+        + " | ".join(
+            f"{p3b[k]['saved_mib']:.1f} ({p3b[k]['saved_mib'] / plain['saved_mib']:.2f}x)" for k in kinds
         )
         + " |",
         "| re-allocation (once per window, ms) | - | "
