@@ -71,7 +71,7 @@ class PretrainConfig:
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    crop: bool = True  # random crop (pad 2); the flip is always on. The shipped weights used it; see the docs
+    crop: bool = False  # random crop (pad 2); the flip is always on. Off for the shipped weights; see the docs
     train_limit: int | None = None  # use only the first N shuffled training images (smoke runs)
 
     def validate(self) -> None:
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainConfig, argparse.Namespa
     p.add_argument("--num-heads", type=int, default=d.num_heads)
     p.add_argument("--mlp-ratio", type=float, default=d.mlp_ratio)
     p.add_argument(
-        "--crop", action=argparse.BooleanOptionalAction, default=d.crop, help="random-crop augmentation (on)"
+        "--crop", action=argparse.BooleanOptionalAction, default=d.crop, help="random-crop augmentation (off)"
     )
     p.add_argument("--train-limit", type=int, default=None, help="train on N images only (smoke run)")
     p.add_argument("--out", type=Path, default=ASSETS_DIR, help="output folder (default: p3b_fx/assets)")
