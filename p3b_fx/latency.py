@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import json
 import logging
 import random
 import tempfile
@@ -209,8 +210,42 @@ def make_runner(setting: Setting, variant: Variant, workdir: Path | None = None)
 # --- back ends --------------------------------------------------------------------------------------
 
 
-def ort_session(path: Path, threads: int, providers: Sequence[str]) -> ort.InferenceSession:
+def ort_op_times(path: str | Path, batch: int, threads: int, *, runs: int = 5) -> dict[str, float]:
+    """Milliseconds per inference spent in each ONNX op type (ONNX Runtime CPU's own profiler).
+
+    One warm-up run, then ``runs`` profiled runs; kernel time per op type, averaged per run, largest
+    first. Op types are those of the *optimised* graph ORT executes (fusions such as
+    ``FusedMatMul`` or ``SkipLayerNormalization`` show up under their own names).
+    """
+    if runs < 1:
+        raise ConfigError(f"runs must be >= 1, got {runs}")
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort_session(Path(path), threads, ["CPUExecutionProvider"], profile=Path(tmp) / "ort")
+        name, x = _ort_input(session, Path(path), batch)
+        session.run(None, {name: x})  # warm-up: profiled too, left out below
+        for _ in range(runs):
+            session.run(None, {name: x})
+        events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    model_runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs[1:]]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        if not any(lo <= e["ts"] <= hi for lo, hi in windows):
+            continue
+        op = str(e.get("args", {}).get("op_name", "?"))
+        totals[op] = totals.get(op, 0.0) + e["dur"] / 1000.0
+    return dict(sorted(((k, v / runs) for k, v in totals.items()), key=lambda kv: -kv[1]))
+
+
+def ort_session(
+    path: Path, threads: int, providers: Sequence[str], *, profile: Path | None = None
+) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    if profile is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

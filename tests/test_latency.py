@@ -265,3 +265,27 @@ def test_bench_cli_quick_writes_doc_and_plot(tmp_path: Path, capsys: pytest.Capt
         assert "Skipped here:" in text and "torch-cuda-fp16-graphs b1" in text
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "met by" in capsys.readouterr().out
+
+
+def test_ort_op_times_split_the_run_by_op_type(tiny_pair: tuple[list[latency.Variant], int, int]) -> None:
+    times = latency.ort_op_times(tiny_pair[0][0].onnx[8], 8, 1, runs=2)
+    assert times and all(v >= 0 for v in times.values())
+    assert list(times.values()) == sorted(times.values(), reverse=True)
+    assert {"Gemm", "MatMul", "FusedMatMul"} & set(times)  # the linears and attention matmuls
+    with pytest.raises(ConfigError, match="runs must be"):
+        latency.ort_op_times(tiny_pair[0][0].onnx[8], 8, 1, runs=0)
+
+
+def test_profile_cli_writes_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import profile_ort  # noqa: PLC0415
+
+    out = tmp_path / "profile.md"
+    argv = ["--model", "source", "--granularities", "reference", "--runs", "1", "--out", str(out)]
+    assert profile_ort.main(argv) == 0
+    text = out.read_text()
+    assert "| op type (ms per inference) | dense | reference 50% |" in text
+    assert "| Gather |" in text and "speed-up vs dense (FLOP ratio)" in text
+    assert "Command: `python tools/profile_ort.py --model source" in text
+    with pytest.raises(SystemExit):
+        profile_ort.main(["--runs", "0"])
+    assert "--runs must be >= 1" in capsys.readouterr().err

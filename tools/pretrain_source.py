@@ -71,7 +71,7 @@ class PretrainConfig:
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    crop: bool = False  # random crop (pad 2); the flip is always on. Off for the shipped weights; see the docs
+    crop: bool = False  # random crop (pad 2); the flip is always on. Off for the shipped weights (docs)
     train_limit: int | None = None  # use only the first N shuffled training images (smoke runs)
 
     def validate(self) -> None:
