@@ -152,15 +152,19 @@ def summarize(samples_ms: Sequence[float], backend: str, batch: int, threads: in
 
 @dataclass(frozen=True)
 class Setting:
-    """Where and how to measure: back end, batch size, CPU threads (ONNX Runtime CPU only)."""
+    """Where and how to measure: back end, batch size, CPU threads and whether ONNX Runtime's idle
+    intra-op threads spin (ONNX Runtime CPU only; see :func:`ort_session`)."""
 
     backend: str
     batch: int
     threads: int | None = None
+    spin: bool = False
 
     @property
     def key(self) -> str:
-        return f"b{self.batch}_t{self.threads}" if self.threads is not None else f"b{self.batch}"
+        if self.threads is None:
+            return f"b{self.batch}"
+        return f"b{self.batch}_t{self.threads}" + ("_spin" if self.spin else "")
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,7 @@ def make_runner(setting: Setting, variant: Variant, workdir: Path | None = None)
     if path is None:
         raise ConfigError(f"variant {variant.name!r} has no ONNX file for batch {setting.batch}; export one")
     if setting.backend == ORT_CPU:
-        return ort_runner(path, setting.batch, setting.threads or 1)
+        return ort_runner(path, setting.batch, setting.threads or 1, spin=setting.spin)
     if setting.backend == ORT_CUDA:
         return ort_cuda_runner(path, setting.batch)
     if setting.backend == TENSORRT:
@@ -240,9 +244,17 @@ def ort_op_times(path: str | Path, batch: int, threads: int, *, runs: int = 5) -
 
 
 def ort_session(
-    path: Path, threads: int, providers: Sequence[str], *, profile: Path | None = None
+    path: Path, threads: int, providers: Sequence[str], *, profile: Path | None = None, spin: bool = False
 ) -> ort.InferenceSession:
+    """A sequential session with every graph optimisation and ``threads`` intra-op threads.
+
+    ``spin``: ONNX Runtime's default lets idle intra-op threads spin-wait for the next op. Off here
+    (``session.intra_op.allow_spinning = 0``) unless asked: on this 2-core machine spinning made the
+    2-thread runs slower for dense and slim alike, and more so for the slim models' shorter ops
+    (``docs/bench-latency.md`` measures both).
+    """
     opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if profile is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile)
@@ -265,9 +277,9 @@ def _ort_input(session: ort.InferenceSession, path: Path, batch: int) -> tuple[s
     return str(meta.name), x
 
 
-def ort_runner(path: Path, batch: int, threads: int) -> Runner:
+def ort_runner(path: Path, batch: int, threads: int, *, spin: bool = False) -> Runner:
     """ONNX Runtime CPU: ``threads`` intra-op threads, sequential, all graph optimisations."""
-    session = ort_session(path, threads, ["CPUExecutionProvider"])
+    session = ort_session(path, threads, ["CPUExecutionProvider"], spin=spin)
     name, x = _ort_input(session, path, batch)
     feeds = {name: x}
 

@@ -259,12 +259,19 @@ def test_bench_cli_quick_writes_doc_and_plot(tmp_path: Path, capsys: pytest.Capt
     text = out.read_text()
     assert "old table" not in text and text.endswith(f"{bench_latency.NOTES}\nhand-written analysis\n")
     assert "| source | deploy | 50% | 2.02 | onnxruntime-cpu b1_t1 |" in text
-    assert "onnxruntime-cpu b8_t2" in text and "Target (ONNX Runtime CPU, batch 8" in text
+    assert "onnxruntime-cpu b8_t2 |" in text and "Target (ONNX Runtime CPU, batch 8" in text
+    assert "onnxruntime-cpu b8_t2_spin |" in text
     assert f"--out {out}" in text and "ONNX Runtime 1." in text
     if not torch.cuda.is_available():
         assert "Skipped here:" in text and "torch-cuda-fp16-graphs b1" in text
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "met by" in capsys.readouterr().out
+
+
+def test_settings_key_names_spinning() -> None:
+    assert latency.Setting(latency.ORT_CPU, 8, 2).key == "b8_t2"
+    assert latency.Setting(latency.ORT_CPU, 8, 2, spin=True).key == "b8_t2_spin"
+    assert latency.Setting(latency.TORCH_CUDA, 8).key == "b8"
 
 
 def test_ort_op_times_split_the_run_by_op_type(tiny_pair: tuple[list[latency.Variant], int, int]) -> None:

@@ -4,8 +4,9 @@ For each model (default: the shipped source ViT and a DeiT-S-sized timm ViT, ran
 uniform keep plan per granularity (reference: read/head_dim/write/hidden channels; deploy: whole
 heads + hidden neurons in multiples of 8) and parameter reduction; dense and every slim variant
 are exported as static-batch ONNX for JetPack 6.1 (opset 17) and timed interleaved on ONNX Runtime
-CPU (1 thread batch 1, 2 threads batch 8) and, where present, on CUDA (torch fp16 + CUDA graphs,
-ONNX Runtime CUDA, TensorRT fp16). Writes a Markdown table and a PNG plot (speed-up vs FLOP ratio).
+CPU (1 thread batch 1; 2 threads batch 8, without and with thread spinning) and, where present, on
+CUDA (torch fp16 + CUDA graphs, ONNX Runtime CUDA, TensorRT fp16). Writes a Markdown table and a
+PNG plot (speed-up vs FLOP ratio).
 Usage: python tools/bench_latency.py [--models source deit_small_patch16_224] [--runs 30] [--quick]
 """
 
@@ -37,7 +38,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 TARGET = 0.85  # issue §4: measured speed-up >= 0.85 x FLOP ratio on ONNX Runtime CPU at batch 8
 TARGET_KEY = (latency.ORT_CPU, "b8_t2")
 NOTES = "<!-- notes: written by hand, kept when the tool rewrites this file -->"
-CPU_SETTINGS = (latency.Setting(latency.ORT_CPU, 1, 1), latency.Setting(latency.ORT_CPU, 8, 2))
+CPU_SETTINGS = (
+    latency.Setting(latency.ORT_CPU, 1, 1),
+    latency.Setting(latency.ORT_CPU, 8, 2),
+    latency.Setting(latency.ORT_CPU, 8, 2, spin=True),  # ONNX Runtime's default thread spinning, for contrast
+)
 GPU_SETTINGS = tuple(
     latency.Setting(backend, batch)
     for backend in (latency.TORCH_CUDA, latency.ORT_CUDA, latency.TENSORRT)
@@ -163,6 +168,8 @@ def write_doc(path: Path, rows: Sequence[Row], skipped: Sequence[str], command: 
         f"{min(loads):.1f}–{max(loads):.1f} during the run); "
         f"torch {torch.__version__}, ONNX Runtime {ort.__version__}, timm {timm.__version__}. "
         f"Static-batch ONNX for JetPack 6.1 (opset 17); dense and slim timed interleaved, {runs}; "
+        "ONNX Runtime's idle threads do not spin (`session.intra_op.allow_spinning` = 0) except in "
+        "the `_spin` rows (its default); "
         "milliseconds per batch as median (p10–p90). FLOP ratio = dense / slim multiply-accumulates "
         "of the linears and attention matmuls; reduction = parameters removed; speed-up = dense / slim "
         "median; speed-up of p10s = dense p10 / slim p10 (the least disturbed runs: a check on the "
