@@ -122,6 +122,9 @@ class LowerIndexAddPass(GraphPass):
             gm.register_buffer(name, spread)
             with gm.graph.inserting_before(node):
                 padded = gm.graph.call_function(torch.nn.functional.pad, (y, (0, 1)))
+                y_shape = _shape(y)
+                if y_shape is not None:  # lets later passes (TransposeGathersPass) see the rank
+                    padded.meta[meta.SHAPE] = (*y_shape[:-1], y_shape[-1] + 1)
                 spread_node = gm.graph.get_attr(name)
                 spread_y = gm.graph.call_function(torch.index_select, (padded, -1, spread_node))
                 out = gm.graph.call_function(operator.add, (x, spread_y))

@@ -7,7 +7,9 @@ opset it is asked for (13, 16, 17, 18), spells LayerNorm as primitive ops below 
 builds opset 18 and down-converts afterwards; the conversion fails on LayerNormalization, and it
 then silently returns an opset-18 file when 13 or 16 was asked for. The TorchScript exporter
 fails on ``aten::index_add`` and has no SDPA at opset 13: ``passes.lower_index_add`` and
-``passes.decompose_sdpa`` rewrite those first.
+``passes.decompose_sdpa`` rewrite those first. ``passes.transpose_gathers`` then moves the slim
+graph's last-axis channel gathers onto axis 0 (bitwise the same; ONNX Runtime CPU copies an
+innermost-axis Gather element by element). Its effect under TensorRT is not measured here.
 
 Every file is written to a temporary path in the target directory and renamed only after all
 checks passed: ``onnx.checker`` (full check), the opset actually written, every op against the
@@ -40,6 +42,7 @@ from p3b_fx.tracing import copy_graph_module, trace
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.decompose_sdpa import DecomposeSdpaPass
 from passes.lower_index_add import LowerIndexAddPass, is_index_add
+from passes.transpose_gathers import TransposeGathersPass
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +149,10 @@ def _prepare_graph(model: nn.Module, example: torch.Tensor, jp: JetPack) -> fx.G
         gm.eval()
         _drop_asserts(gm)
         passes: list[GraphPass] = []
-        if any(is_index_add(n) for n in gm.graph.nodes):
-            passes += [AnnotateShapesPass(input_shape=tuple(example.shape)), LowerIndexAddPass()]
+        gathers = any(n.op == "call_function" and n.target is torch.index_select for n in gm.graph.nodes)
+        if gathers or any(is_index_add(n) for n in gm.graph.nodes):
+            passes += [AnnotateShapesPass(input_shape=tuple(example.shape)), LowerIndexAddPass(),
+                       TransposeGathersPass()]  # fmt: skip
         if not jp.sdpa_export:
             passes.append(DecomposeSdpaPass())
         return PassManager(passes).run(gm).graph_module
