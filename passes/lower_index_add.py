@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from p3b_fx.core import meta
-from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.pass_infra import GraphPass, PassResult, known_shape, replace_node
 from p3b_fx.errors import PassError
 
 SPREAD_PREFIX = "p3b_index_add_spread"
@@ -44,17 +44,6 @@ def _arguments(node: fx.Node) -> tuple[Any, Any, Any, Any, Any]:
     if missing:
         raise PassError(f"LowerIndexAddPass: node '{node.name}' lacks argument(s) {', '.join(missing)}")
     return args["input"], args["dim"], args["index"], args["source"], args["alpha"]
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    shape = node.meta.get(meta.SHAPE)
-    if shape is None and "tensor_meta" in node.meta:
-        shape = tuple(node.meta["tensor_meta"].shape)
-    if isinstance(shape, tuple) and all(isinstance(s, int) for s in shape):
-        return shape
-    return None
 
 
 def _index_tensor(gm: fx.GraphModule, node: fx.Node, index: Any) -> torch.Tensor:
@@ -83,7 +72,7 @@ def spread_index(index: torch.Tensor, width: int) -> torch.Tensor:
 
 def _spread_for(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, torch.Tensor]:
     x, dim, index, y, alpha = _arguments(node)
-    shape = _shape(x)
+    shape = known_shape(x)
     if shape is None:
         raise PassError(
             f"LowerIndexAddPass: the shape of '{x}' (input of node '{node.name}') is unknown; "
@@ -122,16 +111,13 @@ class LowerIndexAddPass(GraphPass):
             gm.register_buffer(name, spread)
             with gm.graph.inserting_before(node):
                 padded = gm.graph.call_function(torch.nn.functional.pad, (y, (0, 1)))
-                y_shape = _shape(y)
+                y_shape = known_shape(y)
                 if y_shape is not None:  # lets later passes (TransposeGathersPass) see the rank
                     padded.meta[meta.SHAPE] = (*y_shape[:-1], y_shape[-1] + 1)
                 spread_node = gm.graph.get_attr(name)
                 spread_y = gm.graph.call_function(torch.index_select, (padded, -1, spread_node))
                 out = gm.graph.call_function(operator.add, (x, spread_y))
-            if meta.SHAPE in node.meta:
-                out.meta[meta.SHAPE] = node.meta[meta.SHAPE]
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, out)
             modified = True
         return PassResult(gm, modified)
 

@@ -22,24 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from p3b_fx.core import meta
-from p3b_fx.core.pass_infra import GraphPass, PassResult
-
-
-def _rank(node: object) -> int | None:
-    if not isinstance(node, fx.Node):
-        return None
-    shape = node.meta.get(meta.SHAPE)
-    if shape is None and "tensor_meta" in node.meta:
-        shape = tuple(node.meta["tensor_meta"].shape)
-    return len(shape) if isinstance(shape, tuple) else None
+from p3b_fx.core.pass_infra import GraphPass, PassResult, known_shape, replace_node
 
 
 def last_axis_gather(node: fx.Node) -> int | None:
     """The input rank when ``node`` is ``index_select`` along the input's last axis (rank ≥ 2)."""
     if node.op != "call_function" or node.target is not torch.index_select or len(node.args) < 3:
         return None
-    rank = _rank(node.args[0])
+    shape = known_shape(node.args[0])
+    rank = None if shape is None else len(shape)
     dim = node.args[1]
     if rank is None or rank < 2 or not isinstance(dim, int) or dim not in (-1, rank - 1):
         return None
@@ -63,9 +54,6 @@ class TransposeGathersPass(GraphPass):
                 front = gm.graph.call_function(torch.permute, (x, to_front))
                 picked = gm.graph.call_function(torch.index_select, (front, 0, index))
                 out = gm.graph.call_function(torch.permute, (picked, to_back))
-            if meta.SHAPE in node.meta:
-                out.meta[meta.SHAPE] = node.meta[meta.SHAPE]
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, out)
             modified = True
         return PassResult(gm, modified)

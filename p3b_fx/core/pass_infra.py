@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
+from p3b_fx.core import meta
 from p3b_fx.errors import PassError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,26 @@ class GraphPass(abc.ABC):
             tidy(result.graph_module)
             self.ensures(result.graph_module)
         return result
+
+
+def known_shape(node: object) -> tuple[int, ...] | None:
+    """A node's static shape from ``meta[p3b.shape]`` (AnnotateShapesPass) or torch's ``tensor_meta``."""
+    if not isinstance(node, fx.Node):
+        return None
+    shape = node.meta.get(meta.SHAPE)
+    if shape is None and "tensor_meta" in node.meta:
+        shape = tuple(node.meta["tensor_meta"].shape)
+    if isinstance(shape, tuple) and all(isinstance(s, int) for s in shape):
+        return shape
+    return None
+
+
+def replace_node(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> None:
+    """Point every user of ``old`` at ``new`` (which inherits its known shape), then erase ``old``."""
+    if meta.SHAPE in old.meta:
+        new.meta[meta.SHAPE] = old.meta[meta.SHAPE]
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
 
 
 def tidy(gm: fx.GraphModule) -> None:
