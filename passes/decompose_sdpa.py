@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from p3b_fx.core import meta
-from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
 from p3b_fx.errors import PassError
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -89,9 +88,6 @@ def _decompose(graph: fx.Graph, node: fx.Node) -> fx.Node:
             scores = graph.call_function(add_attention_mask, (scores, args["attn_mask"]))
         weights = graph.call_function(torch.softmax, (scores, -1))
         out = graph.call_function(torch.matmul, (weights, v))
-    for key in (meta.SHAPE, meta.BLOCK):  # same output; SDPA-specific keys do not carry over
-        if key in node.meta:
-            out.meta[key] = node.meta[key]
     return out
 
 
@@ -104,8 +100,7 @@ class DecomposeSdpaPass(GraphPass):
         for node in list(gm.graph.nodes):
             if not is_sdpa(node):
                 continue
-            node.replace_all_uses_with(_decompose(gm.graph, node))
-            gm.graph.erase_node(node)
+            replace_node(gm, node, _decompose(gm.graph, node))  # carries shape and block meta
             modified = True
         return PassResult(gm, modified)
 

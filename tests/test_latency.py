@@ -296,3 +296,14 @@ def test_profile_cli_writes_a_table(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         profile_ort.main(["--runs", "0"])
     assert "--runs must be >= 1" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import profile_ort  # noqa: PLC0415
+
+    out = tmp_path / "bench.md"
+    assert bench_latency.main(["--models", "no_such_vit", "--quick", "--out", str(out)]) == 2
+    assert profile_ort.main(["--model", "no_such_vit", "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("'no_such_vit' is neither 'source' nor a timm model name") == 2
+    assert not out.exists()

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import p3b_fx
 from p3b_fx import latency
+from p3b_fx.errors import ConfigError, P3BError
 from p3b_fx.export.jetpack import jetpack
 from p3b_fx.machine import cpu_name
 from p3b_fx.source_model import load_source_model
@@ -56,6 +57,10 @@ def source() -> tuple[nn.Module, tuple[int, ...]]:
 
 def timm_model(name: str) -> Callable[[], tuple[nn.Module, tuple[int, ...]]]:
     def build() -> tuple[nn.Module, tuple[int, ...]]:
+        if not timm.is_model(name):
+            raise ConfigError(
+                f"model {name!r} is neither 'source' nor a timm model name; see timm.list_models('*vit*')"
+            )
         model = timm.create_model(name, pretrained=False).eval()  # weights do not matter for latency
         cfg = model.pretrained_cfg
         assert isinstance(cfg, dict), f"{name}: timm model without a pretrained_cfg"
@@ -245,11 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)  # exports and tracing: leave the cores to the timed sessions
     command = "python tools/bench_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows, skipped = [], []
-    with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
-        for name in args.models:
-            got, skip = bench_model(name, args, Path(tmp))
-            rows += got
-            skipped += skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
+            for name in args.models:
+                got, skip = bench_model(name, args, Path(tmp))
+                rows += got
+                skipped += skip
+    except P3BError as exc:
+        print(f"bench_latency.py: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     runs = f"{args.runs} rounds after {args.warmup} warm-up runs each (CUDA: {args.gpu_runs} rounds)"
     write_doc(out, rows, skipped, command.strip(), runs)

@@ -104,7 +104,7 @@ def _reset_peak_rss() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+    except (OSError, AttributeError):  # not Linux / not glibc
         pass
 
 

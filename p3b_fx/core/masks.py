@@ -58,7 +58,7 @@ class GateMul(torch.autograd.Function):
 class MaskBank(nn.Module):
     def __init__(self, sizes: Mapping[str, int], sites: Mapping[str, Sequence[Factor]]) -> None:
         super().__init__()
-        self._nonzero: dict[str, tuple[tuple[int, ...], bool]] = {}
+        self._nonzero: dict[str, tuple[tuple[Any, ...], bool]] = {}
         self.group_attrs: dict[str, str] = {}
         for group, size in sizes.items():
             attr = _attr(group)
@@ -101,8 +101,8 @@ class MaskBank(nn.Module):
 
     def _mask_nonzero(self, site: str, mask: torch.Tensor) -> bool:
         """Whether ``mask`` (the site's mask in x's dtype) has no zero; cached until a gate changes."""
-        versions = tuple(self.gate(g)._version for _, g in self.sites[site] if g in self.group_attrs)
-        versions += (mask.dtype.itemsize,)
+        gates = [self.gate(g)._version for _, g in self.sites[site] if g in self.group_attrs]
+        versions: tuple[Any, ...] = (*gates, mask.dtype)
         cached = self._nonzero.get(site)
         if cached is None or cached[0] != versions:
             cached = (versions, bool((mask != 0).all()))

@@ -71,9 +71,14 @@ def known_shape(node: object) -> tuple[int, ...] | None:
 
 
 def replace_node(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> None:
-    """Point every user of ``old`` at ``new`` (which inherits its known shape), then erase ``old``."""
-    if meta.SHAPE in old.meta:
-        new.meta[meta.SHAPE] = old.meta[meta.SHAPE]
+    """Point every user of ``old`` at ``new``, then erase ``old``.
+
+    ``new`` computes the same tensor, so it inherits what describes the output (its shape and
+    block); op-specific keys (e.g. an SDPA scale) do not carry over.
+    """
+    for key in (meta.SHAPE, meta.BLOCK):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
     old.replace_all_uses_with(new)
     gm.graph.erase_node(old)
 
