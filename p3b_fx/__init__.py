@@ -11,7 +11,7 @@ Public facade::
 
 from __future__ import annotations
 
-from p3b_fx.compiler import apply_masks, find_groups, insert_masks, set_hard_masks, slim
+from p3b_fx.compiler import apply_masks, find_groups, fold_masks, insert_masks, set_hard_masks, slim
 from p3b_fx.core.groups import Block, BlockKind, Group, GroupSet, Role
 from p3b_fx.core.plan import KeepPlan
 from p3b_fx.errors import P3BError
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Block", "BlockKind", "Group", "GroupSet", "KeepPlan", "P3BError", "Role", "apply_masks",
-    "find_groups", "insert_masks", "set_hard_masks", "slim", "trace",
+    "find_groups", "fold_masks", "insert_masks", "set_hard_masks", "slim", "trace",
 ]  # fmt: skip

@@ -14,6 +14,7 @@ from p3b_fx.core.plan import KeepPlan
 from p3b_fx.errors import PassError, PlanError
 from p3b_fx.tracing import copy_graph_module
 from passes.find_groups import find_groups as _find_groups
+from passes.fold_masks import FoldMasksPass
 from passes.insert_masks import InsertMasksPass
 from passes.rewrite_slim import slim_passes
 
@@ -34,6 +35,16 @@ def insert_masks(gm: fx.GraphModule, groups: GroupSet) -> tuple[fx.GraphModule, 
     bank = out.get_submodule(MASK_MODULE)
     assert isinstance(bank, MaskBank)
     return out, bank
+
+
+def fold_masks(masked: fx.GraphModule) -> fx.GraphModule:
+    """Fold the mask sites next to Linears into their weights, in place (see ``passes.fold_masks``).
+
+    Same function and same dL/dm, cheaper per training step; parameter names are unchanged. Returns
+    ``masked``.
+    """
+    FoldMasksPass()(masked)
+    return masked
 
 
 def set_hard_masks(bank: MaskBank, groups: GroupSet, plan: KeepPlan) -> None:

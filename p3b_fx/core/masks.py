@@ -11,7 +11,8 @@ besides the product y, which the next op (a linear, SDPA) keeps anyway. :class:`
 instead and recovers x = y / m in the backward pass when every mask value is non-zero and the dtype
 has float32's exponent range (float32, float64, bfloat16; exact up to rounding), so a scoring step
 stores about what a plain training step stores. With a zero in the mask (hard masks) or in float16
-it keeps x, as before.
+it keeps x, as before. Training folds every site next to an ``nn.Linear`` into that Linear's
+weight instead (``passes/fold_masks.py``), which keeps no extra activation at all.
 """
 
 from __future__ import annotations
