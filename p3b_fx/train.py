@@ -994,7 +994,7 @@ def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:
 
 
 def run_p3b(cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int | None) -> dict[str, Any]:
-    masked, bank = p3b_fx.insert_masks(prep.gm, prep.groups)
+    masked, bank = p3b_fx.insert_masks(prep.gm, prep.groups, share_parameters=True)
     taps = tap(masked, prep.groups)
     p3b_fx.fold_masks(masked)  # same function and dL/dm, weight-sized multiplies
     probes = make_probes(prep.model, prep.groups, prep.num_classes, cfg).to(prep.device)

@@ -105,3 +105,15 @@ def test_scoring_keeps_no_extra_copy_of_the_masked_activations() -> None:
     bank.scoring(True)
     scoring = saved_bytes(masked, x)
     assert scoring < 1.25 * plain, (scoring, plain)
+
+
+def test_share_parameters_trains_the_traced_model_in_place() -> None:
+    """The training loop's masked copy holds no second set of weights."""
+    gm = p3b_fx.trace(tiny_vit())
+    shared, _ = p3b_fx.insert_masks(gm, p3b_fx.find_groups(gm), share_parameters=True)
+    copied, _ = p3b_fx.insert_masks(gm, p3b_fx.find_groups(gm))
+    own = dict(gm.named_parameters())
+    assert all(p is own[k] for k, p in shared.named_parameters())
+    assert not any(p is own[k] for k, p in copied.named_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(shared(x), gm(x))

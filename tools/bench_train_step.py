@@ -3,16 +3,20 @@
 P3B step = masked forward with feature taps, task loss, backward, Taylor accumulation, AdamW step,
 then (on probe steps) the probe loss on the detached taps, its backward, benefit accumulation and
 the probe AdamW step (``p3b_fx.train.Loop.train_step``). Plain step = forward, loss, backward, AdamW
-step. Each variant runs in its own subprocess (so peak memory is its own), on the same synthetic
-batch. Variants: the probe design (``patch_conv``, the reference, or ``patch_linear``), the conv
-probe's hidden width and ``probe_every`` (probes on every N-th step). Reported: the median over
-``--rounds`` rounds of the mean step time in a round of ``probe_every`` consecutive steps (so the
-amortised cost of a probe that runs every N-th step, not the cheaper median step), after
-``--warmup`` rounds; peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
-process's peak RSS during the steps (its counter reset after setup, whose one-off tracing peak is
-no step's) minus its RSS before the model was built (so weights, optimiser and probe state count);
-and the activations the model's forward keeps for backward while scoring (unique tensor storages
-seen by ``torch.autograd.graph.saved_tensors_hooks``: deterministic, unlike RSS). Also timed: one
+step. Variants: the probe design (``patch_conv``, the reference, or ``patch_linear``), the conv
+probe's hidden width and ``probe_every`` (probes on every N-th step).
+
+Time: one process holds the plain model and every variant (same initial weights, same synthetic
+batch) and runs them round-robin: each round times ``probe_every`` consecutive steps of every
+variant (so the amortised cost of a probe that runs every N-th step, not the cheaper median step)
+right after one plain step. Reported: the median over ``--rounds`` rounds (after ``--warmup``) of
+each variant's per-round ratio to the plain step of the same round, so a slow spell of the
+machine hits both sides of a ratio alike. Memory: each variant in its own subprocess (so the peak
+is its own): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak RSS during the
+steps (its counter reset after setup, whose one-off tracing peak is no step's) minus its RSS before
+the model was built (so weights, optimiser and probe state count); and the activations the model's
+forward keeps for backward while scoring (unique tensor storages seen by
+``torch.autograd.graph.saved_tensors_hooks``: deterministic, unlike RSS). Also timed: one
 keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
 
 Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--write docs/bench-train-step.md]``
@@ -21,6 +25,7 @@ Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--wri
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import datetime
 import gc
@@ -63,6 +68,9 @@ SOURCE_ARCH = {
     "num_classes": 10,
 }
 """The shipped Fashion-MNIST source model's architecture (weights do not matter for timing)."""
+
+MEMORY_ROUNDS = 3
+"""Rounds after warm-up in a memory worker (peak memory is reached in the first probe step)."""
 
 
 def _config(args: argparse.Namespace, out: str) -> PruneConfig:
@@ -128,8 +136,9 @@ def _plain_step(
 def _p3b_step(model: nn.Module, cfg: PruneConfig, device: torch.device, out: Path) -> tuple[Any, Any]:
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
-    masked, bank = p3b_fx.insert_masks(gm, groups)
+    masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
     taps = train.tap(masked, groups)
+    p3b_fx.fold_masks(masked)
     probes = train.make_probes(model, groups, 10, cfg).to(device)
     pruner = train.Pruner(cfg, groups, bank, train.make_schedule(cfg, 100), probes)
     loop = train.Loop(cfg, out, device, masked, taps, pruner, (None, None))  # type: ignore[arg-type]
@@ -164,7 +173,63 @@ def _saved_mib(net: nn.Module, x: torch.Tensor, loop: Any) -> float:
     return sum(seen.values()) / 2**20
 
 
+def _steps(step: Callable[[torch.Tensor, torch.Tensor], None], n: int, x: torch.Tensor, y: torch.Tensor,
+           device: torch.device) -> float:  # fmt: skip
+    """Mean seconds per step over ``n`` consecutive steps."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(x, y)
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
+    kind, share, every = VARIANTS[label]
+    return argparse.Namespace(**{**vars(args), "probe": kind, "hidden_share": share, "every": every})
+
+
+def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain and every variant in one process, round-robin; per-round ratios to the plain step."""
+    torch.set_num_threads(args.threads)
+    device = train.pick_device(PruneConfig(device=args.device))
+    side = int(json.loads(args.model_kwargs).get("img_size", 224))
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, side, side, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = train.build_model(_config(args, tmp)).to(device).train()
+        plain = _plain_step(copy.deepcopy(base), _config(args, tmp), device)
+        steps: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], None], int]] = {}
+        for label in VARIANTS:
+            out = Path(tmp) / str(len(steps))
+            out.mkdir()
+            vargs = _variant_args(args, label)
+            steps[label] = (
+                _p3b_step(copy.deepcopy(base), _config(vargs, str(out)), device, out)[0],
+                vargs.every,
+            )
+        plain_ms: list[float] = []
+        ms: dict[str, list[float]] = {k: [] for k in steps}
+        ratios: dict[str, list[float]] = {k: [] for k in steps}
+        for i in range(args.warmup + args.rounds):
+            t_plain = _steps(plain, 1, x, y, device)
+            for label, (step, every) in steps.items():
+                t = _steps(step, every, x, y, device)
+                if i >= args.warmup:
+                    ms[label].append(1e3 * t)
+                    ratios[label].append(t / t_plain)
+            if i >= args.warmup:
+                plain_ms.append(1e3 * t_plain)
+    return {
+        "plain_ms": statistics.median(plain_ms),
+        "variants": {k: {"median_ms": statistics.median(ms[k]), "ratio": statistics.median(ratios[k]),
+                         "ratio_min": min(ratios[k]), "ratio_max": max(ratios[k])} for k in steps},
+    }  # fmt: skip
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Memory of one variant (or plain) in a process of its own."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = train.pick_device(PruneConfig(device=args.device))
@@ -183,17 +248,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _reset_peak_rss()
-        times = []
         per_round = args.every if args.worker == "p3b" else 1
-        for i in range(args.warmup + args.rounds):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                step(x, y)
-            _sync(device)
-            if i >= args.warmup:
-                times.append((time.perf_counter() - t0) / per_round)
-        result: dict[str, Any] = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
+        for _ in range(args.warmup + MEMORY_ROUNDS):
+            _steps(step, per_round, x, y, device)
+        result: dict[str, Any] = {}
         if device.type == "cuda":
             result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -220,17 +278,20 @@ def _machine(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}"
 
 
-def table(args: argparse.Namespace, plain: dict[str, Any], p3b: dict[str, dict[str, Any]]) -> str:
+def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, Any],
+          p3b: dict[str, dict[str, Any]]) -> str:  # fmt: skip
     cpu_mem = "peak RSS over the pre-model baseline (MiB)"
     mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else cpu_mem
     kinds = list(p3b)
+    t = timing["variants"]
     rows = [
         "| | plain fine-tuning | " + " | ".join(f"P3B, {k}" for k in kinds) + " |",
         "|---|---|" + "---|" * len(kinds),
-        f"| step (ms, amortised) | {plain['median_ms']:.1f} | "
-        + " | ".join(
-            f"{p3b[k]['median_ms']:.1f} ({p3b[k]['median_ms'] / plain['median_ms']:.2f}x)" for k in kinds
-        )
+        f"| step (ms, amortised; ratio = median per-round ratio) | {timing['plain_ms']:.1f} | "
+        + " | ".join(f"{t[k]['median_ms']:.1f} ({t[k]['ratio']:.2f}x)" for k in kinds)
+        + " |",
+        "| per-round ratio, min - max | 1 | "
+        + " | ".join(f"{t[k]['ratio_min']:.2f} - {t[k]['ratio_max']:.2f}" for k in kinds)
         + " |",
         f"| {mem} | {plain['peak_mib']:.0f} | "
         + " | ".join(
@@ -254,7 +315,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model-kwargs", default=json.dumps(SOURCE_ARCH), help="timm ViT kwargs (JSON)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=8, help="measured rounds (of probe_every steps each)")
+    p.add_argument("--rounds", type=int, default=12, help="measured timing rounds (every variant once each)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--probe", default="patch_conv", help=argparse.SUPPRESS)
@@ -262,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--write", help="also write the table as markdown to this file")
-    p.add_argument("--worker", choices=("plain", "p3b"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("plain", "p3b", "timing"), help=argparse.SUPPRESS)
     return p
 
 
@@ -270,14 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(timing_worker(args) if args.worker == "timing" else worker(args)))
         return 0
+    timing = _run_worker("timing", argv)
     plain = _run_worker("plain", argv)
     p3b = {}
     for label, (kind, share, every) in VARIANTS.items():
         flags = ["--probe", kind, "--hidden-share", str(share), "--every", str(every)]
         p3b[label] = _run_worker("p3b", [*argv, *flags])
-    text = table(args, plain, p3b)
+    text = table(args, timing, plain, p3b)
     print(text)
     if args.write:
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -286,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Written by `tools/bench_train_step.py` on {when}; machine: {_machine(args.device)}; "
             f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}.\n"
             f"Model: timm ViT {args.model_kwargs}; batch {args.batch_size}; "
-            f"median of {args.rounds} rounds after {args.warmup} warm-up rounds; "
-            "each variant in its own process.\n\n"
+            f"timing: {args.rounds} round-robin rounds after {args.warmup} warm-up rounds in one process; "
+            "memory: each variant in its own process.\n\n"
         )
         Path(args.write).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write).write_text(head + text + "\n")
