@@ -356,6 +356,20 @@ class Row:
     params: Stat
     macs: Stat
     seeds: tuple[int, ...]
+    top1_by_seed: tuple[float, ...] = ()
+    """Top-1 in % per seed, in the order of ``seeds`` (empty where unknown)."""
+
+
+def paired_gap(row: Row, dense: Row) -> Stat | None:
+    """``row`` minus ``dense`` in points, seed by seed (same seed, same data order): mean, std, n.
+
+    Both sides of a seed share the split, the batch order and the augmentation draws, so the
+    per-seed difference cancels what the seed does to both; its standard error,
+    std / sqrt(n), is the uncertainty of the gap. None when no seed is in both rows.
+    """
+    theirs = dict(zip(dense.seeds, dense.top1_by_seed, strict=False))
+    diffs = [v - theirs[s] for s, v in zip(row.seeds, row.top1_by_seed, strict=False) if s in theirs]
+    return Stat.of(diffs) if diffs else None
 
 
 def aggregate(records: Sequence[Mapping[str, Any]]) -> list[Row]:
@@ -372,7 +386,8 @@ def _row(method: str, ratio: float, records: Sequence[Mapping[str, Any]]) -> Row
     top1 = Stat.of(100.0 * float(r["top1"]) for r in group)
     params = Stat.of(float(r["params_counted"]) for r in group)
     macs = Stat.of(float(r["macs_counted"]) for r in group)
-    return Row(method, ratio, top1, params, macs, tuple(int(r["seed"]) for r in group))
+    seeds = tuple(int(r["seed"]) for r in group)
+    return Row(method, ratio, top1, params, macs, seeds, tuple(100.0 * float(r["top1"]) for r in group))
 
 
 def format_stat(stat: Stat, digits: int = 2) -> str:
@@ -380,21 +395,32 @@ def format_stat(stat: Stat, digits: int = 2) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Markdown table: method, ratio, top-1 (mean ± std), gap to dense, params and MACs (millions)."""
+    """Markdown table: method, ratio, top-1 (mean ± std), gap to dense, params and MACs (millions).
+
+    The gap is the mean of the per-seed differences to dense ± their standard error where seeds
+    pair up (:func:`paired_gap`), else the difference of the means.
+    """
     dense = next((r for r in rows if r.method == DENSE), None)
     lines = [
-        "| method | prune ratio | top-1 % (mean ± std) | vs dense (points) | params (M) | MACs/image (M) "
-        "| seeds |",
+        "| method | prune ratio | top-1 % (mean ± std) | vs dense (points, paired by seed: mean ± s.e.) "
+        "| params (M) | MACs/image (M) | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        gap = "" if dense is None or r is dense else f"{r.top1.mean - dense.top1.mean:+.2f}"
+        gap = "" if dense is None or r is dense else _gap(r, dense)
         ratio = "-" if r.method == DENSE else f"{r.ratio:g}"
         lines.append(
             f"| {r.method} | {ratio} | {format_stat(r.top1)} | {gap} | {r.params.mean / 1e6:.3f} | "
             f"{r.macs.mean / 1e6:.2f} | {r.top1.n} |"
         )
     return "\n".join(lines)
+
+
+def _gap(row: Row, dense: Row) -> str:
+    paired = paired_gap(row, dense)
+    if paired is None or paired.n < 2:
+        return f"{row.top1.mean - dense.top1.mean:+.2f}"
+    return f"{paired.mean:+.2f} ± {paired.std / math.sqrt(paired.n):.2f}"
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,23 @@ def test_table_shows_mean_std_gap_and_sizes() -> None:
     assert lines[3] == "| p3b | 0.5 | 95.50 | -0.50 | 1.000 | 2.00 | 1 |"
 
 
+def test_gap_to_dense_is_paired_by_seed_with_its_standard_error() -> None:
+    """Seeds that move both methods alike cancel: a constant -1 point gap has zero standard error."""
+    records = [record("dense", 0.0, s, 0.90 + s / 50) for s in range(3)]
+    records += [record("p3b", 0.5, s, 0.89 + s / 50) for s in range(3)]
+    records += [record("uniform", 0.5, s, v) for s, v in enumerate((0.88, 0.93, 0.92))]
+    rows = transfer.aggregate(records)
+    by = {r.method: r for r in rows}
+    paired = transfer.paired_gap(by["p3b"], by["dense"])
+    assert paired is not None
+    assert paired.mean == pytest.approx(-1.0) and paired.std == pytest.approx(0.0, abs=1e-9)
+    lines = transfer.format_table(rows).splitlines()
+    assert "| -1.00 ± 0.00 |" in lines[3]
+    gaps = [-2.0, 1.0, -2.0]  # uniform minus dense per seed
+    se = Stat.of(gaps).std / math.sqrt(3)
+    assert f"| {sum(gaps) / 3:+.2f} ± {se:.2f} |" in lines[4]
+
+
 @pytest.mark.parametrize(
     ("p3b_05", "p3b_07", "best_baseline", "expected"),
     [
