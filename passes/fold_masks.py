@@ -150,11 +150,10 @@ class FoldMasksPass(GraphPass):
                 folds[node] = (in_site, out_site)
         if not folds:
             return PassResult(gm, False)
-        bank_node = None
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        with gm.graph.inserting_before(first):
+            bank_node = gm.graph.get_attr(MASK_MODULE)
         for node, (in_site, out_site) in folds.items():
-            if bank_node is None:
-                with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
-                    bank_node = gm.graph.get_attr(MASK_MODULE)
             self._replace(gm, node, bank_node, in_site, out_site)
         for node in list(gm.graph.nodes):
             if _site(node) is not None and not node.users:
