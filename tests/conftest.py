@@ -24,6 +24,20 @@ def tiny_vit(**overrides: Any) -> nn.Module:
     return model
 
 
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages ``model(x)``'s autograd graph keeps for backward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values())
+
+
 def _randomise_layer_scale(model: nn.Module) -> None:
     """timm inits layer scale to a tiny constant: make it non-trivial so tests see it."""
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ from p3b_fx.core.masks import MASK_MODULE, MaskBank
 from p3b_fx.errors import P3BError
 from p3b_fx.tracing import copy_graph_module
 from passes.fold_masks import FoldMasksPass, _MaskedLinear
-from tests.conftest import tiny_vit
+from tests.conftest import saved_bytes, tiny_vit
 
 
 def _soft(bank: MaskBank, seed: int = 0) -> None:
@@ -155,18 +155,6 @@ def test_masked_linear_under_autocast_keeps_the_low_precision_input() -> None:
 
 
 def test_folded_scoring_keeps_what_the_unmasked_model_keeps() -> None:
-    def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x).sum()
-        return sum(seen.values())
-
     model = tiny_vit()
     gm = p3b_fx.trace(model)
     _, _, folded, fbank = _masked_pair(model)

@@ -8,7 +8,7 @@ import torch
 import p3b_fx
 from p3b_fx.core.masks import MASK_MODULE, MaskBank
 from passes.insert_masks import InsertMasksPass
-from tests.conftest import tiny_vit
+from tests.conftest import saved_bytes, tiny_vit
 
 
 def test_open_masks_leave_outputs_unchanged_and_pass_is_idempotent() -> None:
@@ -83,18 +83,6 @@ def test_scoring_gate_gradients_equal_the_plain_product(dtype: torch.dtype, with
 
 def test_scoring_keeps_no_extra_copy_of_the_masked_activations() -> None:
     """While scoring, the masked model's autograd graph holds ~ what the unmasked model's holds."""
-
-    def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x).sum()
-        return sum(seen.values())
 
     gm = p3b_fx.trace(tiny_vit())
     masked, bank = p3b_fx.insert_masks(gm, p3b_fx.find_groups(gm))
