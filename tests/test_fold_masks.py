@@ -163,3 +163,24 @@ def test_folded_scoring_keeps_what_the_unmasked_model_keeps() -> None:
     fbank.scoring(True)
     scoring = saved_bytes(folded, x)
     assert scoring <= 1.02 * plain, (scoring, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folded_gate_gradients_under_cuda_autocast(dtype: torch.dtype) -> None:
+    """On CUDA with autocast (the training loop's AMP), folded and activation gates agree."""
+    masked, bank, folded, fbank = _masked_pair(tiny_vit().train())  # traced on the CPU
+    masked.cuda()
+    folded.cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    grads = []
+    for net, b in ((masked, bank), (folded, fbank)):
+        b.scoring(True)
+        with torch.autocast("cuda", dtype=dtype):
+            out = net(x)
+        (out.float() ** 2).mean().backward()
+        grads.append({k: g.grad.float().clone() for k, g in b.gates().items() if g.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        scale = float(grads[0][k].abs().max()) + 1e-12
+        torch.testing.assert_close(grads[1][k] / scale, grads[0][k] / scale, rtol=0, atol=5e-2, msg=k)
