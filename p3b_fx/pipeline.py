@@ -38,8 +38,9 @@ TARGETS = ("onnx", "tensorrt", "jetson")
 # 5,000 images), whole heads + hidden neurons rounded to 8 (TensorRT-friendly), sized to finish in
 # minutes on a 2-core CPU. A few-epoch schedule needs a larger base lr than the reference's 5e-4
 # at batch 512 (measured by tools/bench_transfer.py, which uses the same lr). 8 + 2 epochs, twice
-# the benchmark's: 91.2% MNIST top-1 in 169 s from a fresh clone (2-core CPU, 2026-11-26), against
-# 85.4% in 91 s at 4 + 1, still rising when it stopped.
+# the benchmark's: 91.5% MNIST top-1 in 151 s from a fresh clone (2-core CPU, 2026-11-27; 91.2% in
+# 169 s before the gates were folded into the weights), against 85.4% in 91 s at 4 + 1, still rising
+# when it stopped.
 EMBEDDED_DEFAULT: dict[str, Any] = {
     "data": "mnist-5k", "num_classes": 10, "prune_ratio": 0.5, "granularity": "deploy", "round_to": 8,
     "epochs": 8, "finetune_epochs": 2, "lr": 5e-3, "batch_size": 64, "probe": "patch_conv",
