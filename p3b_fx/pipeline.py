@@ -57,6 +57,7 @@ class CompileConfig:
     plan: str | None = None  # an existing plan.json applied to the model's weights: skip pruning
     dynamic_batch: bool = False
     strict: bool = False
+    simplify: bool = False  # onnxslim after the export; every check runs again on its output
     reference_batch: int = 8
     latency_runs: int = 20  # ONNX Runtime CPU rounds per setting for report.json's "latency"; 0 skips
     extra: dict[str, Any] = field(default_factory=dict)
@@ -124,11 +125,14 @@ def run_compile(cfg: CompileConfig) -> dict[str, Any]:
         logger.warning("%s", message)
     jp = get_jetpack(cfg.jetpack)
     onnx_path = out / "model.onnx"
-    onnx_report = export_onnx(slim, images[:1], onnx_path, jetpack=jp, dynamic_batch=cfg.dynamic_batch)
+    onnx_report = export_onnx(
+        slim, images[:1], onnx_path, jetpack=jp, dynamic_batch=cfg.dynamic_batch, simplify=cfg.simplify
+    )
     result: dict[str, Any] = {
         **report,
         "onnx": {"path": str(onnx_path), "opset": onnx_report.opset,
-                 "parity_max_abs_diff": onnx_report.parity_max_abs_diff, "jetpack": jp.version},
+                 "parity_max_abs_diff": onnx_report.parity_max_abs_diff, "jetpack": jp.version,
+                 "simplified": onnx_report.simplified},
         "head_dim_warnings": problems,
     }  # fmt: skip
     if cfg.latency_runs > 0:

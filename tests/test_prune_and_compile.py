@@ -57,6 +57,16 @@ def test_an_existing_plan_compiles_without_pruning(tmp_path: Path) -> None:
     assert not (out / "prune").exists()  # no training ran
 
 
+def test_simplify_runs_onnxslim_and_checks_again(tmp_path: Path) -> None:
+    pytest.importorskip("onnxslim", reason="onnxslim is installed by tools/setup.sh")
+    plan, _ = _source_plan(tmp_path, 0.5)
+    out = tmp_path / "run"
+    argv = ["--target", "onnx", "--plan", str(plan), "--out", str(out), "--simplify"]
+    assert prune_and_compile.main(argv) == 0
+    onnx = json.loads((out / "report.json").read_text())["onnx"]
+    assert onnx["simplified"] is True and onnx["parity_max_abs_diff"] <= 1e-4
+
+
 def test_a_plan_for_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import p3b_fx  # noqa: PLC0415
     from tests.conftest import tiny_vit  # noqa: PLC0415

@@ -42,6 +42,12 @@ def parser() -> object:
     p.add_argument(
         "--strict", action="store_true", help="refuse head_dim that TensorRT fused attention cannot use"
     )
+    p.add_argument(
+        "--simplify",
+        action="store_true",
+        help="simplify model.onnx with onnxslim (bash tools/setup.sh installs it); the checker, the op "
+        "check and the parity check run again on the result",
+    )
     return p
 
 
@@ -50,7 +56,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    own = ("config", "verbose", "target", "jetpack", "slim_model", "plan", "dynamic_batch", "strict")
+    own = (
+        "config",
+        "verbose",
+        "target",
+        "jetpack",
+        "slim_model",
+        "plan",
+        "dynamic_batch",
+        "strict",
+        "simplify",
+    )
     overrides = {k: v for k, v in vars(args).items() if k not in own}
     try:
         from p3b_fx.config import PruneConfig  # noqa: PLC0415 - keeps --help fast
@@ -61,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.config, {**base, **{k: v for k, v in overrides.items() if v is not None}}
         )
         cfg = CompileConfig(args.target, prune, jetpack=args.jetpack, slim_model=args.slim_model,
-                            plan=args.plan, dynamic_batch=args.dynamic_batch, strict=args.strict)  # fmt: skip
+                            plan=args.plan, dynamic_batch=args.dynamic_batch, strict=args.strict,
+                            simplify=args.simplify)  # fmt: skip
         report = run_compile(cfg)
     except P3BError as exc:
         print(f"error: {exc}", file=sys.stderr)

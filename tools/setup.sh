@@ -21,7 +21,7 @@ stamp=.venv/.p3b-setup-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
     echo "setup: installing pinned packages into .venv (a few minutes on a fresh machine)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    .venv/bin/python -m pip install -q -e ".[dev,simplify]"
     rm -f .venv/.p3b-setup-*
     touch "$stamp"
 fi
