@@ -486,16 +486,19 @@ REPORT_SETTINGS = (Setting(ORT_CPU, 1, 1), Setting(ORT_CPU, 8, 2))
 
 def export_variants(
     models: Mapping[str, nn.Module], input_shape: tuple[int, ...], batches: Sequence[int], jetpack: JetPack,
-    workdir: Path,
+    workdir: Path, *, simplify: bool = False,
 ) -> list[Variant]:  # fmt: skip
-    """Each model exported as static-batch ONNX for ``jetpack`` at every batch size, into ``workdir``."""
+    """Each model exported as static-batch ONNX for ``jetpack`` at every batch size, into ``workdir``.
+
+    ``simplify``: run onnxslim on each export (as ``prune_and_compile.py --simplify`` does).
+    """
     variants = []
     for name, model in models.items():
         files = {}
         for batch in batches:
             example = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(batch))
             files[batch] = export_onnx(
-                model, example, workdir / f"{name}.b{batch}.onnx", jetpack=jetpack
+                model, example, workdir / f"{name}.b{batch}.onnx", jetpack=jetpack, simplify=simplify
             ).path
         variants.append(Variant(name, model, input_shape, files))
     return variants

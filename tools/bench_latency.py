@@ -99,7 +99,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
                 gran, 1 - plan.predicted_params(groups) / groups.params_total, plan.predicted_flops(groups)
             )  # fmt: skip
     (workdir / name).mkdir(parents=True, exist_ok=True)
-    variants = latency.export_variants(models, shape, (1, 8), jetpack(args.jetpack), workdir / name)
+    variants = latency.export_variants(
+        models, shape, (1, 8), jetpack(args.jetpack), workdir / name, simplify=args.simplify
+    )
     rows, skipped = [], []
     for setting in (*CPU_SETTINGS, *GPU_SETTINGS):
         cuda = setting.backend != latency.ORT_CPU
@@ -163,7 +165,9 @@ def kept_notes(path: Path) -> list[str]:
     return text[text.index(NOTES) :].splitlines() if NOTES in text else []
 
 
-def write_doc(path: Path, rows: Sequence[Row], skipped: Sequence[str], command: str, runs: str) -> None:
+def write_doc(  # noqa: PLR0917 - one call site
+    path: Path, rows: Sequence[Row], skipped: Sequence[str], command: str, runs: str, onnx_kind: str
+) -> None:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     loads = [r.load for r in rows] or [os.getloadavg()[0]]
     text = "\n".join([
@@ -172,7 +176,7 @@ def write_doc(path: Path, rows: Sequence[Row], skipped: Sequence[str], command: 
         f"Measured {when} on {machine()}, shared with other jobs (1-minute load average "
         f"{min(loads):.1f}–{max(loads):.1f} during the run); "
         f"torch {torch.__version__}, ONNX Runtime {ort.__version__}, timm {timm.__version__}. "
-        f"Static-batch ONNX for JetPack 6.1 (opset 17); dense and slim timed interleaved, {runs}; "
+        f"{onnx_kind}; dense and slim timed interleaved, {runs}; "
         "ONNX Runtime's idle threads do not spin (`session.intra_op.allow_spinning` = 0) except in "
         "the `_spin` rows (its default); "
         "milliseconds per batch as median (p10–p90). FLOP ratio = dense / slim multiply-accumulates "
@@ -236,6 +240,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--gpu-runs", type=int, default=200, help="interleaved rounds per CUDA setting")
     ap.add_argument("--jetpack", default="6.1")
     ap.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up (smoke test, noisy)")
+    ap.add_argument("--simplify", action="store_true", help="time onnxslim-simplified exports (both sides)")
     ap.add_argument(
         "--out", default=str(DOCS / "bench-latency.md"), help="Markdown file; the PNG goes next to it"
     )
@@ -261,7 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     runs = f"{args.runs} rounds after {args.warmup} warm-up runs each (CUDA: {args.gpu_runs} rounds)"
-    write_doc(out, rows, skipped, command.strip(), runs)
+    jp = jetpack(args.jetpack)
+    onnx_kind = f"Static-batch ONNX for JetPack {jp.version} (opset {jp.opset})" + (
+        ", simplified by onnxslim" if args.simplify else ""
+    )
+    write_doc(out, rows, skipped, command.strip(), runs, onnx_kind)
     write_plot(out.with_suffix(".png"), rows)
     print("\n".join(summary(rows)))
     return 0
