@@ -229,11 +229,14 @@ def allocate_block(
     *,
     factors: Mapping[GateType, float] = DEFAULT_GATE_FACTORS,
     max_rounds: int = 30,
+    removable: bool = True,
 ) -> BlockAllocation:
     """Masks whose hard-mask cost ``cost_fn(kept)`` is nearest ``target_cost`` (within one rounding step).
 
     ``cost_fn`` gives the block's cost for kept counts per gate (a gate it is not given: full size)
     and must not decrease when a count grows. Gates that cannot be pruned are simply not passed.
+    ``removable=False`` (a block whose removal would not be exact, ``GroupSet.block_removable``):
+    every gate keeps at least its ``min_keep``, however low the target.
     """
     _check_call(scores, gates, target_cost, tau, factors)
     full = {g.name: g.size for g in gates}
@@ -246,7 +249,7 @@ def allocate_block(
         return BlockAllocation(ones, {k: v.astype(bool) for k, v in ones.items()}, full, dense, -0.5)
     least = {g.name: g.min_keep for g in gates}
     zero = {g.name: 0 for g in gates}
-    if target_cost - float(cost_fn(zero)) < float(cost_fn(least)) - target_cost:
+    if removable and target_cost - float(cost_fn(zero)) < float(cost_fn(least)) - target_cost:
         return _result(joint, gates, zero, pruned=joint.total, cost=float(cost_fn(zero)), tau=tau)
     memo: dict[int, float] = {}
 

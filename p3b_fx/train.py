@@ -544,7 +544,12 @@ class Pruner:
             specs = self.specs[block.name]
             target = float(kappa[i] * self.dense[i]) + (carry if kappa[i] < 1.0 else 0.0)
             res = allocate_block(
-                {s.name: scores[s.name] for s in specs}, specs, target, self._cost_fn(block), tau
+                {s.name: scores[s.name] for s in specs},
+                specs,
+                target,
+                self._cost_fn(block),
+                tau,
+                removable=self.groups.block_removable(block),
             )
             carry = target - res.cost if kappa[i] < 1.0 else carry
             soft.update(res.soft)
@@ -974,12 +979,36 @@ def _run(
 
 
 def check_budget(cfg: PruneConfig, groups: GroupSet) -> None:
-    """Raise ConfigError before any training when no plan can meet the budget."""
+    """Raise ConfigError before any training when no plan can meet the budget.
+
+    For P3B and uniform also when the prunable gates cannot shed enough: a block can drop to zero
+    cost only when its removal is exact (``GroupSet.block_removable``); any other block keeps at
+    least ``min_keep`` of every gate of the granularity, and its unprunable groups whole.
+    """
     costs = budget_mod.cost_model_from_groups(groups, budget_mod.BudgetUnit(cfg.budget))
+    dense = budget_mod.dense_costs(costs)
     budget_mod.keep_ratios(
-        np.ones(len(groups.blocks)), budget_mod.dense_costs(costs), costs.nonblock, cfg.keep_ratio,
+        np.ones(len(groups.blocks)), dense, costs.nonblock, cfg.keep_ratio,
         blocks_only=cfg.blocks_only, floor=cfg.floor,
     )  # fmt: skip
+    if cfg.method not in {"p3b", "uniform"}:
+        return
+    specs = gate_specs(groups, cfg.granularity, cfg.round_to)
+    least = sum(
+        0.0 if specs[b.name] and groups.block_removable(b)
+        else costs.block_cost(b.name, {g.name: g.min_keep for g in specs[b.name]})
+        for b in groups.blocks
+    )  # fmt: skip
+    target = budget_mod.budget_target(dense, costs.nonblock, cfg.keep_ratio, cfg.blocks_only)
+    if least > target * (1 + BUDGET_TOLERANCE):
+        base = float(dense.sum()) + (0.0 if cfg.blocks_only else costs.nonblock)
+        most = 1 - (least + (0.0 if cfg.blocks_only else costs.nonblock)) / base
+        raise ConfigError(
+            f"--prune-ratio {cfg.prune_ratio} cannot be met with --granularity {cfg.granularity}: the "
+            f"prunable groups of this model can remove at most {most:.1%} of its {cfg.budget} (blocks whose "
+            "removal would not be exact keep one element per gate; unprunable groups stay whole, see "
+            f"find_groups' reasons); use --prune-ratio {math.floor(most * 100) / 100:.2f} or less"
+        )
 
 
 def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:

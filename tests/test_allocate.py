@@ -161,6 +161,15 @@ def test_target_near_zero_removes_the_block(target: float) -> None:
     assert all(np.all((m > 0) & (m < 0.5)) for m in alloc.soft.values())  # attenuated, not cut, while tau > 0
 
 
+@pytest.mark.parametrize("target", [0.0, 1.0])
+def test_a_block_that_cannot_be_removed_keeps_its_minimal_gates(target: float) -> None:
+    """removable=False (no exact removal, e.g. no prunable write gate): never an empty gate."""
+    scores = random_scores(MLP, 1)
+    alloc = allocate_block(scores, MLP, target_cost=target, cost_fn=mlp_cost, tau=0.1, removable=False)
+    assert not alloc.removed and alloc.kept == {g.name: g.min_keep for g in MLP}
+    assert_consistent(alloc, MLP, scores)
+
+
 def test_small_target_keeps_the_block_alive_with_minimal_gates() -> None:
     gates = tuple(GateSpec(g.name, g.size, g.gate_type, round_to=4) for g in MLP)
     alloc = allocate_block(random_scores(gates, 2), gates, target_cost=30.0, cost_fn=mlp_cost, tau=0.1)

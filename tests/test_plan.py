@@ -73,3 +73,18 @@ def test_missing_plan_file_names_the_path(tmp_path: Path) -> None:
 def test_random_plan_rejects_bad_ratio(groups: p3b_fx.GroupSet, ratio: float) -> None:
     with pytest.raises(PlanError, match="keep_ratio"):
         KeepPlan.random(groups, ratio)
+
+
+def test_a_plan_may_not_empty_a_block_whose_removal_is_not_exact() -> None:
+    """Parallel blocks have no prunable write gate: emptying their read group is refused."""
+    import timm  # noqa: PLC0415
+
+    model = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, img_size=16, patch_size=4,
+                              embed_dim=32, depth=1, num_heads=2).eval()  # fmt: skip
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert not any(groups.block_removable(b) for b in groups.blocks)
+    with pytest.raises(PlanError, match="cannot be removed exactly: its write group is not prunable"):
+        p3b_fx.KeepPlan.from_mapping(groups, {"blocks.0.ffns:read": []})
+    vit = p3b_fx.find_groups(p3b_fx.trace(tiny_vit()))
+    assert all(vit.block_removable(b) for b in vit.blocks)

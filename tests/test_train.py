@@ -133,6 +133,28 @@ def test_budget_no_plan_can_meet_fails_before_training(tmp_path: Path) -> None:
     assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)  # rerun needs no --force
 
 
+PARALLEL = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def test_parallel_blocks_are_never_removed_inexactly(tmp_path: Path) -> None:
+    """Parallel blocks (x + Σ branch(x)) have no prunable write gate: emptying their read gate would
+    leave the other branch and the biases flowing, so they are not removable; P3B keeps one
+    channel there, and the slim model equals the hard-masked one (it differed by 0.05 before)."""
+    cfg = tiny_config(tmp_path / "run", model="vit_small_patch16_18x2_224", model_kwargs=PARALLEL,
+                      prune_ratio=0.2, finetune_epochs=0)  # fmt: skip
+    report = train.run(cfg)
+    assert report["slim_max_abs_diff"] <= train.SLIM_TOLERANCE and report["removed_blocks"] == []
+
+
+def test_a_prune_ratio_beyond_what_the_prunable_groups_can_shed_fails_before_training(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", model="vit_small_patch16_18x2_224", model_kwargs=PARALLEL)
+    with pytest.raises(
+        ConfigError, match=r"can remove at most \d+\.\d% of its params.*--prune-ratio 0\.\d\d or less"
+    ):
+        train.run(cfg)
+    assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
+
+
 def test_class_count_mismatch_suggests_num_classes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--num-classes 10"):
         train.run(tiny_config(tmp_path / "run", num_classes=None))

@@ -145,6 +145,15 @@ class GroupSet:
         """A block with any empty group computes nothing useful and is removed entirely."""
         return any(kept.get(g, 1) == 0 for g in block.groups)
 
+    def block_removable(self, block: Block) -> bool:
+        """Whether removing ``block`` is exact: zeroing its gates must zero its whole output.
+
+        That takes a prunable write group (a gate on the last linear's output). Without one, an
+        emptied group still leaves biases (and, in parallel blocks, whole other branches) flowing
+        into the residual stream, so the masked model and the slim one would differ.
+        """
+        return any(self.group(g).role is Role.WRITE and self.group(g).prunable for g in block.groups)
+
     def block_params(self, block: Block, kept: Mapping[str, int] | None = None) -> int:
         """Parameter count of ``block`` when group ``g`` keeps ``kept[g]`` elements (default all)."""
         kept = kept or {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p3b_fx.core.groups import Block, GroupSet
+from p3b_fx.core.groups import Block, GroupSet, Role
 from p3b_fx.core.io import atomic_write_text
 from p3b_fx.errors import PlanError
 
@@ -93,6 +93,21 @@ class KeepPlan:
             if not groups.has_group(name):
                 raise PlanError(f"keep plan names group '{name}', which this model does not have")
             self._check_indices(groups, name, idx)
+        self._check_removals(groups)
+
+    def _check_removals(self, groups: GroupSet) -> None:
+        """An emptied group removes its block: refuse that where the removal would not be exact."""
+        kept = self.kept_sizes(groups)
+        for block in groups.blocks:
+            empty = [g for g in block.groups if kept[g] == 0]
+            if not empty or groups.block_removable(block):
+                continue
+            write = [groups.group(g) for g in block.groups if groups.group(g).role is Role.WRITE]
+            why = f"its write group is not prunable ({write[0].reason})" if write else "it has no write group"
+            raise PlanError(
+                f"keep plan empties group '{empty[0]}' of block '{block.name}', which cannot be removed "
+                f"exactly: {why}; keep at least one element of every group of this block"
+            )
 
     @staticmethod
     def _check_indices(groups: GroupSet, name: str, idx: tuple[int, ...]) -> None:
