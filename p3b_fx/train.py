@@ -46,6 +46,7 @@ from p3b_fx.config import SOURCE_MODEL, PruneConfig
 from p3b_fx.core.groups import Block, BlockKind, GroupSet, Role
 from p3b_fx.core.masks import MaskBank
 from p3b_fx.core.meta import INPUT_SHAPE
+from p3b_fx.core.pass_infra import known_shape
 from p3b_fx.core.plan import KeepPlan
 from p3b_fx.criteria import TaylorAccumulator
 from p3b_fx.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -953,6 +954,8 @@ def _run(
     prep = distributed.on_every_rank(lambda: prepare(config, model, loaders), "loading the model and data")
     if config.method != "dense":
         check_budget(config, prep.groups)
+    if config.method == "p3b":
+        check_stream(config, prep.gm, prep.groups)
     if not config.resume:  # only now: a run that fails on bad input leaves the directory reusable
         distributed.on_main(
             lambda: atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1)), "run.json"
@@ -1009,6 +1012,26 @@ def check_budget(cfg: PruneConfig, groups: GroupSet) -> None:
             "removal would not be exact keep one element per gate; unprunable groups stay whole, see "
             f"find_groups' reasons); use --prune-ratio {math.floor(most * 100) / 100:.2f} or less"
         )
+
+
+def check_stream(cfg: PruneConfig, gm: fx.GraphModule, groups: GroupSet) -> None:
+    """Raise ConfigError before any training when the residual stream changes shape between blocks.
+
+    P3B's probes read every x_i (method doc §1) with the same probe design; CaiT's class-attention
+    blocks, for one, carry the class token alone.
+    """
+    names = {n.name: n for n in gm.graph.nodes}
+    points = [groups.blocks[0].input_node, *(b.add_node for b in groups.blocks)]
+    shapes = [known_shape(names.get(p)) for p in points]
+    first = shapes[0]
+    for block, shape in zip(groups.blocks, shapes[1:], strict=True):
+        if first is not None and shape is not None and shape[1:] != first[1:]:
+            raise ConfigError(
+                f"P3B reads every block's input and output off one residual stream, but the stream of "
+                f"{cfg.model} changes from (tokens, dim) = {first[1:]} to {shape[1:]} at block "
+                f"'{block.name}' (e.g. CaiT's class-attention blocks carry the class token alone); "
+                "use --method uniform, global-taylor or global-magnitude, which need no block-benefit probes"
+            )
 
 
 def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:

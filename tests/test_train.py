@@ -155,6 +155,14 @@ def test_a_prune_ratio_beyond_what_the_prunable_groups_can_shed_fails_before_tra
     assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
 
 
+def test_a_stream_that_changes_shape_is_refused_for_p3b_before_training(tmp_path: Path) -> None:
+    """CaiT's class-attention blocks carry the class token alone: P3B's probes cannot read them."""
+    cfg = tiny_config(tmp_path / "run", model="cait_xxs24_224", model_kwargs={**PARALLEL, "depth": 1})
+    with pytest.raises(ConfigError, match=r"changes from .* at block 'blocks_token_only.0.*--method uniform"):
+        train.run(cfg)
+    assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
+
+
 def test_class_count_mismatch_suggests_num_classes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--num-classes 10"):
         train.run(tiny_config(tmp_path / "run", num_classes=None))
