@@ -52,6 +52,7 @@ from p3b_fx.criteria import TaylorAccumulator
 from p3b_fx.errors import CheckpointError, ConfigError, DataError, TrainingError
 from p3b_fx.importance import ImportanceTracker
 from p3b_fx.schedule import Schedule
+from p3b_fx.tracing import default_input_shape
 from passes.insert_taps import FeatureTaps, InsertTapsPass, feature_taps
 
 logger = logging.getLogger(__name__)
@@ -902,8 +903,8 @@ def prepare(cfg: PruneConfig, model: nn.Module | None, loaders: Loaders | None) 
     fit_head(model, n_data, cfg)
     model.to(device)
     side = model_input(model, cfg)[0]
-    chans = int(getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", 3))
-    gm = p3b_fx.trace(model, input_shape=(1, chans, side, side))
+    known = default_input_shape(model)  # channels; a hybrid's patch projection reads CNN features
+    gm = p3b_fx.trace(model, input_shape=(1, int(known[1]) if known else 3, side, side))
     groups = p3b_fx.find_groups(gm)
     if not groups.blocks:
         raise ConfigError(f"{type(model).__name__}: no residual blocks found; P3B prunes transformer blocks")
@@ -1029,7 +1030,8 @@ def check_stream(cfg: PruneConfig, gm: fx.GraphModule, groups: GroupSet) -> None
             raise ConfigError(
                 f"P3B reads every block's input and output off one residual stream, but the stream of "
                 f"{cfg.model} changes from (tokens, dim) = {first[1:]} to {shape[1:]} at block "
-                f"'{block.name}' (e.g. CaiT's class-attention blocks carry the class token alone); "
+                f"'{block.name}' (pooling stages change tokens and width; class-attention blocks carry "
+                "the class token alone); "
                 "use --method uniform, global-taylor or global-magnitude, which need no block-benefit probes"
             )
 

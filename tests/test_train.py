@@ -290,3 +290,10 @@ def test_flops_budget_end_to_end(tmp_path: Path, blocks_only: bool) -> None:
 def test_global_baselines_refuse_a_flops_budget() -> None:
     with pytest.raises(ConfigError, match="parameter budget"):
         tiny_config(Path("unused"), method="global-taylor", budget="flops")
+
+
+def test_a_hybrid_vit_traces_with_image_channels_not_cnn_features(tmp_path: Path) -> None:
+    """A hybrid's patch projection reads the CNN's features (256 channels here), not the image's 3."""
+    cfg = tiny_config(tmp_path / "run", model="vit_tiny_r_s16_p8_224", model_kwargs={"img_size": 32})
+    prep = train.prepare(cfg, None, None)
+    assert tuple(prep.gm.meta["p3b.input_shape"]) == (1, 3, 32, 32) and prep.groups.blocks
