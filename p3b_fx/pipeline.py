@@ -108,7 +108,8 @@ def run_compile(cfg: CompileConfig) -> dict[str, Any]:
     if cfg.plan is not None:
         report, slim = _slim_from_plan(cfg)
     elif cfg.slim_model is not None:
-        report, slim = {}, _load_slim(Path(cfg.slim_model))
+        slim = _load_slim(Path(cfg.slim_model))
+        report = {"slim": cfg.slim_model, "params_slim": sum(p.numel() for p in slim.parameters())}
     else:
         report = train.run(cfg.prune.replace(out=str(out / "prune")))
         if not distributed.is_main_process():  # under torchrun only rank 0 exports and bundles

@@ -67,6 +67,27 @@ def test_simplify_runs_onnxslim_and_checks_again(tmp_path: Path) -> None:
     assert onnx["simplified"] is True and onnx["parity_max_abs_diff"] <= 1e-4
 
 
+def test_an_existing_slim_model_compiles_and_reports_its_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch  # noqa: PLC0415
+
+    import p3b_fx  # noqa: PLC0415
+    from p3b_fx.source_model import load_source_model  # noqa: PLC0415
+
+    model, _ = load_source_model()
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=2)
+    torch.save(p3b_fx.slim(gm, plan, groups), tmp_path / "slim.pt")
+    out = tmp_path / "run"
+    argv = ["--target", "onnx", "--slim-model", str(tmp_path / "slim.pt"), "--out", str(out)]
+    assert prune_and_compile.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_slim"] == plan.predicted_params(groups)
+    assert f"done: {plan.predicted_params(groups):,} parameters; ONNX opset 17" in capsys.readouterr().out
+
+
 def test_a_plan_for_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import p3b_fx  # noqa: PLC0415
     from tests.conftest import tiny_vit  # noqa: PLC0415

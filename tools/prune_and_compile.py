@@ -51,6 +51,15 @@ def parser() -> object:
     return p
 
 
+def _summary(report: dict[str, object]) -> str:
+    """What the model became, as far as this run knows (an existing slim model has no dense side)."""
+    params = f"{report['params_slim']:,} parameters" if "params_slim" in report else "slim model"
+    if "params_dense" in report:
+        params = f"{report['params_dense']:,} -> {params}"
+    top1 = report.get("top1")
+    return params + (f", top-1 {top1:.4f}" if isinstance(top1, float) else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)  # type: ignore[attr-defined]
     logging.basicConfig(
@@ -88,9 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     out = Path(prune.out)
     onnx = report["onnx"]
-    print(f"done: {report.get('params_dense', '?')} -> {report.get('params_slim', '?')} parameters, "
-          f"top-1 {report.get('top1', float('nan')):.4f}; ONNX opset {onnx['opset']} "
-          f"(parity {onnx['parity_max_abs_diff']:.1e}); report in {out / 'report.json'}")  # fmt: skip
+    print(f"done: {_summary(report)}; ONNX opset {onnx['opset']} (parity {onnx['parity_max_abs_diff']:.1e}); "
+          f"report in {out / 'report.json'}")  # fmt: skip
     if "bundle" in report:
         print(
             f"Jetson bundle: {report['bundle']['path']} (copy it to the board, run build_engine.sh, "
