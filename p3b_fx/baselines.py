@@ -128,6 +128,30 @@ class GlobalPruningHook:
         logger.info("%s step %d: %d parameters (target %d)", self.cfg.method, step, params, target)
 
 
+def example_input(prep: Prepared) -> torch.Tensor:
+    side = int(prep.gm.meta.get("p3b.input_shape", (1, 3, 224, 224))[-1])
+    return torch.randn(1, 3, side, side, device=prep.device)
+
+
+def check_prunable(model: nn.Module, example: torch.Tensor, name: str) -> None:
+    """One small global step on a copy, then a forward pass: ConfigError before training, not in it.
+
+    Torch-Pruning's dependency graph does not cover every timm ViT (per-head relative position
+    biases, rotary embeddings and SwiGLU MLPs fail with an IndexError inside its importance).
+    """
+    twin = copy.deepcopy(model).eval()
+    try:
+        prune_to(twin, example, "global-magnitude", 0.1)
+        with torch.no_grad():
+            twin(example)
+    except Exception as exc:  # torch_pruning raises many types
+        raise ConfigError(
+            f"Torch-Pruning cannot prune {name} ({type(exc).__name__}: {exc}): its dependency graph does "
+            "not cover this architecture; compare with --method uniform or p3b, which prune it through "
+            "p3b-fx's own groups"
+        ) from exc
+
+
 def prune_targets(cfg: PruneConfig, dense: int, spe: int) -> dict[int, int]:
     """Parameter target at every P3B update step where the ramp still rises (and once at full sparsity)."""
     from p3b_fx.train import make_schedule  # noqa: PLC0415 - avoids an import cycle
@@ -160,8 +184,7 @@ def run_global(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
     )
 
     model = prep.model
-    side = int(prep.gm.meta.get("p3b.input_shape", (1, 3, 224, 224))[-1])
-    example = torch.randn(1, 3, side, side, device=prep.device)
+    example = example_input(prep)
     dense = count_params(model)
     hook = GlobalPruningHook(
         model, example, cfg, prune_targets(cfg, dense, steps_per_epoch(prep.loaders[0], cfg))

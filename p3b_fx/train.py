@@ -957,6 +957,10 @@ def _run(
         check_budget(config, prep.groups)
     if config.method == "p3b":
         check_stream(config, prep.gm, prep.groups)
+    if config.method.startswith("global-"):
+        from p3b_fx import baselines  # noqa: PLC0415 - torch_pruning only where it is used
+
+        baselines.check_prunable(prep.model, baselines.example_input(prep), config.model)
     if not config.resume:  # only now: a run that fails on bad input leaves the directory reusable
         distributed.on_main(
             lambda: atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1)), "run.json"
@@ -997,22 +1001,36 @@ def check_budget(cfg: PruneConfig, groups: GroupSet) -> None:
     )  # fmt: skip
     if cfg.method not in {"p3b", "uniform"}:
         return
-    specs = gate_specs(groups, cfg.granularity, cfg.round_to)
+    target = budget_mod.budget_target(dense, costs.nonblock, cfg.keep_ratio, cfg.blocks_only)
+    most = {g: _most_removable(cfg, groups, costs, dense, g) for g in _GRANULARITY_ROLES}
+    if most[cfg.granularity][0] <= target * (1 + BUDGET_TOLERANCE):
+        return
+    share = most[cfg.granularity][1]
+    other = max((g for g in most if g != cfg.granularity), key=lambda g: most[g][1])
+    hint = (f"use --prune-ratio {math.floor(share * 100) / 100:.2f} or less" if share >= 0.01
+            else "nothing is prunable at this granularity")  # fmt: skip
+    if most[other][1] >= cfg.prune_ratio:
+        hint += f", or --granularity {other} (which can remove up to {most[other][1]:.1%})"
+    raise ConfigError(
+        f"--prune-ratio {cfg.prune_ratio} cannot be met with --granularity {cfg.granularity}: the "
+        f"prunable groups of this model can remove at most {share:.1%} of its {cfg.budget} (blocks whose "
+        "removal would not be exact keep one element per gate; unprunable groups stay whole, see "
+        f"find_groups' reasons); {hint}"
+    )
+
+
+def _most_removable(
+    cfg: PruneConfig, groups: GroupSet, costs: budget_mod.GroupCostModel, dense: np.ndarray, granularity: str
+) -> tuple[float, float]:
+    """(the least cost the blocks can reach at ``granularity``, the largest prune ratio that gives)."""
+    specs = gate_specs(groups, granularity, cfg.round_to)
     least = sum(
         0.0 if specs[b.name] and groups.block_removable(b)
         else costs.block_cost(b.name, {g.name: g.min_keep for g in specs[b.name]})
         for b in groups.blocks
     )  # fmt: skip
-    target = budget_mod.budget_target(dense, costs.nonblock, cfg.keep_ratio, cfg.blocks_only)
-    if least > target * (1 + BUDGET_TOLERANCE):
-        base = float(dense.sum()) + (0.0 if cfg.blocks_only else costs.nonblock)
-        most = 1 - (least + (0.0 if cfg.blocks_only else costs.nonblock)) / base
-        raise ConfigError(
-            f"--prune-ratio {cfg.prune_ratio} cannot be met with --granularity {cfg.granularity}: the "
-            f"prunable groups of this model can remove at most {most:.1%} of its {cfg.budget} (blocks whose "
-            "removal would not be exact keep one element per gate; unprunable groups stay whole, see "
-            f"find_groups' reasons); use --prune-ratio {math.floor(most * 100) / 100:.2f} or less"
-        )
+    nonblock = 0.0 if cfg.blocks_only else costs.nonblock
+    return least, 1 - (least + nonblock) / (float(dense.sum()) + nonblock)
 
 
 def check_stream(cfg: PruneConfig, gm: fx.GraphModule, groups: GroupSet) -> None:

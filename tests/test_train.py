@@ -297,3 +297,26 @@ def test_a_hybrid_vit_traces_with_image_channels_not_cnn_features(tmp_path: Path
     cfg = tiny_config(tmp_path / "run", model="vit_tiny_r_s16_p8_224", model_kwargs={"img_size": 32})
     prep = train.prepare(cfg, None, None)
     assert tuple(prep.gm.meta["p3b.input_shape"]) == (1, 3, 32, 32) and prep.groups.blocks
+
+
+@pytest.mark.parametrize("method", ["global-taylor", "global-magnitude"])
+def test_torch_pruning_on_an_architecture_it_cannot_follow_fails_before_training(
+    tmp_path: Path, method: str
+) -> None:
+    """Per-head relative position biases break Torch-Pruning's graph: a clear error, nothing written."""
+    cfg = tiny_config(tmp_path / "run", model="vit_relpos_small_patch16_224", model_kwargs=PARALLEL,
+                      method=method, prune_ratio=0.3)  # fmt: skip
+    message = r"Torch-Pruning cannot prune vit_relpos_small_patch16_224.*--method uniform"
+    with pytest.raises(ConfigError, match=message):
+        train.run(cfg)
+    assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
+
+
+def test_a_granularity_with_nothing_prunable_points_to_the_one_that_has(tmp_path: Path) -> None:
+    """EVA-02's SwiGLU hidden units are fixed (chunk): deploy (heads + hidden) can prune nothing."""
+    kwargs = {"img_size": 16, "patch_size": 4, "depth": 1}
+    cfg = tiny_config(tmp_path / "run", model="eva02_tiny_patch14_224", granularity="deploy",
+                      model_kwargs=kwargs, prune_ratio=0.3)  # fmt: skip
+    message = r"nothing is prunable at this granularity, or --granularity reference \(which can remove up to"
+    with pytest.raises(ConfigError, match=message):
+        train.run(cfg)
