@@ -189,7 +189,14 @@ def build_model(cfg: PruneConfig) -> nn.Module:
                 cfg.model, pretrained=cfg.pretrained and cfg.checkpoint is None, **kwargs
             )
         except (RuntimeError, ValueError, OSError, TypeError) as exc:
-            raise ConfigError(f"cannot build timm model {cfg.model!r} with {kwargs}: {exc}") from exc
+            hint = ""
+            if cfg.pretrained and cfg.checkpoint is None:
+                hint = (
+                    "; --pretrained downloads the weights from the Hugging Face hub (or reads its local "
+                    "cache): without network access, pass the weights as --checkpoint FILE (safetensors "
+                    "or a torch state_dict) and drop --pretrained"
+                )
+            raise ConfigError(f"cannot build timm model {cfg.model!r} with {kwargs}: {exc}{hint}") from exc
     if cfg.checkpoint is not None:
         _load_weights(model, Path(cfg.checkpoint))
     return model

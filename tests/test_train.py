@@ -320,3 +320,14 @@ def test_a_granularity_with_nothing_prunable_points_to_the_one_that_has(tmp_path
     message = r"nothing is prunable at this granularity, or --granularity reference \(which can remove up to"
     with pytest.raises(ConfigError, match=message):
         train.run(cfg)
+
+
+def test_pretrained_without_the_hub_says_to_pass_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr("timm.create_model", offline)
+    with pytest.raises(ConfigError, match=r"pass the weights as --checkpoint FILE.*drop --pretrained"):
+        train.build_model(tiny_config(tmp_path / "run", pretrained=True))
