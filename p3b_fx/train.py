@@ -207,7 +207,9 @@ def model_input(model: nn.Module, cfg: PruneConfig) -> tuple[int, tuple[float, .
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     traced = model.meta.get(INPUT_SHAPE) if isinstance(model, fx.GraphModule) else None
-    fallback = cfg.img_size or pcfg.get("input_size", [None])[-1]
+    asked = cfg.model_kwargs.get("img_size")  # what the model was built for, where it does not say
+    asked = asked[-1] if isinstance(asked, (tuple, list)) else asked
+    fallback = cfg.img_size or asked or pcfg.get("input_size", [None])[-1]
     known = size[0] if size is not None else traced[-1] if traced else fallback
     if known is None:
         raise ConfigError(f"cannot tell the input size of {type(model).__name__}; pass --img-size")
@@ -609,7 +611,14 @@ def gate_specs(groups: GroupSet, granularity: str, round_to: int) -> dict[str, l
 
 
 def make_probes(model: nn.Module, groups: GroupSet, num_classes: int, cfg: PruneConfig) -> BenefitProbes:
-    dim = int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0))
+    raw = getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0)
+    widths = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)  # multi-stage models: one per stage
+    if len(set(widths)) > 1 and cfg.method == "p3b":
+        raise ConfigError(
+            f"{type(model).__name__} has stages of widths {widths}; P3B's probes read one residual stream "
+            "of one width: use --method uniform, which runs no probes"
+        )
+    dim = int(widths[0])  # uniform builds the probes but never runs them
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     has_cls = getattr(model, "cls_token", None) is not None

@@ -331,3 +331,12 @@ def test_pretrained_without_the_hub_says_to_pass_a_checkpoint(
     monkeypatch.setattr("timm.create_model", offline)
     with pytest.raises(ConfigError, match=r"pass the weights as --checkpoint FILE.*drop --pretrained"):
         train.build_model(tiny_config(tmp_path / "run", pretrained=True))
+
+
+def test_multi_stage_models_get_probes_only_where_they_never_run(tmp_path: Path) -> None:
+    """LeViT's embed_dim is one width per stage: uniform (no probes run) builds them, P3B refuses."""
+    cfg = tiny_config(tmp_path / "run", model="levit_128s", model_kwargs={"img_size": 64}, method="uniform")
+    prep = train.prepare(cfg, None, None)
+    assert train.make_probes(prep.model, prep.groups, 10, cfg).num_blocks == len(prep.groups.blocks)
+    with pytest.raises(ConfigError, match=r"stages of widths \(128, 256, 384\).*--method uniform"):
+        train.make_probes(prep.model, prep.groups, 10, cfg.replace(method="p3b"))
