@@ -869,12 +869,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # --- finalize: slim, check, fine-tune ------------------------------------------------------------------
 
 
-def copy_weights(masked: fx.GraphModule, gm: fx.GraphModule) -> None:
-    """Fine-tuned weights of the masked copy into the unmasked traced model (mask/tap state skipped)."""
-    state = {k: v for k, v in masked.state_dict().items() if not k.startswith(("p3b_masks.", "p3b_taps."))}
-    gm.load_state_dict(state)
-
-
 @torch.no_grad()
 def slim_difference(
     masked: nn.Module, slim: nn.Module, loader: DataLoader[Any], device: torch.device
@@ -1115,7 +1109,7 @@ def finalize(
     groups = prep.groups
     top1_masked = evaluate(loop.masked, prep.loaders[1], prep.device, cfg.amp)
     distributed.on_main(lambda: plan.save(out / "plan.json"), "writing plan.json")
-    copy_weights(loop.masked, prep.gm)
+    # loop.masked shares prep.gm's tensors (insert_masks(share_parameters=True)): slim the trained weights
     slim = p3b_fx.slim(prep.gm, plan, groups)
     diff = distributed.max_over_ranks(slim_difference(loop.masked, slim, prep.loaders[1], prep.device))
     if distributed.is_main_process():

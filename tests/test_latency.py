@@ -307,3 +307,15 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert err.count("'no_such_vit' is neither 'source' nor a timm model name") == 2
     assert not out.exists()
+
+
+def test_train_step_doc_keeps_the_hand_written_notes(tmp_path: Path) -> None:
+    import bench_train_step  # noqa: PLC0415 - tools/ is on sys.path above
+
+    out = tmp_path / "bench-train-step.md"
+    out.write_text(f"# old\n| old table |\n\n{bench_latency.NOTES}\n## Reading\nhand-written\n")
+    bench_train_step.write_doc(out, "# new\n| new table |")
+    assert out.read_text() == f"# new\n| new table |\n\n{bench_latency.NOTES}\n## Reading\nhand-written\n"
+    fresh = tmp_path / "fresh.md"
+    bench_train_step.write_doc(fresh, "# new\n")
+    assert fresh.read_text() == "# new\n" and not list(tmp_path.glob("*.tmp"))

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import p3b_fx
 from p3b_fx import latency
+from p3b_fx.core.io import NOTES_MARKER, atomic_write_text, kept_notes
 from p3b_fx.errors import ConfigError, P3BError
 from p3b_fx.export.jetpack import jetpack
 from p3b_fx.machine import cpu_name
@@ -38,7 +39,7 @@ from p3b_fx.source_model import load_source_model
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TARGET = 0.85  # issue §4: measured speed-up >= 0.85 x FLOP ratio on ONNX Runtime CPU at batch 8
 TARGET_KEY = (latency.ORT_CPU, "b8_t2")
-NOTES = "<!-- notes: written by hand, kept when the tool rewrites this file -->"
+NOTES = NOTES_MARKER
 CPU_SETTINGS = (
     latency.Setting(latency.ORT_CPU, 1, 1),
     latency.Setting(latency.ORT_CPU, 8, 2),
@@ -156,15 +157,6 @@ def summary(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def kept_notes(path: Path) -> list[str]:
-    """The hand-written part of an earlier doc: everything from the ``NOTES`` marker on."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    return text[text.index(NOTES) :].splitlines() if NOTES in text else []
-
-
 def write_doc(  # noqa: PLR0917 - one call site
     path: Path, rows: Sequence[Row], skipped: Sequence[str], command: str, runs: str, onnx_kind: str
 ) -> None:
@@ -193,12 +185,10 @@ def write_doc(  # noqa: PLR0917 - one call site
         *summary(rows),
         "",
         *(["Skipped here:", *(f"- {s}" for s in dict.fromkeys(skipped)), ""] if skipped else []),
-        *kept_notes(path),
+        *kept_notes(path).splitlines(),
     ])  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, text.rstrip("\n") + "\n")
 
 
 def write_plot(path: Path, rows: Sequence[Row]) -> None:

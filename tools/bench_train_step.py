@@ -20,6 +20,7 @@ forward keeps for backward while scoring (unique tensor storages seen by
 keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
 
 Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--write docs/bench-train-step.md]``
+(``--write`` replaces the table and keeps everything from the hand-written notes marker on).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from torch import nn
 import p3b_fx
 from p3b_fx import train
 from p3b_fx.config import PruneConfig
+from p3b_fx.core.io import atomic_write_text, kept_notes
 
 VARIANTS: dict[str, tuple[str, float, int]] = {
     "conv, hidden = dim": ("patch_conv", 1.0, 1),
@@ -311,6 +313,13 @@ def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, Any
     return "\n".join(rows)
 
 
+def write_doc(path: Path, generated: str) -> None:
+    """``generated``, then the hand-written notes of the file it replaces (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    notes = kept_notes(path)
+    atomic_write_text(path, generated.rstrip("\n") + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model-kwargs", default=json.dumps(SOURCE_ARCH), help="timm ViT kwargs (JSON)")
@@ -351,8 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"timing: {args.rounds} round-robin rounds after {args.warmup} warm-up rounds in one process; "
             "memory: each variant in its own process.\n\n"
         )
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write).write_text(head + text + "\n")
+        write_doc(Path(args.write), head + text)
     return 0
 
 

@@ -26,6 +26,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+NOTES_MARKER = "<!-- notes: written by hand, kept when the tool rewrites this file -->"
+"""Where a tool-written doc's hand-written part starts (see :func:`kept_notes`)."""
+
+
+def kept_notes(path: str | os.PathLike[str]) -> str:
+    """The hand-written part of an earlier doc: everything from :data:`NOTES_MARKER` on ('' if none)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    return text[text.index(NOTES_MARKER) :] if NOTES_MARKER in text else ""
+
+
 def sha256_of(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
