@@ -1,0 +1,119 @@
+"""Which timm ViT families the tools handle: a few steps of each method, then ONNX export, per model.
+
+For every model (small configuration, random weights, sklearn digits, a few steps per epoch) it
+runs ``tools/prune.py`` with each ``--methods`` entry and, where P3B finished, compiles its slim
+model with ``tools/prune_and_compile.py --target onnx --slim-model`` for every ``--jetpacks``
+release. Each run is a subprocess of its own. Reported per run: the exit code and either the slim
+vs hard-masked difference and whether the budget was met, the ONNX parity, or the error line the
+user would see. This is a coverage check, not an accuracy benchmark: a few steps on random weights.
+
+Usage: ``python tools/sweep_families.py [--models ...] [--methods p3b uniform global-taylor]
+[--out runs/sweep-families.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p3b_fx.core.io import atomic_write_text
+
+TOOLS = Path(__file__).resolve().parent
+SMALL = '{"img_size": 32, "patch_size": 8, "depth": 2}'
+MODELS: dict[str, list[str]] = {
+    "vit_tiny_patch16_224": ["--model-kwargs", SMALL],
+    "deit_tiny_distilled_patch16_224": ["--model-kwargs", SMALL],
+    "deit3_small_patch16_224": ["--model-kwargs", SMALL],
+    "beit_base_patch16_224": ["--model-kwargs", SMALL],
+    "eva02_tiny_patch14_224": ["--model-kwargs", SMALL],
+    "vit_small_patch16_rope_224": ["--model-kwargs", SMALL],
+    "vit_relpos_small_patch16_224": ["--model-kwargs", SMALL],
+    "vit_small_patch14_reg4_dinov2": ["--model-kwargs", SMALL],
+    "vit_base_patch16_clip_224": ["--model-kwargs", SMALL],
+    "vit_medium_patch16_gap_256": ["--model-kwargs", SMALL],
+    "vit_small_patch16_18x2_224": ["--model-kwargs", SMALL],
+    "cait_xxs24_224": ["--model-kwargs", SMALL],
+    "vit_small_r26_s32_224": ["--img-size", "64"],
+    "xcit_nano_12_p16_224": ["--img-size", "64"],
+    "pit_ti_224": ["--img-size", "64"],
+    "levit_128s": ["--img-size", "64"],
+}
+"""timm name → the flags that make it small (models without a depth argument run at 64 px)."""
+
+COMMON = ["--data", "digits", "--num-classes", "10", "--epochs", "2", "--finetune-epochs", "1",
+          "--max-steps-per-epoch", "4", "--batch-size", "16"]  # fmt: skip
+
+
+def _run(cmd: Sequence[str]) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, check=False)
+    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    return done.returncode, (lines[-1] if lines else "")[:240]
+
+
+def prune(model: str, method: str, ratio: float, out: Path) -> str:
+    flags = [*MODELS.get(model, []), *COMMON, "--method", method, "--prune-ratio", str(ratio)]
+    rc, last = _run([str(TOOLS / "prune.py"), "--model", model, *flags, "--out", str(out)])
+    if rc != 0:
+        return f"exit {rc}: {last}"
+    report = json.loads((out / "report.json").read_text())
+    diff = report.get("slim_max_abs_diff")
+    diff_text = "" if diff is None else f", slim vs masked {diff:.1e}"
+    return f"ok{diff_text}, budget met {report.get('budget_met')}"
+
+
+def export(model: str, slim: Path, jetpack: str, out: Path) -> str:
+    cmd = [str(TOOLS / "prune_and_compile.py"), "--target", "onnx", "--jetpack", jetpack, "--slim-model",
+           str(slim), "--model", model, *MODELS.get(model, []), "--data", "digits", "--num-classes", "10",
+           "--out", str(out)]  # fmt: skip
+    rc, last = _run(cmd)
+    if rc != 0:
+        return f"exit {rc}: {last}"
+    onnx = json.loads((out / "report.json").read_text())["onnx"]
+    return f"opset {onnx['opset']}, parity {onnx['parity_max_abs_diff']:.1e}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument(
+        "--models", nargs="+", default=list(MODELS), help="timm names (default: the families above)"
+    )
+    p.add_argument("--methods", nargs="+", default=["p3b", "uniform", "global-taylor"])
+    p.add_argument("--ratio", type=float, default=0.3, help="parameter prune ratio")
+    p.add_argument("--jetpacks", nargs="+", default=["6.1", "4.6"])
+    p.add_argument("--out", default="runs/sweep-families.md", help="Markdown table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    columns = [*args.methods, *(f"ONNX JetPack {j}" for j in args.jetpacks)]
+    rows = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        for model in args.models:
+            cells = [prune(model, m, args.ratio, Path(tmp) / f"{model}-{m}") for m in args.methods]
+            slim = Path(tmp) / f"{model}-p3b" / "slim.pt"
+            cells += [export(model, slim, j, Path(tmp) / f"{model}-onnx-{j}") if slim.is_file() else "-"
+                      for j in args.jetpacks]  # fmt: skip
+            rows.append(f"| {model} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+            print(rows[-1], flush=True)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python tools/sweep_families.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    head = (f"# timm ViT families: what the tools do with them\n\nWritten {when} by `{command.strip()}`: "
+            f"random weights, sklearn digits, 2 + 1 epochs of at most 4 steps, prune ratio {args.ratio}."
+            "\n\n")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, head + "\n".join(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
