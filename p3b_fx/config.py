@@ -121,10 +121,23 @@ class PruneConfig:
 
     @classmethod
     def from_sources(
-        cls, toml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+        cls,
+        toml_path: str | Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        base: Mapping[str, Any] | None = None,
+        file_values: Mapping[str, Any] | None = None,
     ) -> PruneConfig:
-        """Defaults < TOML file < overrides whose value is not None."""
-        values: dict[str, Any] = load_toml(toml_path) if toml_path is not None else {}
+        """Defaults < ``base`` (a tool's own defaults) < TOML file < overrides whose value is not None.
+
+        ``file_values``: the TOML file's options when the caller has already read it (then
+        ``toml_path`` only names it in error messages).
+        """
+        values: dict[str, Any] = dict(base or {})
+        if file_values is not None:
+            values.update(file_values)
+        elif toml_path is not None:
+            values.update(load_toml(toml_path))
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_mapping(values, where=str(toml_path) if toml_path else "options")
 
@@ -142,8 +155,13 @@ class PruneConfig:
             raise ConfigError(f"{where}: {exc}") from exc
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """The options in a TOML file: top-level keys, or a ``[prune]`` table; '-' in keys becomes '_'."""
+def load_toml(path: str | Path, table: str = "prune") -> dict[str, Any]:
+    """The options of one table of a TOML file; '-' in keys becomes '_'.
+
+    A file either holds its options at the top level (flat), or in tables: ``[prune]`` for the
+    pruning options, ``[compile]`` for ``tools/prune_and_compile.py``'s own. A flat file's options
+    are returned whatever ``table`` is; the caller sorts them.
+    """
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -151,10 +169,22 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} does not exist; check the --config path") from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
-    table = data.get("prune", data)
-    if not isinstance(table, dict):
-        raise ConfigError(f"config file {p}: [prune] must be a table of options")
-    return {str(k).replace("-", "_"): v for k, v in table.items()}
+    sectioned = any(t in data for t in TOML_TABLES)
+    section = data.get(table, {}) if sectioned else data
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {p}: [{table}] must be a table of options")
+    if sectioned:
+        stray = sorted(k for k in data if k not in TOML_TABLES)
+        if stray:
+            raise ConfigError(
+                f"config file {p}: option(s) {stray} sit outside the [prune] / [compile] tables; "
+                "move them into one (or drop the tables and keep every option at the top level)"
+            )
+    return {str(k).replace("-", "_"): v for k, v in section.items()}
+
+
+TOML_TABLES = ("prune", "compile")
+"""The tables a sectioned config file may hold."""
 
 
 def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:

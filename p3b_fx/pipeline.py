@@ -7,6 +7,7 @@ with ``--resume``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from torch import fx
 
 import p3b_fx
 from p3b_fx import distributed, latency, train
-from p3b_fx.config import PruneConfig
+from p3b_fx.config import PruneConfig, load_toml
 from p3b_fx.core.groups import Role
 from p3b_fx.core.io import atomic_write_text
 from p3b_fx.core.plan import KeepPlan
@@ -67,6 +68,52 @@ class CompileConfig:
             raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.plan is not None and self.slim_model is not None:
             raise ConfigError("--plan and --slim-model both say what to compile; give one of them")
+
+
+COMPILE_OPTIONS: dict[str, type] = {
+    "target": str, "jetpack": str, "slim_model": str, "plan": str,
+    "dynamic_batch": bool, "strict": bool, "simplify": bool,
+}  # fmt: skip
+"""``tools/prune_and_compile.py``'s own options (beside every pruning option) and their TOML types."""
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ``--config`` file's pruning options and compile options.
+
+    A flat file is split by option name; a sectioned one reads ``[prune]`` and ``[compile]``. A
+    JetPack release may be written as a number (``jetpack = 6.1``). Wrong types and unknown compile
+    options are errors naming the file.
+    """
+    prune, comp = load_toml(path, "prune"), load_toml(path, "compile")
+    if prune == comp:  # flat (or empty): one set of options for both
+        comp = {k: v for k, v in prune.items() if k in COMPILE_OPTIONS}
+    prune = {k: v for k, v in prune.items() if k not in COMPILE_OPTIONS} | {
+        k: v
+        for k, v in comp.items()
+        if k not in COMPILE_OPTIONS  # a pruning option put in [compile]
+    }
+    comp = {k: v for k, v in comp.items() if k in COMPILE_OPTIONS}
+    known = {f.name for f in dataclasses.fields(PruneConfig)}
+    unknown = sorted(set(prune) - known)
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown option(s) {unknown}; known options are "
+            f"{', '.join(sorted(known | set(COMPILE_OPTIONS)))}"
+        )
+    if (
+        "jetpack" in comp
+        and isinstance(comp["jetpack"], (int, float))
+        and not isinstance(comp["jetpack"], bool)
+    ):
+        comp["jetpack"] = str(comp["jetpack"])
+    for key, value in comp.items():
+        want = COMPILE_OPTIONS[key]
+        if not isinstance(value, want):
+            raise ConfigError(
+                f"config file {path}: {key} = {value!r} must be a {want.__name__} "
+                f"({'true or false' if want is bool else 'a quoted string'})"
+            )
+    return prune, comp
 
 
 def check_target(cfg: CompileConfig) -> None:

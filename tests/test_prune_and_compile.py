@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -98,3 +99,71 @@ def test_a_plan_for_another_model_is_refused(tmp_path: Path, capsys: pytest.Capt
         ["--target", "onnx", "--plan", str(tmp_path / "other.json"), "--out", str(tmp_path)]
     )
     assert code != 0 and "made for architecture" in capsys.readouterr().err
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The CompileConfig main() would run (nothing is trained or exported)."""
+    import p3b_fx.pipeline  # noqa: PLC0415
+
+    seen: list[object] = []
+
+    def fake_run(cfg: object) -> dict[str, object]:
+        seen.append(cfg)
+        return {"params_slim": 1, "onnx": {"opset": 17, "parity_max_abs_diff": 0.0}}
+
+    monkeypatch.setattr(p3b_fx.pipeline, "run_compile", fake_run)
+    return seen
+
+
+def test_config_file_beats_the_embedded_default_and_flags_beat_the_file(
+    tmp_path: Path, captured: list[object]
+) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text('target = "onnx"\njetpack = 4.6\nsimplify = true\nepochs = 3\ndata = "digits"\n')
+    assert prune_and_compile.main(["--config", str(toml)]) == 0
+    cfg = captured[-1]
+    assert (cfg.target, cfg.jetpack, cfg.simplify, cfg.strict) == ("onnx", "4.6", True, False)  # type: ignore[attr-defined]
+    prune = cfg.prune  # type: ignore[attr-defined]
+    assert (prune.epochs, prune.data) == (3, "digits")  # the file over the embedded default (8, mnist-5k)
+    assert (prune.finetune_epochs, prune.granularity) == (2, "deploy")  # embedded default where silent
+    argv = ["--config", str(toml), "--epochs", "5", "--jetpack", "6.1", "--target", "jetson", "--strict"]
+    assert prune_and_compile.main(argv) == 0
+    cfg = captured[-1]
+    assert (cfg.target, cfg.jetpack, cfg.strict, cfg.prune.epochs) == ("jetson", "6.1", True, 5)  # type: ignore[attr-defined]
+
+
+def test_config_file_tables(tmp_path: Path, captured: list[object]) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text('[prune]\nprune-ratio = 0.7\n\n[compile]\ntarget = "jetson"\ndynamic-batch = true\n')
+    assert prune_and_compile.main(["--config", str(toml)]) == 0
+    cfg = captured[-1]
+    assert (cfg.target, cfg.dynamic_batch, cfg.prune.prune_ratio) == ("jetson", True, 0.7)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochs = 3\n", "--target is required"),
+        ('target = "onnx"\nstrict = "yes"\n', r"strict = 'yes' must be a bool \(true or false\)"),
+        ('target = "onnx"\njetpak = "6.1"\n', r"unknown option\(s\) \['jetpak'\].*jetpack"),
+        ('epochs = 3\n[compile]\ntarget = "onnx"\n', r"\['epochs'\] sit outside the \[prune\] / \[compile\]"),
+    ],
+)
+def test_bad_config_files_are_named(
+    tmp_path: Path, captured: list[object], capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text(text)
+    assert prune_and_compile.main(["--config", str(toml)]) != 0
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not captured
+
+
+def test_ranks_other_than_zero_end_quietly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Under torchrun, run_compile returns the training report on ranks >= 1 (no ONNX, no bundle)."""
+    import p3b_fx.pipeline  # noqa: PLC0415
+
+    monkeypatch.setattr(p3b_fx.pipeline, "run_compile", lambda cfg: {"params_slim": 1, "top1": 0.5})
+    assert prune_and_compile.main(["--target", "onnx", "--out", str(tmp_path / "o")]) == 0

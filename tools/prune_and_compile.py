@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,6 +23,8 @@ from prune import parser as prune_parser
 from p3b_fx.errors import P3BError
 
 JETPACKS = ("4.6", "5.1", "6.0", "6.1", "6.2", "7.0", "7.2")
+COMPILE_KEYS = ("target", "jetpack", "slim_model", "plan", "dynamic_batch", "strict", "simplify")
+"""This tool's own options (``p3b_fx.pipeline.COMPILE_OPTIONS``; kept here so --help imports no torch)."""
 
 
 def parser() -> object:
@@ -29,22 +32,24 @@ def parser() -> object:
     p.prog, p.description = "prune_and_compile.py", __doc__
     p.add_argument(
         "--target",
-        required=True,
         choices=("onnx", "tensorrt", "jetson"),
-        help="onnx: model.onnx; tensorrt: engine here (TensorRT+CUDA); jetson: a bundle",
+        help="onnx: model.onnx; tensorrt: engine here (TensorRT+CUDA); jetson: a bundle (required, here "
+        "or as `target` in the --config file)",
     )
-    p.add_argument(
-        "--jetpack", default="6.1", choices=JETPACKS, help="JetPack release of the board (default 6.1)"
-    )
+    p.add_argument("--jetpack", choices=JETPACKS, help="JetPack release of the board (default 6.1)")
     p.add_argument("--slim-model", help="an existing slim.pt from tools/prune.py: skip pruning")
     p.add_argument("--plan", help="an existing plan.json: slim --model/--checkpoint by it, skip pruning")
-    p.add_argument("--dynamic-batch", action="store_true", help="export a dynamic batch axis")
+    p.add_argument("--dynamic-batch", action="store_true", default=None, help="export a dynamic batch axis")
     p.add_argument(
-        "--strict", action="store_true", help="refuse head_dim that TensorRT fused attention cannot use"
+        "--strict",
+        action="store_true",
+        default=None,
+        help="refuse head_dim that TensorRT fused attention cannot use",
     )
     p.add_argument(
         "--simplify",
         action="store_true",
+        default=None,
         help="simplify model.onnx with onnxslim (bash tools/setup.sh installs it); the checker, the op "
         "check and the parity check run again on the result",
     )
@@ -65,29 +70,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    own = (
-        "config",
-        "verbose",
-        "target",
-        "jetpack",
-        "slim_model",
-        "plan",
-        "dynamic_batch",
-        "strict",
-        "simplify",
-    )
+    own = ("config", "verbose", *COMPILE_KEYS)
     overrides = {k: v for k, v in vars(args).items() if k not in own}
     try:
         from p3b_fx.config import PruneConfig  # noqa: PLC0415 - keeps --help fast
-        from p3b_fx.pipeline import EMBEDDED_DEFAULT, CompileConfig, run_compile  # noqa: PLC0415
-
-        base = dict(EMBEDDED_DEFAULT)
-        prune = PruneConfig.from_sources(
-            args.config, {**base, **{k: v for k, v in overrides.items() if v is not None}}
+        from p3b_fx.pipeline import (  # noqa: PLC0415
+            EMBEDDED_DEFAULT,
+            CompileConfig,
+            read_config_file,
+            run_compile,
         )
-        cfg = CompileConfig(args.target, prune, jetpack=args.jetpack, slim_model=args.slim_model,
-                            plan=args.plan, dynamic_batch=args.dynamic_batch, strict=args.strict,
-                            simplify=args.simplify)  # fmt: skip
+
+        file_prune, file_compile = read_config_file(args.config) if args.config else ({}, {})
+        # lowest priority first: the embedded default, the --config file, the flags given
+        prune = PruneConfig.from_sources(
+            args.config, overrides, base=EMBEDDED_DEFAULT, file_values=file_prune
+        )
+        comp: dict[str, Any] = {"jetpack": "6.1", "dynamic_batch": False, "strict": False, "simplify": False}
+        comp |= file_compile | {k: getattr(args, k) for k in COMPILE_KEYS if getattr(args, k) is not None}
+        if "target" not in comp:
+            print("error: --target is required (onnx, tensorrt or jetson), on the command line or as "
+                  "`target` in the --config file", file=sys.stderr)  # fmt: skip
+            return EXIT_ERROR
+        cfg = CompileConfig(prune=prune, **comp)
         report = run_compile(cfg)
     except P3BError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -95,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: pruning checkpoints are kept; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if "onnx" not in report:  # under torchrun every rank trains, only rank 0 exports and bundles
+        return 0
     out = Path(prune.out)
     onnx = report["onnx"]
     print(f"done: {_summary(report)}; ONNX opset {onnx['opset']} (parity {onnx['parity_max_abs_diff']:.1e}); "
