@@ -90,6 +90,18 @@ def test_bundle_holds_every_file_and_the_manifest_hashes_them(exported: Any, tmp
     assert "bash build_engine.sh" in (out / "README.md").read_text()
 
 
+def test_dla_bundle_names_the_boards_without_dla(exported: Any, tmp_path: Path) -> None:
+    """JetPack 6.1 runs on Orin AGX / NX (two DLA cores) and Orin Nano (none)."""
+    out = tmp_path / "bundle"
+    _bundle(exported, out, dla_core=0)
+    readme = (out / "README.md").read_text()
+    assert "only Jetson AGX Orin / Orin NX have DLA" in readme and "On Jetson Orin Nano, remove" in readme
+    boards = {b["name"]: b["dla"] for b in json.loads((out / "manifest.json").read_text())["boards"]}
+    assert boards == {"Jetson AGX Orin / Orin NX": True, "Jetson Orin Nano": False}
+    _bundle(exported, tmp_path / "gpu")
+    assert "DLA" not in (tmp_path / "gpu" / "README.md").read_text()
+
+
 def test_verify_script_compiles_for_python_3_6(exported: Any, tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     _bundle(exported, out)

@@ -9,7 +9,7 @@ Opset choice per release:
 
 - 4.6 (TensorRT 8.0 / 8.2, parser up to opset 13): export opset 13. The ONNX exporter has no
   scaled_dot_product_attention below opset 14, so attention is decomposed first.
-- 5.1 (TensorRT 8.5, parser up to opset 17 but no LayerNormalization): export opset 16, where
+- 5.1 (TensorRT 8.5, opset ≤ 16 per the deployment notes, no LayerNormalization): export opset 16, where
   the exporter writes LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div.
 - 6.x (TensorRT 8.6 / 10.3): opset 17, native LayerNormalization.
 - 7.x (TensorRT 10.13 / 10.16): opset 18.
@@ -34,7 +34,8 @@ class Board:
 NANO = Board("Jetson Nano", "5.3", has_dla=False)
 TX2 = Board("Jetson TX2", "6.2", has_dla=False)
 XAVIER = Board("Jetson AGX Xavier / Xavier NX", "7.2", has_dla=True)
-ORIN = Board("Jetson AGX Orin / Orin NX / Orin Nano", "8.7", has_dla=True)
+ORIN = Board("Jetson AGX Orin / Orin NX", "8.7", has_dla=True)
+ORIN_NANO = Board("Jetson Orin Nano", "8.7", has_dla=False)  # the Orin without DLA cores
 THOR = Board("Jetson Thor", "11.0", has_dla=False)
 
 
@@ -107,12 +108,12 @@ JETPACKS: dict[str, JetPack] = {
     for jp in (
         # 4.6.0 ships TensorRT 8.0.1, 4.6.1+ 8.2.1: the op allow-list is 8.0's (the smaller one).
         JetPack("4.6", "8.0", "10.2", (NANO, TX2, XAVIER), max_opset=13, opset=13, sdpa_export=False),
-        JetPack("5.1", "8.5", "11.4", (XAVIER, ORIN), max_opset=17, opset=16, sdpa_export=True),
-        JetPack("6.0", "8.6", "12.2", (ORIN,), max_opset=17, opset=17, sdpa_export=True),
-        JetPack("6.1", "10.3", "12.6", (ORIN,), max_opset=20, opset=17, sdpa_export=True),
-        JetPack("6.2", "10.3", "12.6", (ORIN,), max_opset=20, opset=17, sdpa_export=True),
+        JetPack("5.1", "8.5", "11.4", (XAVIER, ORIN, ORIN_NANO), max_opset=16, opset=16, sdpa_export=True),
+        JetPack("6.0", "8.6", "12.2", (ORIN, ORIN_NANO), max_opset=17, opset=17, sdpa_export=True),
+        JetPack("6.1", "10.3", "12.6", (ORIN, ORIN_NANO), max_opset=20, opset=17, sdpa_export=True),
+        JetPack("6.2", "10.3", "12.6", (ORIN, ORIN_NANO), max_opset=20, opset=17, sdpa_export=True),
         JetPack("7.0", "10.13", "13.0", (THOR,), max_opset=20, opset=18, sdpa_export=True),
-        JetPack("7.2", "10.16", "13.2", (ORIN, THOR), max_opset=24, opset=18, sdpa_export=True),
+        JetPack("7.2", "10.16", "13.2", (ORIN, ORIN_NANO, THOR), max_opset=24, opset=18, sdpa_export=True),
     )
 }
 """Known releases. ``max_opset`` is conservative where NVIDIA's notes give a range."""

@@ -290,7 +290,20 @@ def _readme(jp: JetPack, report: OnnxReport, cmd: list[str]) -> str:
         "   outputs with `reference_outputs.npy` (`--atol`, `--min-top1`; defaults in `manifest.json`),\n"
         "   prints the median latency, writes `verify_result.json` and exits 0 when the outputs match.\n"
         f"4. Optional: `{TRTEXEC} --loadEngine=model.engine --useCudaGraph` for trtexec's own timing.\n"
+        + _dla_note(jp, cmd)
     )
+
+
+def _dla_note(jp: JetPack, cmd: list[str]) -> str:
+    """Which boards can run a DLA build; empty when the build uses the GPU only."""
+    if not any(a.startswith("--useDLACore") for a in cmd):
+        return ""
+    with_dla = ", ".join(b.name for b in jp.boards if b.has_dla)
+    without = ", ".join(b.name for b in jp.boards if not b.has_dla)
+    note = f"\nDLA: this build puts the layers DLA can run on a DLA core; only {with_dla} have DLA."
+    if without:
+        note += f" On {without}, remove `--useDLACore=…` and `--allowGPUFallback` from build_engine.sh."
+    return note + "\n"
 
 
 def _manifest(report: OnnxReport, jp: JetPack, spec: _EngineSpec, files: Mapping[str, str]) -> dict[str, Any]:
