@@ -1060,7 +1060,8 @@ def check_stream(cfg: PruneConfig, gm: fx.GraphModule, groups: GroupSet) -> None
                 f"{cfg.model} changes from (tokens, dim) = {first[1:]} to {shape[1:]} at block "
                 f"'{block.name}' (pooling stages change tokens and width; class-attention blocks carry "
                 "the class token alone); "
-                "use --method uniform, global-taylor or global-magnitude, which need no block-benefit probes"
+                "use --method uniform, which needs no block-benefit probes (Torch-Pruning's global-taylor "
+                "and global-magnitude fail on these models too)"
             )
 
 
