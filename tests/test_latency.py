@@ -268,6 +268,19 @@ def test_bench_cli_quick_writes_doc_and_plot(tmp_path: Path, capsys: pytest.Capt
     assert "met by" in capsys.readouterr().out
 
 
+def test_bench_cli_cuda_backends_only(tmp_path: Path) -> None:
+    """``--backends cuda`` (the GPU check) times no CPU setting and claims nothing about the CPU target."""
+    out = tmp_path / "bench.md"
+    argv = ["--models", "source", "--reductions", "0.5", "--granularities", "deploy", "--quick",
+            "--backends", "cuda", "--out", str(out)]  # fmt: skip
+    assert bench_latency.main(argv) == 0
+    text = out.read_text()
+    assert "onnxruntime-cpu" not in text.split("Skipped here:")[0]
+    assert "not measured in this run (--backends)" in text
+    if not torch.cuda.is_available():
+        assert "torch-cuda-fp16-graphs b8: no CUDA device" in text
+
+
 def test_settings_key_names_spinning() -> None:
     assert latency.Setting(latency.ORT_CPU, 8, 2).key == "b8_t2"
     assert latency.Setting(latency.ORT_CPU, 8, 2, spin=True).key == "b8_t2_spin"

@@ -31,8 +31,8 @@ import ctypes
 import datetime
 import gc
 import json
-import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,6 +52,8 @@ import p3b_fx
 from p3b_fx import train
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.io import atomic_write_text, kept_notes
+from p3b_fx.errors import P3BError
+from p3b_fx.machine import describe
 
 VARIANTS: dict[str, tuple[str, float, int]] = {
     "conv, hidden = dim": ("patch_conv", 1.0, 1),
@@ -275,9 +277,7 @@ def _run_worker(kind: str, argv: Sequence[str]) -> dict[str, Any]:
 
 
 def _machine(device: str) -> str:
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}"
+    return describe(gpu=device != "cpu")
 
 
 def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, Any],
@@ -342,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(timing_worker(args) if args.worker == "timing" else worker(args)))
         return 0
+    try:
+        train.pick_device(PruneConfig(device=args.device))  # before any worker: one clear line
+    except P3BError as exc:
+        print(f"bench_train_step.py: {exc}", file=sys.stderr)
+        return 2
     timing = _run_worker("timing", argv)
     plain = _run_worker("plain", argv)
     p3b = {}
@@ -354,8 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         head = (
             "# Training-step benchmark: P3B vs plain fine-tuning\n\n"
-            f"Written by `tools/bench_train_step.py` on {when}; machine: {_machine(args.device)}; "
-            f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}.\n"
+            f"Command: `{shlex.join(['python', 'tools/bench_train_step.py', *argv])}`, run {when}; "
+            f"machine: {_machine(args.device)}; "
+            f"device {args.device}, {args.threads} thread(s).\n"
             f"Model: timm ViT {args.model_kwargs}; batch {args.batch_size}; "
             f"timing: {args.rounds} round-robin rounds after {args.warmup} warm-up rounds in one process; "
             "memory: each variant in its own process.\n\n"

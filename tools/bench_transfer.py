@@ -22,7 +22,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from p3b_fx import transfer
 from p3b_fx.config import METHODS, PROBE_KINDS, SOURCE_MODEL
 from p3b_fx.errors import P3BError
-from p3b_fx.machine import cpu_name
+from p3b_fx.machine import describe
 
 EXIT_ERROR = 2
 EXIT_FAILED_RUNS = 1
@@ -112,12 +111,7 @@ def make_spec(args: argparse.Namespace) -> transfer.BenchSpec:
 
 
 def machine() -> str:
-    cpu = cpu_name()
-    import torch  # noqa: PLC0415
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
-    )
+    return describe(gpu=False)
 
 
 def source_accuracy(spec: transfer.BenchSpec) -> str:

@@ -21,9 +21,7 @@ import io
 import json
 import logging
 import math
-import os
 import pickle
-import platform
 import random
 import shlex
 import sys
@@ -44,7 +42,7 @@ from tqdm import tqdm
 from p3b_fx.core.io import atomic_write_bytes, sha256_of
 from p3b_fx.data import DATASETS, Sample, build_loaders
 from p3b_fx.errors import CheckpointError, ConfigError, P3BError, TrainingError
-from p3b_fx.machine import cpu_name
+from p3b_fx.machine import describe
 from p3b_fx.source_model import ASSETS_DIR, CARD_FORMAT, SOURCE_STEM, build_vit
 
 logger = logging.getLogger("pretrain_source")
@@ -273,10 +271,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def machine_description(threads: int) -> str:
-    cpu = cpu_name()
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), {platform.system()} {platform.release()}"
-    )
+    return f"{describe(gpu=False)}, {threads} torch thread(s)"
 
 
 @torch.no_grad()

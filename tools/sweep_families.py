@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p3b_fx.core.io import atomic_write_text
+from p3b_fx.machine import describe
 
 TOOLS = Path(__file__).resolve().parent
 SMALL = '{"img_size": 32, "patch_size": 8, "depth": 2}'
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = "python tools/sweep_families.py " + " ".join(sys.argv[1:] if argv is None else argv)
     head = (f"# timm ViT families: what the tools do with them\n\nWritten {when} by `{command.strip()}`: "
-            f"random weights, sklearn digits, 2 + 1 epochs of at most 4 steps, prune ratio {args.ratio}."
+            f"random weights, sklearn digits, 2 + 1 epochs of at most 4 steps, prune ratio {args.ratio}; "
+            f"machine: {describe()}."
             "\n\n")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
