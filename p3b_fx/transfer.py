@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 DENSE = "dense"
 BASELINES = ("uniform", "global-taylor", "global-magnitude")
-RESUMABLE = ("p3b", "uniform")
-"""Methods whose runs checkpoint every epoch (:func:`p3b_fx.train.run` can resume them)."""
+RESUMABLE = ("p3b", "uniform", "dense")
+"""Methods whose runs checkpoint every epoch (:func:`p3b_fx.train.run` can resume them); the global
+baselines do not (Torch-Pruning reshapes the model at every pruning step) and restart."""
 
 IGNORED_OPTIONS = frozenset({"out", "resume", "force", "device"})
 """Options that may differ between a finished run and the job that would reuse it."""

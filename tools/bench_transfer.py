@@ -6,11 +6,11 @@ parameters counted); 3 seeds; the same epochs for every method (dense trains epo
 fine-tune epochs). Any other pair works: ``--model``/``--source-checkpoint`` and ``--target-data``
 (a named dataset or an ImageFolder with train/ and val/).
 
-Runs go to ``--out/<method>-pr<ratio>-seed<seed>/`` and are reused when the benchmark is started
-again (a finished run with the same options is read back, an interrupted P3B run resumes from its
-epoch checkpoint). Writes the raw records (``benchmarks/transfer.json``), the table into
-``docs/bench-transfer.md`` (between markers; text around them is kept) and the Pareto plot
-(``docs/transfer_pareto.png``). ``--quick``: one seed, fewer epochs.
+Runs go to ``--out/<method>-pr<ratio>-seed<seed>/`` (dense: ``--out/dense-seed<seed>/``) and are
+reused when the benchmark is started again (a finished run with the same options is read back, an
+interrupted P3B, uniform or dense run resumes from its epoch checkpoint). Writes the raw records
+(``benchmarks/transfer.json``), the table into ``docs/bench-transfer.md`` (between markers; text
+around them is kept) and the Pareto plot (``docs/transfer_pareto.png``). ``--quick``: one seed, fewer epochs.
 
 Usage: ``python tools/bench_transfer.py [--quick] [--workers 2] [--force]``; ``--help`` for the rest.
 """
@@ -47,7 +47,7 @@ LR_WHY = (
 )
 PROBE_WHY = (
     "the reference design (2 x [Conv3x3 → BatchNorm → ReLU], pool, linear) at the default width "
-    "max(16, dim // 4) = 48 channels; at the full width (192) the probes would cost ~4.5x a plain "
+    "max(16, dim // 4) = 48 channels; at the full width (192) the probes would cost ~4.4x a plain "
     "training step on this small model (docs/bench-train-step.md)"
 )
 
