@@ -116,6 +116,13 @@ class GlobalPruningHook:
         self.model, self.example, self.cfg, self.steps = model, example, cfg, steps
         self.history: list[dict[str, Any]] = []
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides the module: the pruning steps taken so far."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+
     def __call__(self, step: int) -> None:
         target = self.steps.get(step)
         if target is None or count_params(self.model) <= target:
@@ -126,6 +133,19 @@ class GlobalPruningHook:
         params = count_params(self.model)
         self.history.append({"step": step, "target": target, "ratio": ratio, "params": params})
         logger.info("%s step %d: %d parameters (target %d)", self.cfg.method, step, params, target)
+
+
+class _NoPruning:
+    """The fine-tuning's hook: prunes nothing, but its checkpoints carry the module and the history."""
+
+    def __init__(self, pruned: GlobalPruningHook) -> None:
+        self.pruned = pruned
+
+    def __call__(self, step: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pruned.state_dict()
 
 
 def example_input(prep: Prepared) -> torch.Tensor:
@@ -171,14 +191,22 @@ def prune_targets(cfg: PruneConfig, dense: int, spe: int) -> dict[int, int]:
     return out
 
 
-def run_global(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
-    """Prune-while-fine-tuning with Torch-Pruning's global criterion; the report body."""
+def run_global(
+    cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int | None = None
+) -> dict[str, Any]:
+    """Prune-while-fine-tuning with Torch-Pruning's global criterion; the report body.
+
+    Checkpoints every epoch like the other methods (``checkpoint.pt`` while pruning, ``finetune.pt``
+    after), each with the whole module since pruning changes its shapes; ``cfg.resume`` continues
+    from the later of the two. ``stop_after_epoch``: stop after that many epochs in all (tests).
+    """
     import torch_pruning as tp  # noqa: PLC0415
 
     from p3b_fx.train import (  # noqa: PLC0415
         append_log,
         atomic_save,
         finetune_decay,
+        load_module_checkpoint,
         steps_per_epoch,
         train_plain,
     )
@@ -189,12 +217,29 @@ def run_global(cfg: PruneConfig, out: Path, prep: Prepared) -> dict[str, Any]:
     hook = GlobalPruningHook(
         model, example, cfg, prune_targets(cfg, dense, steps_per_epoch(prep.loaders[0], cfg))
     )
-    accs = train_plain(model, prep.loaders, cfg, prep.device, cfg.epochs, hook=hook, desc=cfg.method)
-    for record in hook.history:
-        append_log(out, {"event": "prune", **record})
+    prune_ckpt, finetune_ckpt = out / "checkpoint.pt", out / "finetune.pt"
+    in_finetune = cfg.resume and finetune_ckpt.is_file()
+    if cfg.resume:  # the pruned module, as the later checkpoint left it
+        model, hook_state = load_module_checkpoint(finetune_ckpt if in_finetune else prune_ckpt, prep.device)
+        hook.model = model
+        hook.load_state_dict(hook_state)
+    accs = train_plain(model, prep.loaders, cfg, prep.device, cfg.epochs, hook=hook, desc=cfg.method,
+                       checkpoint=prune_ckpt, stop_after=stop_after_epoch)  # fmt: skip
+    if len(accs) < cfg.epochs:
+        return {"finished": False, "epoch": len(accs)}
+    if not in_finetune:  # a run resumed while fine-tuning logged these before
+        for record in hook.history:
+            append_log(out, {"event": "prune", **record})
     if cfg.finetune_epochs:
-        accs += train_plain(model, prep.loaders, cfg, prep.device, cfg.finetune_epochs,
-                            first_epoch=cfg.epochs, decay_epochs=finetune_decay(cfg))  # fmt: skip
+        stop = None if stop_after_epoch is None else stop_after_epoch - cfg.epochs
+        tuned = train_plain(
+            model, prep.loaders, cfg, prep.device, cfg.finetune_epochs, hook=_NoPruning(hook),
+            first_epoch=cfg.epochs, decay_epochs=finetune_decay(cfg), checkpoint=finetune_ckpt,
+            stop_after=stop,
+        )  # fmt: skip
+        if len(tuned) < cfg.finetune_epochs:
+            return {"finished": False, "epoch": cfg.epochs + len(tuned)}
+        accs += tuned
     atomic_save(model, out / "slim.pt")
     macs_tp, params = tp.utils.count_ops_and_params(model, example)
     try:  # the same MAC counter as P3B's reports (linears + attention matmuls), so they compare

@@ -341,13 +341,15 @@ def train_plain(
 
     ``checkpoint``: written (atomically, by rank 0) after every epoch, and continued from when it
     exists and ``cfg.resume`` is set; single-process resumes are exact (weights, optimiser, RNG and
-    data order). ``stop_after``: return after that many epochs of this call (an interrupted run;
-    fewer accuracies than ``epochs`` come back).
+    data order). With a ``hook`` the checkpoint holds the whole module (pruning changes its
+    shapes) and ``hook.state_dict()``; the caller restores both (:func:`load_module_checkpoint`)
+    before calling again. ``stop_after``: return after that many epochs of this call (an
+    interrupted run; fewer accuracies than ``epochs`` come back).
     """
-    if hook is not None and (distributed.is_active() or checkpoint is not None):
+    if hook is not None and distributed.is_active():
         raise ConfigError(
-            f"{desc}: pruning hooks replace parameters, which DDP and epoch checkpoints cannot follow; "
-            "run this method single-process"
+            f"{desc}: pruning hooks replace parameters, which DDP cannot follow; run this method "
+            "single-process"
         )
     opt = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
@@ -384,8 +386,23 @@ def train_plain(
         accs.append(evaluate(model, loaders[1], device, cfg.amp))
         if checkpoint is not None:
             state = _plain_state(model, opt, scaler, loaders, cfg=cfg, accs=accs)
+            if hook is not None:
+                hook_state = getattr(hook, "state_dict", dict)
+                state |= {"module": model, "hook": hook_state()}
             distributed.on_main(functools.partial(atomic_save, state, checkpoint), f"writing {checkpoint}")
     return accs
+
+
+def load_module_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The whole module and the hook state of a :func:`train_plain` checkpoint written with a hook."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        module, hook = state["module"], state["hook"]
+        if not isinstance(module, nn.Module) or not isinstance(hook, dict):
+            raise TypeError("module/hook entries of the wrong type")
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, AttributeError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+    return module.to(device), hook
 
 
 def _plain_state(
@@ -984,7 +1001,7 @@ def _run(
     else:
         from p3b_fx.baselines import run_global  # noqa: PLC0415 - needs torch_pruning
 
-        report = run_global(config, out, prep)
+        report = run_global(config, out, prep, stop_after_epoch)
     if not report.get("finished", True):
         distributed.barrier()  # the checkpoint rank 0 writes exists when every rank returns
         return report

@@ -41,9 +41,8 @@ logger = logging.getLogger(__name__)
 
 DENSE = "dense"
 BASELINES = ("uniform", "global-taylor", "global-magnitude")
-RESUMABLE = ("p3b", "uniform", "dense")
-"""Methods whose runs checkpoint every epoch (:func:`p3b_fx.train.run` can resume them); the global
-baselines do not (Torch-Pruning reshapes the model at every pruning step) and restart."""
+RESUMABLE = ("p3b", "uniform", "dense", "global-taylor", "global-magnitude")
+"""Methods whose runs checkpoint every epoch (:func:`p3b_fx.train.run` can resume them): all of them."""
 
 IGNORED_OPTIONS = frozenset({"out", "resume", "force", "device"})
 """Options that may differ between a finished run and the job that would reuse it."""

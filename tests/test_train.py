@@ -340,3 +340,26 @@ def test_multi_stage_models_get_probes_only_where_they_never_run(tmp_path: Path)
     assert train.make_probes(prep.model, prep.groups, 10, cfg).num_blocks == len(prep.groups.blocks)
     with pytest.raises(ConfigError, match=r"stages of widths \(128, 256, 384\).*--method uniform"):
         train.make_probes(prep.model, prep.groups, 10, cfg.replace(method="p3b"))
+
+
+@pytest.mark.parametrize("stop", [1, 3])
+def test_global_baseline_resumes_while_pruning_and_while_fine_tuning(tmp_path: Path, stop: int) -> None:
+    """Torch-Pruning reshapes the model as it goes: its checkpoints hold the whole module, and an
+    interrupted run (after pruning epoch 1, or after fine-tuning epoch 1) ends like a straight one."""
+    common = {"method": "global-magnitude", "epochs": 2, "finetune_epochs": 2}
+    straight = train.run(tiny_config(tmp_path / "straight", **common))
+    cfg = tiny_config(tmp_path / "split", **common)
+    stopped = train.run(cfg, stop_after_epoch=stop)
+    assert stopped["finished"] is False and stopped["epoch"] == stop
+    assert (tmp_path / "split" / ("finetune.pt" if stop > 2 else "checkpoint.pt")).is_file()
+    resumed = train.run(cfg.replace(resume=True))
+    assert resumed["accuracy_curve"] == straight["accuracy_curve"]
+    assert (
+        resumed["params_slim"] == straight["params_slim"]
+        and resumed["prune_steps"] == straight["prune_steps"]
+    )
+    a = torch.load(tmp_path / "straight" / "slim.pt", weights_only=False).state_dict()
+    b = torch.load(tmp_path / "split" / "slim.pt", weights_only=False).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    events = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert sum(e.get("event") == "prune" for e in events) == len(straight["prune_steps"])

@@ -173,17 +173,15 @@ def test_bad_spec_says_what_to_fix(tmp_path: Path, changes: dict[str, Any], matc
         spec(tmp_path, **changes)
 
 
-def test_interrupted_checkpointed_runs_resume_and_global_baselines_restart(tmp_path: Path) -> None:
+def test_interrupted_runs_resume_from_their_checkpoint(tmp_path: Path) -> None:
     methods = ("dense", "p3b", "global-taylor")
     jobs = {job.name: job for job in transfer.plan_jobs(spec(tmp_path, methods=methods))}
     for name in ("p3b-pr0.5-seed0", "dense-seed0", "global-taylor-pr0.5-seed0"):
         Path(jobs[name].config.out).mkdir(parents=True)
         (Path(jobs[name].config.out) / "checkpoint.pt").write_bytes(b"x")
-    for name in ("p3b-pr0.5-seed0", "dense-seed0"):
         assert transfer.start_options(jobs[name], force=False) == {"resume": True, "force": False}
         assert transfer.start_options(jobs[name], force=True) == {"resume": False, "force": True}
-    restart = {"resume": False, "force": True}
-    assert transfer.start_options(jobs["global-taylor-pr0.5-seed0"], force=False) == restart
+    assert transfer.start_options(jobs["p3b-pr0.7-seed0"], force=False) == {"resume": False, "force": True}
 
 
 # --- the CLI on a tiny configuration -------------------------------------------------------------------

@@ -8,7 +8,7 @@ fine-tune epochs). Any other pair works: ``--model``/``--source-checkpoint`` and
 
 Runs go to ``--out/<method>-pr<ratio>-seed<seed>/`` (dense: ``--out/dense-seed<seed>/``) and are
 reused when the benchmark is started again (a finished run with the same options is read back, an
-interrupted P3B, uniform or dense run resumes from its epoch checkpoint). Writes the raw records
+interrupted run resumes from its epoch checkpoint). Writes the raw records
 (``benchmarks/transfer.json``), the table into ``docs/bench-transfer.md`` (between markers; text
 around them is kept) and the Pareto plot (``docs/transfer_pareto.png``). ``--quick``: one seed, fewer epochs.
 
