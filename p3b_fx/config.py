@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,7 @@ class PruneConfig:
     dist_timeout: float = DIST_TIMEOUT_MINUTES
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_choices(self)
         _check_numbers(self)
         _check_schedule(self)
@@ -214,6 +217,32 @@ def _check_choices(cfg: PruneConfig) -> None:
 def _finite(value: float, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               Mapping: "a table / JSON object"}  # fmt: skip
+
+
+def _check_types(cfg: PruneConfig) -> None:
+    """Every option has its annotated type (TOML and library callers can pass anything): ``force =
+    "false"`` must not count as true. Integers are accepted where a float is expected."""
+    hints = typing.get_type_hints(PruneConfig)
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in members:
+            continue
+        base = [typing.get_origin(t) or t for t in members if t is not type(None)]
+        ok = any(
+            isinstance(value, bool) if t is bool
+            else isinstance(value, (int, float)) and not isinstance(value, bool) if t is float
+            else isinstance(value, t) and not isinstance(value, bool) if t is int
+            else isinstance(value, t)
+            for t in base
+        )  # fmt: skip
+        if not ok:
+            want = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in base)
+            raise ConfigError(f"{f.name} must be {want}, got {value!r}")
 
 
 def _check_numbers(cfg: PruneConfig) -> None:

@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,28 +101,73 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_out_dir(cfg: PruneConfig) -> Path:
-    """Create the output directory; refuse one holding another run unless resuming or forced."""
+PLOT_FILES = ("accuracy.png", "block_benefit.png", "keep_ratios.png")
+"""The plots a run draws; removed with the run files by ``--force``."""
+
+
+def check_out_dir(cfg: PruneConfig) -> list[Path]:
+    """Refuse an unusable ``--out`` before anything is loaded; the files ``--force`` will replace.
+
+    Nothing is deleted here: :func:`clear_out_dir` does that once every other check has passed, so a
+    run that fails on bad input leaves the old run where it was.
+    """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory; choose another --out")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the output directory {out}: {existing} is not a writable directory; "
+                          "choose another --out")  # fmt: skip
     taken = [name for name in RUN_FILES if (out / name).exists()]
+    stopped_early = bool(taken) and not {"checkpoint.pt", "finetune.pt", "report.json"} & set(taken)
     if cfg.resume:
         if not (out / "checkpoint.pt").is_file():
-            raise CheckpointError(
-                f"--resume: {out}/checkpoint.pt does not exist; start a fresh run without --resume"
+            hint = (
+                "that run stopped before its first epoch checkpoint, so there is nothing to resume; start "
+                "it again with --force"
+                if stopped_early
+                else "start a fresh run without --resume"
             )
-    elif taken and not cfg.force:
-        raise ConfigError(
-            f"output directory {out} already holds a run ({', '.join(taken)}); pass --resume to continue it, "
-            "--force to overwrite it, or choose another --out"
-        )
-    elif taken:
-        for name in taken:
-            (out / name).unlink()
-        logger.warning("--force: removed %s from %s", ", ".join(taken), out)
-    out.mkdir(parents=True, exist_ok=True)
+            raise CheckpointError(f"--resume: {out}/checkpoint.pt does not exist; {hint}")
+        return []
+    if taken and not cfg.force:
+        if stopped_early:
+            what, todo = (
+                "a run that stopped before its first epoch checkpoint",
+                "pass --force to start it again",
+            )
+        else:
+            what, todo = "a run", "pass --resume to continue it, --force to overwrite it"
+        files = ", ".join(taken)
+        raise ConfigError(f"output directory {out} already holds {what} ({files}); {todo}, or another --out")
+    return [out / name for name in (*RUN_FILES, *PLOT_FILES) if (out / name).exists()]
+
+
+def clear_out_dir(cfg: PruneConfig, replaced: Sequence[Path]) -> Path:
+    """Create ``--out`` and remove the files of the run ``--force`` replaces (after every check)."""
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in replaced:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot prepare the output directory {out}: {exc}; choose another --out") from exc
+    if replaced:
+        logger.warning("--force: removed %s from %s", ", ".join(p.name for p in replaced), out)
     return out
+
+
+def interrupted_hint(out: str | Path) -> str:
+    """What to tell a user who stopped a run in ``out`` (Ctrl-C): resume, or start again."""
+    out = Path(out)
+    if (out / "checkpoint.pt").is_file():
+        return f"the last epoch checkpoint in {out} is kept; continue with --resume"
+    return f"stopped before the first epoch checkpoint: nothing in {out} to resume; start again with --force"
+
+
+def prepare_out_dir(cfg: PruneConfig) -> Path:
+    """:func:`check_out_dir` then :func:`clear_out_dir` (callers with no checks in between)."""
+    return clear_out_dir(cfg, check_out_dir(cfg))
 
 
 def append_log(out: Path, record: Mapping[str, Any]) -> None:
@@ -977,7 +1022,7 @@ def _run(
     config: PruneConfig, model: nn.Module | None, loaders: Loaders | None, stop_after_epoch: int | None
 ) -> dict[str, Any]:
     start = time.time()
-    out = distributed.on_main(lambda: prepare_out_dir(config), "preparing --out") or Path(config.out)
+    replaced = distributed.on_main(lambda: check_out_dir(config), "checking --out") or []
     distributed.check_same_options(config.to_dict())
     prep = distributed.on_every_rank(lambda: prepare(config, model, loaders), "loading the model and data")
     if config.method != "dense":
@@ -988,7 +1033,9 @@ def _run(
         from p3b_fx import baselines  # noqa: PLC0415 - torch_pruning only where it is used
 
         baselines.check_prunable(prep.model, baselines.example_input(prep), config.model)
-    if not config.resume:  # only now: a run that fails on bad input leaves the directory reusable
+    # only now: a run that fails on bad input leaves the directory (and a run --force would replace) as it was
+    out = distributed.on_main(lambda: clear_out_dir(config, replaced), "preparing --out") or Path(config.out)
+    if not config.resume:
         distributed.on_main(
             lambda: atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=1)), "run.json"
         )

@@ -73,3 +73,21 @@ def test_missing_or_broken_toml(tmp_path: Path, text: str | None) -> None:
 def test_to_dict_round_trips() -> None:
     cfg = PruneConfig(model_kwargs={"depth": 2}, prune_ratio=0.3)
     assert PruneConfig.from_mapping(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('force = "false"\n', "force must be true or false, got 'false'"),
+        ("device = 5\n", "device must be a string, got 5"),
+        ("max_steps_per_epoch = true\n", "max_steps_per_epoch must be an integer, got True"),
+        ('data = ["a"]\n', r"data must be a string, got \['a'\]"),
+    ],
+)
+def test_toml_values_of_the_wrong_type_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    """A string "false" must not count as true (--force would delete a run)."""
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig.from_sources(path)
+    assert PruneConfig(lr=1).lr == 1  # an integer where a float is expected is fine

@@ -363,3 +363,39 @@ def test_global_baseline_resumes_while_pruning_and_while_fine_tuning(tmp_path: P
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     events = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert sum(e.get("event") == "prune" for e in events) == len(straight["prune_steps"])
+
+
+def test_force_keeps_the_old_run_when_the_new_one_fails_its_checks(tmp_path: Path) -> None:
+    """--force replaces a run only once the new run's inputs have passed every check."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("run.json", "report.json", "slim.pt", "keep_ratios.png"):
+        (out / name).write_text("old")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train.run(tiny_config(out, force=True, checkpoint=str(tmp_path / "missing.pt")))
+    assert all(
+        (out / name).read_text() == "old"
+        for name in ("run.json", "report.json", "slim.pt", "keep_ratios.png")
+    )
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_force(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (out / "log.jsonl").write_text("")
+    with pytest.raises(
+        ConfigError, match=r"stopped before its first epoch checkpoint \(run.json, log.jsonl\); pass --force"
+    ):
+        train.check_out_dir(tiny_config(out))
+    with pytest.raises(CheckpointError, match="nothing to resume; start it again with --force"):
+        train.check_out_dir(tiny_config(out, resume=True))
+    assert "start again with --force" in train.interrupted_hint(out)
+    (out / "checkpoint.pt").write_text("x")
+    assert "continue with --resume" in train.interrupted_hint(out)
+
+
+def test_an_output_path_under_a_file_is_refused_before_loading(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is not a writable directory; choose another --out"):
+        train.run(tiny_config(tmp_path / "afile" / "sub"))

@@ -90,17 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     fmt = "%(levelname)s %(message)s" if rank is None else f"[rank {rank}] %(levelname)s %(message)s"
     logging.basicConfig(level=level if is_rank0() else max(level, logging.WARNING), format=fmt)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
+    out: str | None = None
     try:
         from p3b_fx.train import run  # noqa: PLC0415 - keeps --help fast
 
         config = PruneConfig.from_sources(args.config, overrides)
+        out = config.out
         report = run(config)
     except P3BError as exc:
         tag = "" if rank is None else f" (rank {rank})"
         print(f"error{tag}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted: the last epoch checkpoint is kept; continue with --resume", file=sys.stderr)
+        from p3b_fx.train import interrupted_hint  # noqa: PLC0415
+
+        print(f"interrupted: {interrupted_hint(out) if out else 'nothing was written'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not is_rank0():
         return 0

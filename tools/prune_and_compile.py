@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     own = ("config", "verbose", *COMPILE_KEYS)
     overrides = {k: v for k, v in vars(args).items() if k not in own}
+    prune = None
     try:
         from p3b_fx.config import PruneConfig  # noqa: PLC0415 - keeps --help fast
         from p3b_fx.pipeline import (  # noqa: PLC0415
@@ -98,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted: pruning checkpoints are kept; continue with --resume", file=sys.stderr)
+        from p3b_fx.train import interrupted_hint  # noqa: PLC0415
+
+        where = Path(prune.out) / "prune" if prune is not None else None
+        hint = interrupted_hint(where) if where else "nothing was written"
+        print(f"interrupted: {hint} (the export, if it had started, runs again)", file=sys.stderr)
         return EXIT_INTERRUPTED
     if "onnx" not in report:  # under torchrun every rank trains, only rank 0 exports and bundles
         return 0
