@@ -150,6 +150,7 @@ def reference_batch(cfg: CompileConfig) -> torch.Tensor:
 def run_compile(cfg: CompileConfig) -> dict[str, Any]:
     check_target(cfg)
     out = Path(cfg.prune.out)
+    _check_not_a_prune_run(out)
     if cfg.plan is not None or cfg.slim_model is not None:
         _prepare_out(out, cfg.prune.force or cfg.prune.resume)
     if cfg.plan is not None:
@@ -231,6 +232,17 @@ def _latency(cfg: CompileConfig, slim: fx.GraphModule, input_shape: tuple[int, .
         return {"skipped": str(exc)}
 
 
+def _check_not_a_prune_run(out: Path) -> None:
+    """``--out`` of tools/prune.py holds its files at the top level; compiling there would mix two runs."""
+    found = [name for name in ("run.json", "checkpoint.pt", "slim.pt", "plan.json") if (out / name).exists()]
+    if found:
+        raise ConfigError(
+            f"{out} holds a tools/prune.py run ({', '.join(found)}), and prune_and_compile writes another "
+            f"layout (prune/, model.onnx, bundle/); choose another --out (to compile that run's model, pass "
+            f"--slim-model {out / 'slim.pt'})"
+        )
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if (out / "report.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a compiled run (report.json); pass --force or another --out")
@@ -261,9 +273,10 @@ def _slim_from_plan(cfg: CompileConfig) -> tuple[dict[str, Any], fx.GraphModule]
 def _load_slim(path: Path) -> fx.GraphModule:
     try:
         model = torch.load(path, weights_only=False, map_location="cpu")
-    except (OSError, RuntimeError, EOFError) as exc:
+    except Exception as exc:  # torch.load raises many types for files that are not its own
         raise ConfigError(
-            f"cannot load the slim model {path}: {exc}; pass a slim.pt written by tools/prune.py"
+            f"cannot load the slim model {path} ({type(exc).__name__}: {exc}); it is not a torch file or "
+            "is cut short: pass a slim.pt written by tools/prune.py"
         ) from exc
     if not isinstance(model, fx.GraphModule):
         raise ConfigError(

@@ -157,6 +157,14 @@ def clear_out_dir(cfg: PruneConfig, replaced: Sequence[Path]) -> Path:
     return out
 
 
+def unreadable_checkpoint(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a checkpoint that does not load: most likely cut short or from another version."""
+    return CheckpointError(
+        f"cannot resume from {path} ({type(exc).__name__}: {exc}): the file is corrupt, cut short or not a "
+        "p3b-fx checkpoint; start the run again with --force (the other runs' files are not touched)"
+    )
+
+
 def interrupted_hint(out: str | Path) -> str:
     """What to tell a user who stopped a run in ``out`` (Ctrl-C): resume, or start again."""
     out = Path(out)
@@ -446,7 +454,7 @@ def load_module_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module,
         if not isinstance(module, nn.Module) or not isinstance(hook, dict):
             raise TypeError("module/hook entries of the wrong type")
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, AttributeError) as exc:
-        raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+        raise unreadable_checkpoint(path, exc) from exc
     return module.to(device), hook
 
 
@@ -477,7 +485,7 @@ def _load_plain_checkpoint(
         scaler.load_state_dict(state["scaler"])
         accs = [float(a) for a in state["accuracy"]]
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, AttributeError) as exc:
-        raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+        raise unreadable_checkpoint(path, exc) from exc
     if not distributed.is_active():  # under torchrun every rank keeps its own streams
         set_rng_state(state["rng"])
         if state["loader_rng"] is not None and loaders[0].generator is not None:
@@ -880,7 +888,7 @@ class Loop:
                 self.pruner.taylor.load_state_dict(own["taylor"])
                 self.pruner.benefit.load_state_dict(own["benefit"])
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
-            raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+            raise unreadable_checkpoint(path, exc) from exc
         self.epoch, self.step, self.accuracy = (
             int(state["epoch"]),
             int(state["step"]),

@@ -167,3 +167,26 @@ def test_ranks_other_than_zero_end_quietly(monkeypatch: pytest.MonkeyPatch, tmp_
 
     monkeypatch.setattr(p3b_fx.pipeline, "run_compile", lambda cfg: {"params_slim": 1, "top1": 0.5})
     assert prune_and_compile.main(["--target", "onnx", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_an_out_holding_a_prune_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "slim.pt").write_text("x")
+    assert prune_and_compile.main(["--target", "onnx", "--force", "--out", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert (
+        "holds a tools/prune.py run (run.json, slim.pt)" in err
+        and f"--slim-model {tmp_path / 'slim.pt'}" in err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "slim.pt"]  # nothing written or removed
+
+
+@pytest.mark.parametrize("content", [b"not a torch file\n", b"PK\x03\x04 truncated zip"])
+def test_a_corrupt_slim_model_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    bad = tmp_path / "slim.pt"
+    bad.write_bytes(content)
+    argv = ["--target", "onnx", "--slim-model", str(bad), "--out", str(tmp_path / "o")]
+    assert prune_and_compile.main(argv) != 0
+    assert "it is not a torch file or is cut short" in capsys.readouterr().err

@@ -399,3 +399,14 @@ def test_an_output_path_under_a_file_is_refused_before_loading(tmp_path: Path) -
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is not a writable directory; choose another --out"):
         train.run(tiny_config(tmp_path / "afile" / "sub"))
+
+
+def test_a_corrupt_checkpoint_says_start_again(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(tiny_config(out).to_dict()))
+    (out / "checkpoint.pt").write_bytes(b"garbage\n")
+    with pytest.raises(
+        CheckpointError, match=r"corrupt, cut short or not a p3b-fx checkpoint; start the run again"
+    ):
+        train.run(tiny_config(out, resume=True))
