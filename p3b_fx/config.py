@@ -7,7 +7,9 @@ mutates a config during a run; a resumed run checks that its config matches the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -203,6 +205,15 @@ def _check_choices(cfg: PruneConfig) -> None:
     _choice(cfg.lr_decay, LR_DECAYS, "lr_decay")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device {cfg.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+    if cfg.model == SOURCE_MODEL:
+        given = {"--model-kwargs": bool(cfg.model_kwargs), "--img-size": cfg.img_size is not None,
+                 "--pretrained": cfg.pretrained}  # fmt: skip
+        ignored = [flag for flag, on in given.items() if on]
+        if ignored:
+            raise ConfigError(
+                f"--model {SOURCE_MODEL} is the shipped ViT, built as its card says; {', '.join(ignored)} "
+                "apply to timm models only: drop them, or name a timm model with --model"
+            )
     if cfg.method.startswith("global-") and (cfg.budget != "params" or cfg.blocks_only):
         raise ConfigError(
             f"method {cfg.method} prunes to a parameter budget of the whole model; budget "
@@ -289,3 +300,17 @@ def _check_schedule(cfg: PruneConfig) -> None:
         raise ConfigError(f"sparse_epochs {sparse} comes before warmup_epochs {warm}; swap them")
     if warm is not None and warm >= cfg.epochs:
         raise ConfigError(f"warmup_epochs {warm} leaves no pruning epochs out of {cfg.epochs}")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type for ``--model-kwargs``: a JSON object, with an example when it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not valid JSON ({exc.msg} at column {exc.colno}); write e.g. "
+            '\'{"depth": 6, "img_size": 32}\' (double quotes, in single quotes for the shell)'
+        ) from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object such as '{{\"depth\": 6}}'")
+    return value

@@ -186,9 +186,10 @@ def append_log(out: Path, record: Mapping[str, Any]) -> None:
 # --- model and data ---------------------------------------------------------------------------------
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, flag: str = "--checkpoint") -> dict[str, torch.Tensor]:
+    """A state_dict from a safetensors or torch file; CheckpointError naming ``flag`` when it is not one."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the {flag} path")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file  # noqa: PLC0415 - only for this format
@@ -209,7 +210,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
-    state = _read_weights(path)
+    state = read_weights(path)
     head = getattr(model, "head", None)
     saved_head = state.get("head.weight")
     if isinstance(head, nn.Linear) and saved_head is not None and saved_head.shape[0] != head.out_features:

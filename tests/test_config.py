@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def test_missing_or_broken_toml(tmp_path: Path, text: str | None) -> None:
 
 
 def test_to_dict_round_trips() -> None:
-    cfg = PruneConfig(model_kwargs={"depth": 2}, prune_ratio=0.3)
+    cfg = PruneConfig(model="vit_tiny_patch16_224", model_kwargs={"depth": 2}, prune_ratio=0.3)
     assert PruneConfig.from_mapping(cfg.to_dict()) == cfg
 
 
@@ -91,3 +92,21 @@ def test_toml_values_of_the_wrong_type_are_refused(tmp_path: Path, text: str, me
     with pytest.raises(ConfigError, match=message):
         PruneConfig.from_sources(path)
     assert PruneConfig(lr=1).lr == 1  # an integer where a float is expected is fine
+
+
+def test_timm_options_on_the_shipped_model_are_refused() -> None:
+    """The shipped ViT is built from its card: timm options would be ignored silently."""
+    with pytest.raises(ConfigError, match=r"--model-kwargs, --img-size apply to timm models only"):
+        PruneConfig(model_kwargs={"depth": 2}, img_size=64)
+    with pytest.raises(ConfigError, match=r"--pretrained apply to timm models only"):
+        PruneConfig(pretrained=True)
+
+
+def test_model_kwargs_flag_explains_bad_json() -> None:
+    from p3b_fx.config import json_object  # noqa: PLC0415
+
+    assert json_object('{"depth": 2}') == {"depth": 2}
+    with pytest.raises(argparse.ArgumentTypeError, match=r"not valid JSON .*double quotes"):
+        json_object("{depth: 2}")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a JSON object"):
+        json_object("[2]")

@@ -332,3 +332,19 @@ def test_train_step_doc_keeps_the_hand_written_notes(tmp_path: Path) -> None:
     fresh = tmp_path / "fresh.md"
     bench_train_step.write_doc(fresh, "# new\n")
     assert fresh.read_text() == "# new\n" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_bench_cli_checks_its_output_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench_latency.parse(["--quick"]).out == "runs/bench-latency-quick.md"  # never the committed doc
+    assert bench_latency.parse([]).out.endswith("docs/bench-latency.md")
+    (tmp_path / "afile").write_text("x")
+    for argv, message in (
+        (["--out", str(tmp_path)], "is a directory"),
+        (["--out", str(tmp_path / "afile" / "x.md")], "is not a writable directory"),
+        (["--runs", "0"], "--runs and --gpu-runs must be >= 1"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_latency.parse(argv)
+        assert message in capsys.readouterr().err

@@ -111,6 +111,16 @@ def test_pretrain_tool_rejects_bad_options(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_speed_mode_times_a_config_without_data(tool: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tool.main(["--speed", "1", "--depth", "1", "--batch-size", "4", "--threads", "1"]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.startswith("| config | tokens | train img/s") and row.startswith(
+        "| depth 1, 28 px, patch 7 | 16 + 1 |"
+    )
+    assert all(float(cell) > 0 for cell in row.strip("|").split("|")[2:])
+    assert tool.main(["--speed", "0"]) == 2
+
+
 def test_recorded_command_drops_resume(tool: ModuleType) -> None:
     argv = ["--epochs", "10", "--resume", "/x.pt", "--threads", "1", "--resume=/y.pt", "--seed", "3"]
     assert tool.without_resume(argv) == ["--epochs", "10", "--threads", "1", "--seed", "3"]

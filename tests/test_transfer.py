@@ -293,3 +293,35 @@ def test_own_domain_from_an_image_folder(tmp_path: Path) -> None:
     records = json.loads((tmp_path / "transfer.json").read_text())["records"]
     assert [r["method"] for r in records] == ["dense", "uniform"]
     assert all(r["config"]["num_classes"] == 3 and 0.0 <= r["top1"] <= 1.0 for r in records)
+
+
+def test_smoke_runs_never_rewrite_the_committed_figures(tmp_path: Path) -> None:
+    """Only the full default benchmark writes docs/ and benchmarks/; anything else writes into --out."""
+
+    def paths(*argv: str) -> tuple[str, str, str]:
+        args = cli.parser().parse_args(list(argv))
+        cli.output_paths(args)
+        return args.doc, args.plot, args.json
+
+    assert paths() == ("docs/bench-transfer.md", "docs/transfer_pareto.png", "benchmarks/transfer.json")
+    assert paths("--quick")[0] == "runs/transfer-quick/bench-transfer.md"
+    assert paths("--max-steps-per-epoch", "1")[2] == "runs/transfer/transfer.json"
+    assert paths("--out", str(tmp_path))[1] == str(tmp_path / "transfer_pareto.png")
+    assert paths("--out", str(tmp_path), "--doc", "x.md", "--json", "")[::2] == ("x.md", "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+        (["--source-checkpoint", "missing.safetensors"], "check the --source-checkpoint path"),
+    ],
+)
+def test_bad_numbers_and_checkpoints_fail_once_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert cli.main(tiny_argv(tmp_path, *extra)) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        cli.main(tiny_argv(tmp_path, "--workers", "0"))

@@ -240,11 +240,24 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up (smoke test, noisy)")
     ap.add_argument("--simplify", action="store_true", help="time onnxslim-simplified exports (both sides)")
     ap.add_argument(
-        "--out", default=str(DOCS / "bench-latency.md"), help="Markdown file; the PNG goes next to it"
+        "--out",
+        help="Markdown file; the PNG goes next to it (default docs/bench-latency.md; with --quick "
+        "runs/bench-latency-quick.md, so a smoke test never rewrites the committed figures)",
     )
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.warmup, args.gpu_runs = 5, 1, 20
+    if min(args.runs, args.gpu_runs) < 1 or args.warmup < 0:
+        ap.error(f"--runs and --gpu-runs must be >= 1 and --warmup >= 0, got {args.runs}, {args.gpu_runs}, "
+                 f"{args.warmup}")  # fmt: skip
+    if args.out is None:
+        args.out = "runs/bench-latency-quick.md" if args.quick else str(DOCS / "bench-latency.md")
+    out = Path(args.out)
+    if out.is_dir():
+        ap.error(f"--out {out} is a directory; name the Markdown file to write")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        ap.error(f"--out {out}: {parent} is not a writable directory (checked before measuring)")
     return args
 
 
@@ -262,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except P3BError as exc:
         print(f"bench_latency.py: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bench_latency.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
     out = Path(args.out)
     runs = f"{args.runs} rounds after {args.warmup} warm-up runs each (CUDA: {args.gpu_runs} rounds)"
     jp = jetpack(args.jetpack)

@@ -10,7 +10,9 @@ Runs go to ``--out/<method>-pr<ratio>-seed<seed>/`` (dense: ``--out/dense-seed<s
 reused when the benchmark is started again (a finished run with the same options is read back, an
 interrupted run resumes from its epoch checkpoint). Writes the raw records
 (``benchmarks/transfer.json``), the table into ``docs/bench-transfer.md`` (between markers; text
-around them is kept) and the Pareto plot (``docs/transfer_pareto.png``). ``--quick``: one seed, fewer epochs.
+around them is kept) and the Pareto plot (``docs/transfer_pareto.png``): those committed files only
+for the full default run; ``--quick``, ``--max-steps-per-epoch`` or another ``--out`` write them
+inside ``--out`` unless ``--doc/--plot/--json`` say otherwise. ``--quick``: one seed, fewer epochs.
 
 Usage: ``python tools/bench_transfer.py [--quick] [--workers 2] [--force]``; ``--help`` for the rest.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import shlex
@@ -32,9 +33,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p3b_fx import transfer
-from p3b_fx.config import METHODS, PROBE_KINDS, SOURCE_MODEL
+from p3b_fx.config import METHODS, PROBE_KINDS, SOURCE_MODEL, json_object
 from p3b_fx.errors import P3BError
 from p3b_fx.machine import describe
+from p3b_fx.train import read_weights
 
 EXIT_ERROR = 2
 EXIT_FAILED_RUNS = 1
@@ -57,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", default=SOURCE_MODEL, help="timm model name, or 'source' (the shipped Fashion-MNIST ViT)")
     a("--source-checkpoint", help="weights of the source model (safetensors or state_dict)")
-    a("--model-kwargs", type=json.loads, help="JSON object of timm constructor arguments")
+    a("--model-kwargs", type=json_object, help="JSON object of timm constructor arguments")
     a("--target-data", default="mnist-5k", help="named dataset (mnist-5k, digits, ...) or ImageFolder path")
     a("--data-root", help="where torchvision datasets live")
     a("--num-classes", type=int, help="classes of the target (resets the head when it differs)")
@@ -78,9 +80,13 @@ def parser() -> argparse.ArgumentParser:
     a("--quick", action="store_true", help="one seed, 2 + 1 epochs, out runs/transfer-quick")
     a("--force", action="store_true", help="rerun every run even when a finished one exists")
     a("--collect-only", action="store_true", help="run nothing; tabulate the finished runs in --out")
-    a("--doc", default="docs/bench-transfer.md", help="Markdown file for the table ('' to skip)")
-    a("--plot", default="docs/transfer_pareto.png", help="Pareto plot PNG ('' to skip)")
-    a("--json", default="benchmarks/transfer.json", help="raw records ('' to skip)")
+    a(
+        "--doc",
+        help="Markdown file for the table ('' to skip; default: docs/bench-transfer.md for the full "
+        "default benchmark, else bench-transfer.md in --out)",
+    )
+    a("--plot", help="Pareto plot PNG ('' to skip; default docs/transfer_pareto.png or in --out, as --doc)")
+    a("--json", help="raw records ('' to skip; default benchmarks/transfer.json or in --out, as --doc)")
     a("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -95,10 +101,11 @@ def make_spec(args: argparse.Namespace) -> transfer.BenchSpec:
     base = {
         "model": args.model, "checkpoint": args.source_checkpoint, "model_kwargs": args.model_kwargs,
         "data": args.target_data, "data_root": args.data_root, "num_classes": args.num_classes,
-        "img_size": args.img_size, "epochs": args.epochs or preset["epochs"],
+        "img_size": args.img_size, "epochs": preset["epochs"] if args.epochs is None else args.epochs,
         "finetune_epochs": preset["finetune_epochs"] if args.finetune_epochs is None
         else args.finetune_epochs,
-        "batch_size": args.batch_size, "lr": args.lr or preset["lr"], "probe": args.probe,
+        "batch_size": args.batch_size, "lr": preset["lr"] if args.lr is None else args.lr,
+        "probe": args.probe,
         "max_steps_per_epoch": args.max_steps_per_epoch, "device": args.device,
     }  # fmt: skip
     return transfer.BenchSpec(
@@ -247,14 +254,39 @@ def run_or_collect(
     )  # fmt: skip
 
 
+COMMITTED = {
+    "doc": "docs/bench-transfer.md",
+    "plot": "docs/transfer_pareto.png",
+    "json": "benchmarks/transfer.json",
+}
+"""Where the full default benchmark writes: the figures committed with the repository."""
+IN_RUN_DIR = {"doc": "bench-transfer.md", "plot": "transfer_pareto.png", "json": "transfer.json"}
+
+
+def output_paths(args: argparse.Namespace) -> None:
+    """Fill in --doc/--plot/--json: the committed files only for the full default benchmark (no
+    --quick, no step cap, no other --out), so a smoke run never rewrites them; else inside --out."""
+    full = not args.quick and args.max_steps_per_epoch is None and args.out in (None, str(FULL["out"]))
+    run_dir = Path(args.out or str((QUICK if args.quick else FULL)["out"]))
+    for key, committed in COMMITTED.items():
+        if getattr(args, key) is None:
+            setattr(args, key, committed if full else str(run_dir / IN_RUN_DIR[key]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.workers < 1 or args.threads < 1:
+        ap.error(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
+    output_paths(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     start = time.time()
     try:
         spec = make_spec(args)
+        if args.source_checkpoint:  # one clear error now, not one per run
+            read_weights(Path(args.source_checkpoint), flag="--source-checkpoint")
         jobs = transfer.plan_jobs(spec)
         outcome = run_or_collect(spec, args, jobs, start)
         text = write_outputs(spec, args, outcome, time.time() - start)

@@ -12,7 +12,6 @@ summary; the other ranks log warnings and errors.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -21,7 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p3b_fx.config import BUDGET_UNITS, GRANULARITIES, LR_DECAYS, METHODS, PROBE_KINDS, PruneConfig
+from p3b_fx.config import (
+    BUDGET_UNITS,
+    GRANULARITIES,
+    LR_DECAYS,
+    METHODS,
+    PROBE_KINDS,
+    PruneConfig,
+    json_object,
+)
 from p3b_fx.errors import P3BError
 
 EXIT_ERROR = 2
@@ -34,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="TOML file with options (flags override it)")
     p.add_argument("--model", help="timm model name, or 'source' for the shipped Fashion-MNIST ViT (default)")
-    p.add_argument("--model-kwargs", type=json.loads, help="JSON object of timm constructor arguments")
+    p.add_argument("--model-kwargs", type=json_object, help="JSON object of timm constructor arguments")
     p.add_argument("--checkpoint", help="weights to start from (safetensors or torch state_dict)")
     p.add_argument("--pretrained", action="store_true", default=None, help="load timm's pretrained weights")
     p.add_argument("--data", help="fashion-mnist, mnist-5k, digits, ... or an ImageFolder path")
