@@ -24,9 +24,10 @@ import math
 import pickle
 import random
 import shlex
+import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ def parse_args(argv: list[str] | None) -> tuple[PretrainConfig, argparse.Namespa
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST if not found locally")
     p.add_argument("--resume", type=Path, default=None, help="epoch checkpoint to resume from and update")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between tqdm updates")
+    p.add_argument(
+        "--speed", type=int, metavar="STEPS", default=None,
+        help="train nothing: time STEPS training steps and eval batches of this config on random "
+        "images (fp32 and bfloat16 autocast), print one Markdown row and exit",
+    )  # fmt: skip
     ns = p.parse_args(argv)
     fields = set(PretrainConfig.__dataclass_fields__)
     cfg = PretrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
@@ -345,11 +351,63 @@ def run(cfg: PretrainConfig, ns: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def speed(cfg: PretrainConfig, steps: int) -> str:
+    """One Markdown row: train and eval images/s of ``cfg``'s model, fp32 and bfloat16 autocast.
+
+    A training step is forward, label-smoothed loss, backward and the AdamW step, as in
+    :func:`train_epoch`; random images, so no data is needed. Medians over ``steps`` after 3
+    warm-up steps, ``cfg.threads`` torch threads.
+    """
+    if steps < 1:
+        raise ConfigError(f"--speed needs at least 1 step, got {steps}")
+    seed_everything(cfg.seed, cfg.threads)
+    card = {"input_size": [3, cfg.img_size, cfg.img_size], "mean": MEAN, "std": STD, "num_classes": 10}
+    model = build_vit(TIMM_MODEL, cfg.model_kwargs(), card)
+    opt, criterion = make_optimizer(model, cfg), nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
+    y = torch.randint(0, 10, (cfg.batch_size,))
+
+    def median_s(fn: Callable[[], object]) -> float:
+        times = []
+        for i in range(steps + 3):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def train_step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = criterion(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def eval_step() -> None:
+        model.eval()(x)
+        model.train()
+
+    fp32 = median_s(lambda: train_step(False))
+    bf16 = median_s(lambda: train_step(True))
+    ev = median_s(eval_step)
+    tokens = (cfg.img_size // cfg.patch_size) ** 2
+    per_epoch = 60000 / (cfg.batch_size / fp32) / 60
+    return (
+        f"| depth {cfg.depth}, {cfg.img_size} px, patch {cfg.patch_size} | {tokens} + 1 | "
+        f"{cfg.batch_size / fp32:.0f} | {per_epoch:.1f} | {cfg.batch_size / ev:.0f} | {fp32 / bf16:.2f} |"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
     try:
         cfg, ns = parse_args(args)
+        if ns.speed is not None:
+            print("| config | tokens | train img/s | min per 60k epoch | eval img/s | bf16 speed-up |")
+            print(speed(cfg, ns.speed))
+            return 0
         return run(cfg, ns, args)
     except P3BError as err:
         logger.error("%s", err)  # the message is the report: no traceback for bad input
