@@ -227,9 +227,8 @@ def run_global(
                        checkpoint=prune_ckpt, stop_after=stop_after_epoch)  # fmt: skip
     if len(accs) < cfg.epochs:
         return {"finished": False, "epoch": len(accs)}
-    if not in_finetune:  # a run resumed while fine-tuning logged these before
-        for record in hook.history:
-            append_log(out, {"event": "prune", **record})
+    for record in hook.history:  # a resume trimmed the log back to its checkpoint, so none are doubled
+        append_log(out, {"event": "prune", **record})
     if cfg.finetune_epochs:
         stop = None if stop_after_epoch is None else stop_after_epoch - cfg.epochs
         tuned = train_plain(

@@ -183,6 +183,25 @@ def append_log(out: Path, record: Mapping[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def log_lines(out: Path) -> int:
+    """Records in ``out/log.jsonl`` now; a checkpoint stores it so a resume can drop what came after."""
+    path = out / "log.jsonl"
+    if not path.is_file():
+        return 0
+    with path.open("rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def trim_log(out: Path, lines: int | None) -> None:
+    """Keep the first ``lines`` records: the steps after the checkpoint being resumed run (and log) again."""
+    path = out / "log.jsonl"
+    if lines is None or not path.is_file() or not distributed.is_main_process():
+        return
+    kept = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if len(kept) > lines:
+        atomic_write_text(path, "".join(kept[:lines]))
+
+
 # --- model and data ---------------------------------------------------------------------------------
 
 
@@ -440,6 +459,7 @@ def train_plain(
         accs.append(evaluate(model, loaders[1], device, cfg.amp))
         if checkpoint is not None:
             state = _plain_state(model, opt, scaler, loaders, cfg=cfg, accs=accs)
+            state["log_lines"] = log_lines(checkpoint.parent)
             if hook is not None:
                 hook_state = getattr(hook, "state_dict", dict)
                 state |= {"module": model, "hook": hook_state()}
@@ -491,6 +511,7 @@ def _load_plain_checkpoint(
         set_rng_state(state["rng"])
         if state["loader_rng"] is not None and loaders[0].generator is not None:
             loaders[0].generator.set_state(state["loader_rng"])
+    trim_log(path.parent, state.get("log_lines"))
     logger.info("resumed %s after epoch %d", path, len(accs))
     return accs
 
@@ -868,6 +889,7 @@ class Loop:
         state = self.state_dict()
         if ranks is not None:
             state["ranks"] = ranks
+        state["log_lines"] = log_lines(self.out)
         atomic_save(state, self.out / "checkpoint.pt")
 
     def load_checkpoint(self, path: Path) -> None:
@@ -899,6 +921,7 @@ class Loop:
         set_rng_state(state["rng"] if own is None else own["rng"])
         if state["loader_rng"] is not None and self.loaders[0].generator is not None:
             self.loaders[0].generator.set_state(state["loader_rng"])
+        trim_log(self.out, state.get("log_lines"))
         logger.info("resumed %s at epoch %d, step %d", path, self.epoch, self.step)
 
 
