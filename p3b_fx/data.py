@@ -390,6 +390,19 @@ def _torchvision_tensors(
 # --- ImageFolder ---------------------------------------------------------------------------------
 
 
+def _load_image(path: str) -> Any:
+    """torchvision's default loader (PIL, RGB), with a DataError naming the file that will not open."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - torchvision's own dependency
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(
+            f"image {path} cannot be read ({type(exc).__name__}: {exc}); remove or replace it and run again"
+        ) from exc
+
+
 def _split_dir(path: Path, *, train: bool) -> Path:
     layout = f"expected {path}/train/<class>/<image> and {path}/val/<class>/<image> (or test/ for val/)"
     if not path.is_dir():
@@ -421,7 +434,7 @@ def _image_folder(path: Path, train: bool, transform: ImageTransform) -> Dataset
             f"{train_classes}; both splits need the same class subfolders so labels agree"
         )
     try:
-        ds: Dataset[Sample] = tvd.ImageFolder(str(split), transform=transform)
+        ds: Dataset[Sample] = tvd.ImageFolder(str(split), transform=transform, loader=_load_image)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"ImageFolder {split}: {err}; every class subfolder needs image files") from err
     return ds

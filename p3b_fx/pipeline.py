@@ -25,7 +25,7 @@ from p3b_fx.config import PruneConfig, load_toml
 from p3b_fx.core.groups import Role
 from p3b_fx.core.io import atomic_write_text
 from p3b_fx.core.plan import KeepPlan
-from p3b_fx.errors import ConfigError, ExportError
+from p3b_fx.errors import ConfigError, ExportError, PlanError
 from p3b_fx.export.jetpack import jetpack as get_jetpack
 from p3b_fx.export.jetson import write_bundle
 from p3b_fx.export.onnx import export_onnx
@@ -262,7 +262,13 @@ def _slim_from_plan(cfg: CompileConfig) -> tuple[dict[str, Any], fx.GraphModule]
     gm = p3b_fx.trace(model, input_shape=(1, 3, side, side))
     groups = p3b_fx.find_groups(gm)
     plan = KeepPlan.load(cfg.plan)
-    slim = p3b_fx.slim(gm, plan, groups).eval()
+    try:
+        slim = p3b_fx.slim(gm, plan, groups).eval()
+    except PlanError as exc:
+        raise PlanError(
+            f"--plan {cfg.plan} does not fit --model {prune.model}: {exc}. Pass the --model / --model-kwargs "
+            "it was made for, or the plan.json of a tools/prune.py run on this model"
+        ) from exc
     report = {
         "plan": cfg.plan, "params_dense": groups.params_total, "params_slim": plan.predicted_params(groups),
         "flops_dense": groups.flops_total, "flops_slim": plan.predicted_flops(groups),

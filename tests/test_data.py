@@ -160,6 +160,14 @@ def test_image_folder_errors_name_the_layout(tmp_path: Path) -> None:
         load_dataset(str(tmp_path / "train"), train=True, img_size=16, mean=MEAN, std=STD)
 
 
+def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
+    _make_folder(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    (tmp_path / "train" / "dog" / "1.png").write_text("not an image")
+    train = load_dataset(str(tmp_path), train=True, img_size=16, mean=MEAN, std=STD)
+    with pytest.raises(DataError, match=r"image .*dog/1.png cannot be read .*remove or replace it"):
+        train[4]
+
+
 @pytest.mark.parametrize(
     ("img_size", "mean", "std"), [(0, MEAN, STD), (28, (0.5, 0.5), (0.5, 0.5)), (28, MEAN, (0.5, 0.0, 0.5))]
 )

@@ -98,7 +98,12 @@ def test_a_plan_for_another_model_is_refused(tmp_path: Path, capsys: pytest.Capt
     code = prune_and_compile.main(
         ["--target", "onnx", "--plan", str(tmp_path / "other.json"), "--out", str(tmp_path)]
     )
-    assert code != 0 and "made for architecture" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        code != 0
+        and "made for architecture" in err
+        and f"--plan {tmp_path / 'other.json'} does not fit" in err
+    )
 
 
 @pytest.fixture

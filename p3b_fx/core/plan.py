@@ -147,4 +147,7 @@ class KeepPlan:
             text = Path(path).read_text()
         except OSError as exc:
             raise PlanError(f"cannot read keep plan {path}: {exc.strerror}") from exc
-        return cls.from_json(text)
+        try:
+            return cls.from_json(text)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from exc
