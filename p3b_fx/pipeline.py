@@ -25,7 +25,7 @@ from p3b_fx.config import PruneConfig, load_toml
 from p3b_fx.core.groups import Role
 from p3b_fx.core.io import atomic_write_text
 from p3b_fx.core.plan import KeepPlan
-from p3b_fx.errors import ConfigError, ExportError, PlanError
+from p3b_fx.errors import ConfigError, ExportError, P3BError, PlanError
 from p3b_fx.export.jetpack import jetpack as get_jetpack
 from p3b_fx.export.jetson import write_bundle
 from p3b_fx.export.onnx import export_onnx
@@ -164,7 +164,16 @@ def run_compile(cfg: CompileConfig) -> dict[str, Any]:
             return report
         slim = _load_slim(Path(report["slim"]))
     images = reference_batch(cfg)
-    problems = head_dim_report(slim, (1, *images.shape[1:]))
+    try:
+        problems = head_dim_report(slim, (1, *images.shape[1:]))
+    except P3BError as exc:
+        if cfg.slim_model is None:
+            raise
+        raise ConfigError(
+            f"--slim-model {cfg.slim_model} does not take the {tuple(images.shape[1:])} images that --model "
+            f"{cfg.prune.model} / --data {cfg.prune.data} give; pass the --model, --model-kwargs and "
+            f"--img-size it was built from ({exc})"
+        ) from exc
     if problems:
         message = "TensorRT fused attention needs head_dim in [16, 256], a multiple of 8: " + "; ".join(
             problems

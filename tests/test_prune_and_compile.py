@@ -195,3 +195,21 @@ def test_a_corrupt_slim_model_is_a_clear_error(
     argv = ["--target", "onnx", "--slim-model", str(bad), "--out", str(tmp_path / "o")]
     assert prune_and_compile.main(argv) != 0
     assert "it is not a torch file or is cut short" in capsys.readouterr().err
+
+
+def test_a_slim_model_for_other_images_names_the_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import timm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    import p3b_fx  # noqa: PLC0415
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10)
+    gm = p3b_fx.trace(model.eval(), input_shape=(1, 3, 32, 32))
+    groups = p3b_fx.find_groups(gm)
+    torch.save(p3b_fx.slim(gm, p3b_fx.KeepPlan.random(groups, 0.5, seed=0), groups), tmp_path / "slim.pt")
+    argv = ["--target", "onnx", "--slim-model", str(tmp_path / "slim.pt"), "--out", str(tmp_path / "o")]
+    assert prune_and_compile.main(argv) != 0  # the default data are 28 px
+    err = capsys.readouterr().err
+    assert "does not take the (3, 28, 28) images" in err and "--img-size it was built from" in err
