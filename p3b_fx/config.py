@@ -151,8 +151,12 @@ class PruneConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
+            hint = ""
+            if set(unknown) <= set(COMPILE_KEYS):
+                hint = (" (those are tools/prune_and_compile.py options: put them in a [compile] table "
+                        "and the pruning options in [prune] to share one file across tools)")  # fmt: skip
             raise ConfigError(
-                f"{where}: unknown option(s) {unknown}; known options are {', '.join(sorted(known))}"
+                f"{where}: unknown option(s) {unknown}{hint}; known options are {', '.join(sorted(known))}"
             )
         try:
             return cls(**dict(values))
@@ -228,6 +232,10 @@ def _check_choices(cfg: PruneConfig) -> None:
 def _finite(value: float, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+COMPILE_KEYS = ("target", "jetpack", "slim_model", "plan", "dynamic_batch", "strict", "simplify")
+"""tools/prune_and_compile.py's own options (``p3b_fx.pipeline.COMPILE_OPTIONS`` types them)."""
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",

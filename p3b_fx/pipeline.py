@@ -253,6 +253,8 @@ def _check_not_a_prune_run(out: Path) -> None:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory; choose another --out")
     if (out / "report.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a compiled run (report.json); pass --force or another --out")
     try:

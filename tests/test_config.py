@@ -110,3 +110,10 @@ def test_model_kwargs_flag_explains_bad_json() -> None:
         json_object("{depth: 2}")
     with pytest.raises(argparse.ArgumentTypeError, match="must be a JSON object"):
         json_object("[2]")
+
+
+def test_compile_options_in_a_prune_file_point_to_the_compile_table(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('target = "onnx"\nepochs = 1\n')
+    with pytest.raises(ConfigError, match=r"\['target'\] \(those are tools/prune_and_compile.py options"):
+        PruneConfig.from_sources(path)

@@ -20,11 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune import EXIT_ERROR, EXIT_INTERRUPTED
 from prune import parser as prune_parser
 
+from p3b_fx.config import COMPILE_KEYS
 from p3b_fx.errors import P3BError
 
 JETPACKS = ("4.6", "5.1", "6.0", "6.1", "6.2", "7.0", "7.2")
-COMPILE_KEYS = ("target", "jetpack", "slim_model", "plan", "dynamic_batch", "strict", "simplify")
-"""This tool's own options (``p3b_fx.pipeline.COMPILE_OPTIONS``; kept here so --help imports no torch)."""
 
 
 def parser() -> object:
