@@ -18,7 +18,8 @@
 # p3b-report.json, p3b-log.jsonl, bench-latency.md/.png, bench-train-step.md, suite.log.
 # DEVICE_CHECK_SKIP="suite latency" skips steps by name (a rerun of the failed ones, say).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$self")/.."
 py=${PYTHON:-python3}
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
@@ -32,7 +33,10 @@ fi
 
 out=${OUT:-runs/device-check}
 mkdir -p "$out"
-exec > >(tee "$out/check.log") 2>&1
+if [[ -z "${DEVICE_CHECK_TEED:-}" ]]; then  # once more under tee, so check.log is complete on return
+    DEVICE_CHECK_TEED=1 bash "$self" 2>&1 | tee "$out/check.log"
+    exit "${PIPESTATUS[0]}"
+fi
 deadline=$((SECONDS + ${DEVICE_CHECK_DEADLINE:-540}))
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -72,7 +76,7 @@ step gpu-tests 120 "$py" -m pytest -q -m gpu -p no:cacheprovider \
 run=/tmp/p3b-cuda
 step p3b-cuda 180 "$py" tools/prune_and_compile.py --target jetson --device cuda --out "$run" --force
 cp "$run/report.json" "$out/p3b-report.json" 2>/dev/null
-cp "$run/log.jsonl" "$out/p3b-log.jsonl" 2>/dev/null
+cp "$run/prune/log.jsonl" "$out/p3b-log.jsonl" 2>/dev/null
 step latency 150 "$py" tools/bench_latency.py --backends cuda --gpu-runs 200 --out "$out/bench-latency.md"
 step train-step 120 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 20 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
