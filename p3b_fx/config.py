@@ -176,6 +176,8 @@ def load_toml(path: str | Path, table: str = "prune") -> dict[str, Any]:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {p} does not exist; check the --config path") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"--config {p} is a directory; name the TOML file in it") from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
     sectioned = any(t in data for t in TOML_TABLES)

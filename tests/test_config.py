@@ -117,3 +117,8 @@ def test_compile_options_in_a_prune_file_point_to_the_compile_table(tmp_path: Pa
     path.write_text('target = "onnx"\nepochs = 1\n')
     with pytest.raises(ConfigError, match=r"\['target'\] \(those are tools/prune_and_compile.py options"):
         PruneConfig.from_sources(path)
+
+
+def test_a_config_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory; name the TOML file"):
+        load_toml(tmp_path)
