@@ -234,12 +234,21 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     saved_head = state.get("head.weight")
     if isinstance(head, nn.Linear) and saved_head is not None and saved_head.shape[0] != head.out_features:
         model.reset_classifier(int(saved_head.shape[0]))  # type: ignore[operator]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        parts = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+                 for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]  # fmt: skip
+        if reshaped:
+            k = reshaped[0]
+            parts.append(f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} saved, "
+                         f"{tuple(own[k].shape)} here)")  # fmt: skip
         raise CheckpointError(
-            f"checkpoint {path} does not fit the model ({str(exc)[:400]}); pass the --model it was trained as"
-        ) from exc
+            f"checkpoint {path} does not fit --model: tensors {'; '.join(parts)}; pass the --model and "
+            "--model-kwargs it was trained as"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def build_model(cfg: PruneConfig) -> nn.Module:

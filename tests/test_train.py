@@ -418,3 +418,12 @@ def test_a_corrupt_checkpoint_says_start_again(tmp_path: Path) -> None:
         CheckpointError, match=r"corrupt, cut short or not a p3b-fx checkpoint; start the run again"
     ):
         train.run(tiny_config(out, resume=True))
+
+
+def test_a_checkpoint_of_another_model_lists_what_differs(tmp_path: Path) -> None:
+    other = train.build_model(tiny_config(tmp_path, model_kwargs={**TINY, "depth": 1, "embed_dim": 24}))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(
+        CheckpointError, match=r"does not fit --model: tensors \d+ missing \(e.g. blocks.1.*of another shape"
+    ):
+        train.build_model(tiny_config(tmp_path, checkpoint=str(tmp_path / "other.pt")))
