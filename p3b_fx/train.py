@@ -1073,7 +1073,9 @@ def _run(
     if config.method.startswith("global-"):
         from p3b_fx import baselines  # noqa: PLC0415 - torch_pruning only where it is used
 
-        baselines.check_prunable(prep.model, baselines.example_input(prep), config.model)
+        cuda = [prep.device] if prep.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # a check must not move the run's random stream
+            baselines.check_prunable(prep.model, baselines.example_input(prep), config.model)
     # only now: a run that fails on bad input leaves the directory (and a run --force would replace) as it was
     out = distributed.on_main(lambda: clear_out_dir(config, replaced), "preparing --out") or Path(config.out)
     if not config.resume:

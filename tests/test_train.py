@@ -427,3 +427,25 @@ def test_a_checkpoint_of_another_model_lists_what_differs(tmp_path: Path) -> Non
         CheckpointError, match=r"does not fit --model: tensors \d+ missing \(e.g. blocks.1.*of another shape"
     ):
         train.build_model(tiny_config(tmp_path, checkpoint=str(tmp_path / "other.pt")))
+
+
+def test_the_torch_pruning_dry_run_does_not_move_the_random_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check before training must not change what training draws (it shifted baseline results)."""
+    from p3b_fx import baselines  # noqa: PLC0415
+
+    def config(
+        out: Path,
+    ) -> PruneConfig:  # the shipped model on MNIST-5k: its augmentation draws from torch's RNG
+        return PruneConfig(data="mnist-5k", method="global-magnitude", epochs=2, max_steps_per_epoch=4,
+                           lr=5e-3, out=str(out), seed=0)  # fmt: skip
+
+    monkeypatch.setattr(baselines, "check_prunable", lambda *_args: None)
+    quiet = train.run(config(tmp_path / "quiet"))
+    monkeypatch.setattr(baselines, "check_prunable", lambda *_args: torch.rand(1000))  # a check that draws
+    drawing = train.run(config(tmp_path / "drawing"))
+    assert quiet["accuracy_curve"] == drawing["accuracy_curve"]
+    a = torch.load(tmp_path / "quiet" / "slim.pt", weights_only=False).state_dict()
+    b = torch.load(tmp_path / "drawing" / "slim.pt", weights_only=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
