@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import tomllib
@@ -244,10 +245,16 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
                Mapping: "a table / JSON object"}  # fmt: skip
 
 
+@functools.cache
+def _hints() -> dict[str, Any]:
+    """PruneConfig's evaluated annotations (computed once: every config construction checks them)."""
+    return typing.get_type_hints(PruneConfig)
+
+
 def _check_types(cfg: PruneConfig) -> None:
     """Every option has its annotated type (TOML and library callers can pass anything): ``force =
     "false"`` must not count as true. Integers are accepted where a float is expected."""
-    hints = typing.get_type_hints(PruneConfig)
+    hints = _hints()
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
         members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
