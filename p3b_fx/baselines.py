@@ -135,19 +135,6 @@ class GlobalPruningHook:
         logger.info("%s step %d: %d parameters (target %d)", self.cfg.method, step, params, target)
 
 
-class _NoPruning:
-    """The fine-tuning's hook: prunes nothing, but its checkpoints carry the module and the history."""
-
-    def __init__(self, pruned: GlobalPruningHook) -> None:
-        self.pruned = pruned
-
-    def __call__(self, step: int) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.pruned.state_dict()
-
-
 def example_input(prep: Prepared) -> torch.Tensor:
     side = int(prep.gm.meta.get("p3b.input_shape", (1, 3, 224, 224))[-1])
     return torch.randn(1, 3, side, side, device=prep.device)
@@ -219,22 +206,29 @@ def run_global(
     )
     prune_ckpt, finetune_ckpt = out / "checkpoint.pt", out / "finetune.pt"
     in_finetune = cfg.resume and finetune_ckpt.is_file()
+    saved: dict[str, Any] = {}
     if cfg.resume:  # the pruned module, as the later checkpoint left it
-        model, hook_state = load_module_checkpoint(finetune_ckpt if in_finetune else prune_ckpt, prep.device)
+        model, saved = load_module_checkpoint(finetune_ckpt if in_finetune else prune_ckpt, prep.device)
         hook.model = model
-        hook.load_state_dict(hook_state)
-    accs = train_plain(model, prep.loaders, cfg, prep.device, cfg.epochs, hook=hook, desc=cfg.method,
-                       checkpoint=prune_ckpt, stop_after=stop_after_epoch)  # fmt: skip
-    if len(accs) < cfg.epochs:
-        return {"finished": False, "epoch": len(accs)}
-    for record in hook.history:  # a resume trimmed the log back to its checkpoint, so none are doubled
-        append_log(out, {"event": "prune", **record})
+        hook.load_state_dict(saved)
+    if in_finetune:  # pruning finished before the interruption: its accuracies and log are kept
+        accs = [float(a) for a in saved["prune_accuracy"]]
+    else:
+        accs = train_plain(
+            model, prep.loaders, cfg, prep.device, cfg.epochs, hook=hook, desc=cfg.method,
+            checkpoint=prune_ckpt, stop_after=stop_after_epoch, module_state=hook.state_dict,
+        )  # fmt: skip
+        if len(accs) < cfg.epochs:
+            return {"finished": False, "epoch": len(accs)}
+        for record in hook.history:  # a resume trimmed the log back to its checkpoint, so none are doubled
+            append_log(out, {"event": "prune", **record})
     if cfg.finetune_epochs:
         stop = None if stop_after_epoch is None else stop_after_epoch - cfg.epochs
+        pruned = list(accs)
         tuned = train_plain(
-            model, prep.loaders, cfg, prep.device, cfg.finetune_epochs, hook=_NoPruning(hook),
-            first_epoch=cfg.epochs, decay_epochs=finetune_decay(cfg), checkpoint=finetune_ckpt,
-            stop_after=stop,
+            model, prep.loaders, cfg, prep.device, cfg.finetune_epochs, first_epoch=cfg.epochs,
+            decay_epochs=finetune_decay(cfg), checkpoint=finetune_ckpt, stop_after=stop,
+            module_state=lambda: {**hook.state_dict(), "prune_accuracy": pruned},
         )  # fmt: skip
         if len(tuned) < cfg.finetune_epochs:
             return {"finished": False, "epoch": cfg.epochs + len(tuned)}

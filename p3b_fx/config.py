@@ -153,7 +153,7 @@ class PruneConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             hint = ""
-            if set(unknown) <= set(COMPILE_KEYS):
+            if set(unknown) <= set(COMPILE_OPTIONS):
                 hint = (" (those are tools/prune_and_compile.py options: put them in a [compile] table "
                         "and the pruning options in [prune] to share one file across tools)")  # fmt: skip
             raise ConfigError(
@@ -237,8 +237,11 @@ def _finite(value: float, name: str) -> None:
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
-COMPILE_KEYS = ("target", "jetpack", "slim_model", "plan", "dynamic_batch", "strict", "simplify")
-"""tools/prune_and_compile.py's own options (``p3b_fx.pipeline.COMPILE_OPTIONS`` types them)."""
+COMPILE_OPTIONS: dict[str, type] = {
+    "target": str, "jetpack": str, "slim_model": str, "plan": str,
+    "dynamic_batch": bool, "strict": bool, "simplify": bool,
+}  # fmt: skip
+"""``tools/prune_and_compile.py``'s own options (beside every pruning option) and their TOML types."""
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",

@@ -391,13 +391,12 @@ def _torchvision_tensors(
 
 
 def _load_image(path: str) -> Any:
-    """torchvision's default loader (PIL, RGB), with a DataError naming the file that will not open."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - torchvision's own dependency
+    """torchvision's default loader, with a DataError naming the file that will not open."""
+    from torchvision.datasets.folder import default_loader  # noqa: PLC0415 - heavy import
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return default_loader(path)
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise DataError(
             f"image {path} cannot be read ({type(exc).__name__}: {exc}); remove or replace it and run again"
         ) from exc

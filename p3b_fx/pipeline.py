@@ -21,7 +21,7 @@ from torch import fx
 
 import p3b_fx
 from p3b_fx import distributed, latency, train
-from p3b_fx.config import PruneConfig, load_toml
+from p3b_fx.config import COMPILE_OPTIONS, PruneConfig, load_toml
 from p3b_fx.core.groups import Role
 from p3b_fx.core.io import atomic_write_text
 from p3b_fx.core.plan import KeepPlan
@@ -70,29 +70,16 @@ class CompileConfig:
             raise ConfigError("--plan and --slim-model both say what to compile; give one of them")
 
 
-COMPILE_OPTIONS: dict[str, type] = {
-    "target": str, "jetpack": str, "slim_model": str, "plan": str,
-    "dynamic_batch": bool, "strict": bool, "simplify": bool,
-}  # fmt: skip
-"""``tools/prune_and_compile.py``'s own options (beside every pruning option) and their TOML types."""
-
-
 def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A ``--config`` file's pruning options and compile options.
 
-    A flat file is split by option name; a sectioned one reads ``[prune]`` and ``[compile]``. A
-    JetPack release may be written as a number (``jetpack = 6.1``). Wrong types and unknown compile
-    options are errors naming the file.
+    Options are sorted by name, whether the file is flat or holds ``[prune]`` and ``[compile]``
+    tables (an option in the other table still counts). A JetPack release may be written as a
+    number (``jetpack = 6.1``). Wrong types and unknown options are errors naming the file.
     """
-    prune, comp = load_toml(path, "prune"), load_toml(path, "compile")
-    if prune == comp:  # flat (or empty): one set of options for both
-        comp = {k: v for k, v in prune.items() if k in COMPILE_OPTIONS}
-    prune = {k: v for k, v in prune.items() if k not in COMPILE_OPTIONS} | {
-        k: v
-        for k, v in comp.items()
-        if k not in COMPILE_OPTIONS  # a pruning option put in [compile]
-    }
-    comp = {k: v for k, v in comp.items() if k in COMPILE_OPTIONS}
+    options = load_toml(path, "prune") | load_toml(path, "compile")  # a flat file gives the same twice
+    prune = {k: v for k, v in options.items() if k not in COMPILE_OPTIONS}
+    comp = {k: v for k, v in options.items() if k in COMPILE_OPTIONS}
     known = {f.name for f in dataclasses.fields(PruneConfig)}
     unknown = sorted(set(prune) - known)
     if unknown:

@@ -44,6 +44,7 @@ from p3b_fx.allocate import GateSpec, GateType, allocate_block
 from p3b_fx.benefit import BenefitAccumulator, BenefitProbes
 from p3b_fx.config import SOURCE_MODEL, PruneConfig
 from p3b_fx.core.groups import Block, BlockKind, GroupSet, Role
+from p3b_fx.core.io import atomic_write_text
 from p3b_fx.core.masks import MaskBank
 from p3b_fx.core.meta import INPUT_SHAPE
 from p3b_fx.core.pass_infra import known_shape
@@ -92,12 +93,6 @@ def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -171,11 +166,6 @@ def interrupted_hint(out: str | Path) -> str:
     if (out / "checkpoint.pt").is_file():
         return f"the last epoch checkpoint in {out} is kept; continue with --resume"
     return f"stopped before the first epoch checkpoint: nothing in {out} to resume; start again with --force"
-
-
-def prepare_out_dir(cfg: PruneConfig) -> Path:
-    """:func:`check_out_dir` then :func:`clear_out_dir` (callers with no checks in between)."""
-    return clear_out_dir(cfg, check_out_dir(cfg))
 
 
 def append_log(out: Path, record: Mapping[str, Any]) -> None:
@@ -414,6 +404,7 @@ def train_plain(
     model: nn.Module, loaders: Loaders, cfg: PruneConfig, device: torch.device, epochs: int, *,
     hook: Callable[[int], None] | None = None, desc: str = "fine-tune", first_epoch: int = 0,
     decay_epochs: int = 0, checkpoint: Path | None = None, stop_after: int | None = None,
+    module_state: Callable[[], dict[str, Any]] | None = None,
 ) -> list[float]:  # fmt: skip
     """Ordinary fine-tuning (AdamW, label smoothing, AMP on CUDA); test top-1 after each epoch.
 
@@ -423,8 +414,8 @@ def train_plain(
 
     ``checkpoint``: written (atomically, by rank 0) after every epoch, and continued from when it
     exists and ``cfg.resume`` is set; single-process resumes are exact (weights, optimiser, RNG and
-    data order). With a ``hook`` the checkpoint holds the whole module (pruning changes its
-    shapes) and ``hook.state_dict()``; the caller restores both (:func:`load_module_checkpoint`)
+    data order). With ``module_state`` the checkpoint also holds the whole module (pruning changes
+    its shapes) and ``module_state()``; the caller restores both (:func:`load_module_checkpoint`)
     before calling again. ``stop_after``: return after that many epochs of this call (an
     interrupted run; fewer accuracies than ``epochs`` come back).
     """
@@ -469,15 +460,14 @@ def train_plain(
         if checkpoint is not None:
             state = _plain_state(model, opt, scaler, loaders, cfg=cfg, accs=accs)
             state["log_lines"] = log_lines(checkpoint.parent)
-            if hook is not None:
-                hook_state = getattr(hook, "state_dict", dict)
-                state |= {"module": model, "hook": hook_state()}
+            if module_state is not None:
+                state |= {"module": model, "hook": module_state()}
             distributed.on_main(functools.partial(atomic_save, state, checkpoint), f"writing {checkpoint}")
     return accs
 
 
 def load_module_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The whole module and the hook state of a :func:`train_plain` checkpoint written with a hook."""
+    """The whole module and the ``module_state`` of a :func:`train_plain` checkpoint written with one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         module, hook = state["module"], state["hook"]

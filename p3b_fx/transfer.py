@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 DENSE = "dense"
 BASELINES = ("uniform", "global-taylor", "global-magnitude")
-RESUMABLE = ("p3b", "uniform", "dense", "global-taylor", "global-magnitude")
-"""Methods whose runs checkpoint every epoch (:func:`p3b_fx.train.run` can resume them): all of them."""
 
 IGNORED_OPTIONS = frozenset({"out", "resume", "force", "device"})
 """Options that may differ between a finished run and the job that would reuse it."""
@@ -138,9 +136,10 @@ def finished_report(job: Job) -> dict[str, Any] | None:
 
 
 def start_options(job: Job, force: bool) -> dict[str, bool]:
-    """``resume``/``force`` for a job that has no finished report: resume a checkpoint, else start fresh."""
+    """``resume``/``force`` for a job that has no finished report: resume its checkpoint (every method
+    writes one per epoch), else start fresh."""
     ckpt = Path(job.config.out) / "checkpoint.pt"
-    if not force and job.method in RESUMABLE and ckpt.is_file():
+    if not force and ckpt.is_file():
         return {"resume": True, "force": False}
     return {"resume": False, "force": True}
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune import EXIT_ERROR, EXIT_INTERRUPTED
 from prune import parser as prune_parser
 
-from p3b_fx.config import COMPILE_KEYS
+from p3b_fx.config import COMPILE_OPTIONS
 from p3b_fx.errors import P3BError
 
 JETPACKS = ("4.6", "5.1", "6.0", "6.1", "6.2", "7.0", "7.2")
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    own = ("config", "verbose", *COMPILE_KEYS)
+    own = ("config", "verbose", *COMPILE_OPTIONS)
     overrides = {k: v for k, v in vars(args).items() if k not in own}
     prune = None
     try:
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.config, overrides, base=EMBEDDED_DEFAULT, file_values=file_prune
         )
         comp: dict[str, Any] = {"jetpack": "6.1", "dynamic_batch": False, "strict": False, "simplify": False}
-        comp |= file_compile | {k: getattr(args, k) for k in COMPILE_KEYS if getattr(args, k) is not None}
+        comp |= file_compile | {k: getattr(args, k) for k in COMPILE_OPTIONS if getattr(args, k) is not None}
         if "target" not in comp:
             print("error: --target is required (onnx, tensorrt or jetson), on the command line or as "
                   "`target` in the --config file", file=sys.stderr)  # fmt: skip
