@@ -15,6 +15,8 @@ The probes train on their own loss, the sum of all their cross-entropies (refere
 detached features, so nothing reaches the backbone. Linear probes of all blocks run as one batched
 matmul over the stacked B+1 feature maps; conv probes run block by block, on x_{i-1} and x_i in two
 calls, so their BatchNorm sees each map with its own batch statistics, as in the reference.
+Models whose stream changes between blocks (pooling stages, class-attention blocks) use
+:class:`BlockwiseProbes`: the same probes and ΔΨ, block by block, each for its own token layout.
 
 Cost (:func:`probe_params`): a conv probe holds 9·dim·hidden + 9·hidden² conv weights. The method
 doc fixes the layers, not their width; with hidden = dim = 768 (ViT-B) that is two 5.3 M
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BenefitAccumulator",
     "BenefitProbes",
+    "BlockLayout",
+    "BlockwiseProbes",
     "ProbeKind",
     "ProbeOutput",
     "default_hidden",
@@ -93,7 +97,8 @@ class ProbeOutput:
     ``loss``: the probes' own training loss (sum of every probe's CE on its input and its output);
     backpropagate it into the probes' optimiser, it cannot reach the backbone.
     ``benefit_cls`` / ``benefit_patch``: ΔΨ per block, detached, shape (B,); ``benefit_cls`` is None
-    when the model has no class token.
+    when the model has no class token. With :class:`BlockwiseProbes`, a block without a probe of that
+    kind (CaiT's class-attention blocks carry no patch tokens) has NaN there.
     """
 
     loss: torch.Tensor
@@ -286,8 +291,155 @@ class BenefitProbes(nn.Module):
             benefit_cls = (cin - cout).detach()
         return ProbeOutput(loss=loss, benefit_cls=benefit_cls, benefit_patch=benefit_patch)
 
+    @property
+    def cls_blocks(self) -> tuple[bool, ...]:
+        """Per block: whether it has a class-token probe."""
+        return (self.has_class_token,) * self.num_blocks
+
+    @property
+    def patch_blocks(self) -> tuple[bool, ...]:
+        """Per block: whether it has a patch-token probe."""
+        return (True,) * self.num_blocks
+
     def num_probe_params(self) -> int:
         """Trainable parameters of all probes (what :func:`probe_params` predicts, times B)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The token layout of one block's input and output: (batch, prefix + grid h·w, dim).
+
+    ``grid`` None: the block carries no patch tokens (CaiT's class-attention blocks read the class
+    token alone), so it gets no patch probe. ``has_class_token``: token 0 is the class token.
+    """
+
+    dim: int
+    num_prefix_tokens: int
+    grid: tuple[int, int] | None
+    has_class_token: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + (0 if self.grid is None else self.grid[0] * self.grid[1])
+
+
+class BlockwiseProbes(nn.Module):
+    """Probes for models whose blocks do not all read one stream: pooling stages (PiT, LeViT) change
+    tokens and width, CaiT and XCiT end with class-attention blocks on another token layout.
+
+    Block i reads the tap ``pairs[i][0]`` and writes the tap ``pairs[i][1]`` (see
+    ``passes.insert_taps.tap_points``) and has its own probes for its own :class:`BlockLayout`: a
+    class-token Linear where the layout has a class token, a patch probe (conv or linear) where it
+    has a patch grid. Same ΔΨ and loss as :class:`BenefitProbes`, block by block; a block without a
+    probe of one kind reports NaN for it. Plain ViTs use :class:`BenefitProbes`, whose batched
+    linear probes are faster.
+    """
+
+    def __init__(
+        self,
+        layouts: Sequence[BlockLayout],
+        pairs: Sequence[tuple[int, int]],
+        num_classes: int,
+        *,
+        patch_kind: ProbeKind | str = ProbeKind.PATCH_CONV,
+        hidden: int | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(layouts) != len(pairs) or not layouts:
+            raise ConfigError(
+                f"BlockwiseProbes: need one layout and one (input, output) tap pair per block, got "
+                f"{len(layouts)} layouts and {len(pairs)} pairs"
+            )
+        for i, lay in enumerate(layouts):
+            _check_config(1, lay.dim, num_classes, prefix=lay.num_prefix_tokens, cls=lay.has_class_token,
+                          kind=str(patch_kind))  # fmt: skip
+            if lay.grid is None and not lay.has_class_token:
+                raise ConfigError(
+                    f"BlockwiseProbes: block {i} has neither a class token nor a patch grid "
+                    f"({lay}); P3B cannot measure its benefit"
+                )
+        self.layouts, self.pairs = tuple(layouts), tuple(pairs)
+        self.num_blocks, self.num_classes = len(layouts), num_classes
+        self.patch_kind = ProbeKind(patch_kind)
+        self.label_smoothing = label_smoothing
+        self.has_class_token = any(lay.has_class_token for lay in layouts)
+        self.cls = nn.ModuleList(
+            nn.Linear(lay.dim, num_classes) if lay.has_class_token else nn.Identity() for lay in layouts
+        )
+        self.patch = nn.ModuleList(self._patch_probe(lay, hidden) for lay in layouts)
+
+    def _patch_probe(self, lay: BlockLayout, hidden: int | None) -> nn.Module:
+        if lay.grid is None:
+            return nn.Identity()
+        if self.patch_kind is ProbeKind.PATCH_LINEAR:
+            return nn.Linear(lay.dim, self.num_classes)
+        return ConvProbe(lay.dim, self.num_classes, default_hidden(lay.dim) if hidden is None else hidden)
+
+    @property
+    def cls_blocks(self) -> tuple[bool, ...]:
+        return tuple(lay.has_class_token for lay in self.layouts)
+
+    @property
+    def patch_blocks(self) -> tuple[bool, ...]:
+        return tuple(lay.grid is not None for lay in self.layouts)
+
+    def _check_inputs(self, features: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
+        needed = 1 + max(max(p) for p in self.pairs)
+        if len(features) != needed:
+            raise TrainingError(
+                f"BlockwiseProbes: expected {needed} tapped feature maps, got {len(features)}"
+            )
+        for i, (lay, (a, b)) in enumerate(zip(self.layouts, self.pairs, strict=True)):
+            for f in (features[a], features[b]):
+                if f.dim() != 3 or f.shape[1:] != (lay.num_tokens, lay.dim):
+                    raise TrainingError(
+                        f"BlockwiseProbes: block {i} expects (batch, {lay.num_tokens}, {lay.dim}) maps, got "
+                        f"{tuple(f.shape)}; the probes were built for another input size"
+                    )
+        if labels.shape[0] != features[0].shape[0] or labels.dim() not in (1, 2):
+            raise TrainingError(
+                f"BlockwiseProbes: labels {tuple(labels.shape)} must be (batch,) class indices or "
+                f"(batch, classes) probabilities for a batch of {features[0].shape[0]}"
+            )
+
+    def _patch_logits(self, probe: nn.Module, lay: BlockLayout, f: torch.Tensor) -> torch.Tensor:
+        assert lay.grid is not None
+        tokens = f[:, lay.num_prefix_tokens :]
+        if self.patch_kind is ProbeKind.PATCH_LINEAR:
+            out: torch.Tensor = probe(tokens.mean(dim=1))
+            return out
+        grid = tokens.transpose(1, 2).reshape(f.shape[0], lay.dim, *lay.grid)
+        out = probe(grid)
+        return out
+
+    def forward(self, features: Sequence[torch.Tensor], labels: torch.Tensor) -> ProbeOutput:
+        """Evaluate every block's probes on its detached input and output; see :class:`ProbeOutput`."""
+        self._check_inputs(features, labels)
+        feats = [f.detach() for f in features]
+        nan = torch.full((self.num_blocks,), float("nan"), device=feats[0].device)
+        benefit = {"cls": nan.clone(), "patch": nan.clone()}
+        losses: list[torch.Tensor] = []
+        for i, (lay, (a, b)) in enumerate(zip(self.layouts, self.pairs, strict=True)):
+            heads: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+            if lay.has_class_token:
+                heads.append(("cls", self.cls[i](feats[a][:, 0]), self.cls[i](feats[b][:, 0])))
+            if lay.grid is not None:
+                heads.append(("patch", self._patch_logits(self.patch[i], lay, feats[a]),
+                              self._patch_logits(self.patch[i], lay, feats[b])))  # fmt: skip
+            for kind, logits_in, logits_out in heads:
+                ce_in, ce_out = _block_ce(logits_in[None], logits_out[None], labels, self.label_smoothing)
+                losses += [ce_in.sum(), ce_out.sum()]
+                benefit[kind][i] = (ce_in - ce_out).detach()[0]
+        return ProbeOutput(
+            loss=torch.stack(losses).sum(),
+            benefit_cls=benefit["cls"] if self.has_class_token else None,
+            benefit_patch=benefit["patch"],
+        )
+
+    def num_probe_params(self) -> int:
+        """Trainable parameters of all probes."""
         return sum(p.numel() for p in self.parameters())
 
 
@@ -298,12 +450,29 @@ class BenefitAccumulator:
     window. A block whose ΔΨ is not finite on a step (an AMP overflow) is not counted on that step.
     """
 
-    def __init__(self, num_blocks: int, has_class_token: bool) -> None:
+    def __init__(
+        self, num_blocks: int, has_class_token: bool, *, probed: Sequence[Sequence[bool]] | None = None
+    ) -> None:
+        """``probed``: (cls, patch) rows of per-block flags, for :class:`BlockwiseProbes`, whose
+        blocks may lack a probe kind; default: every block has a patch probe, and a class-token probe
+        when ``has_class_token``."""
         if num_blocks <= 0:
             raise ConfigError(f"BenefitAccumulator: num_blocks must be ≥ 1, got {num_blocks}")
         self.num_blocks, self.has_class_token = num_blocks, has_class_token
+        rows = probed if probed is not None else ([has_class_token] * num_blocks, [True] * num_blocks)
+        self._probed = torch.tensor([list(map(bool, r)) for r in rows], dtype=torch.bool)
+        if self._probed.shape != (2, num_blocks) or bool(self._probed[0].any()) != has_class_token:
+            raise ConfigError(
+                f"BenefitAccumulator: probed must be two rows (cls, patch) of {num_blocks} flags, with a "
+                f"class-token probe somewhere exactly when has_class_token ({has_class_token})"
+            )
         self._sums = torch.zeros(2, num_blocks, dtype=torch.float64)  # rows: cls, patch
         self._counts = torch.zeros(2, num_blocks, dtype=torch.int64)
+
+    @classmethod
+    def for_probes(cls, probes: BenefitProbes | BlockwiseProbes) -> BenefitAccumulator:
+        """An accumulator for the blocks and probe kinds of ``probes``."""
+        return cls(probes.num_blocks, probes.has_class_token, probed=(probes.cls_blocks, probes.patch_blocks))
 
     def add(self, output: ProbeOutput) -> None:
         """Add one step's ΔΨ (from :meth:`BenefitProbes.forward`)."""
@@ -318,9 +487,9 @@ class BenefitAccumulator:
         if self._sums.device != patch.device:
             self._sums, self._counts = self._sums.to(patch.device), self._counts.to(patch.device)
         values = torch.stack([cls, patch]).double()
-        ok = torch.isfinite(values)
-        if not self.has_class_token:
-            ok[0] = False
+        if self._probed.device != values.device:
+            self._probed = self._probed.to(values.device)
+        ok = torch.isfinite(values) & self._probed
         self._sums += torch.where(ok, values, torch.zeros_like(values))
         self._counts += ok.to(torch.int64)
 
@@ -329,17 +498,19 @@ class BenefitAccumulator:
         return self._counts.cpu().numpy()
 
     def mean(self) -> tuple[np.ndarray | None, np.ndarray]:
-        """Window mean ΔΨ per block: (cls or None without class token, patch), float64 arrays (B,)."""
+        """Window mean ΔΨ per block: (cls or None without class token, patch), float64 arrays (B,);
+        NaN for a block without a probe of that kind."""
         sums, counts = self._sums.cpu().numpy(), self.counts()
-        rows = [0, 1] if self.has_class_token else [1]
-        empty = sorted({int(b) for r in rows for b in np.flatnonzero(counts[r] == 0)})
+        probed = self._probed.cpu().numpy()
+        empty = sorted({int(b) for b in np.flatnonzero((probed & (counts == 0)).any(axis=0))})
         if empty:
             raise TrainingError(
                 f"BenefitAccumulator.mean: no finite block benefit was accumulated for block(s) {empty[:8]} "
                 "since the last reset; call add() on training steps before asking for the mean"
             )
-        patch = sums[1] / counts[1]
-        return (sums[0] / counts[0] if self.has_class_token else None), patch
+        means = np.full(sums.shape, np.nan)
+        np.divide(sums, counts, out=means, where=probed)
+        return (means[0] if self.has_class_token else None), means[1]
 
     def reset(self) -> None:
         """Start a new window."""
@@ -351,6 +522,7 @@ class BenefitAccumulator:
         return {
             "num_blocks": self.num_blocks,
             "has_class_token": self.has_class_token,
+            "probed": self._probed.cpu().clone(),
             "sums": self._sums.detach().cpu().clone(),
             "counts": self._counts.detach().cpu().clone(),
         }
@@ -367,7 +539,14 @@ class BenefitAccumulator:
                 "state_dict() returns"
             ) from exc
         shape = (2, self.num_blocks)
-        if layout != (self.num_blocks, self.has_class_token) or sums.shape != shape or counts.shape != shape:
+        probed = state.get("probed")  # absent in checkpoints written before BlockwiseProbes
+        same_probes = probed is None or torch.equal(torch.as_tensor(probed).cpu(), self._probed.cpu())
+        if (
+            layout != (self.num_blocks, self.has_class_token)
+            or sums.shape != shape
+            or counts.shape != shape
+            or not same_probes
+        ):
             raise CheckpointError(
                 f"BenefitAccumulator.load_state_dict: checkpoint has (blocks, class token) = {layout} and "
                 f"sums {tuple(sums.shape)}, this model {(self.num_blocks, self.has_class_token)}; "

@@ -60,7 +60,10 @@ class ImportanceConfig:
                 )
 
 
-def _as_vector(values: Any, what: str, n: int | None = None) -> FloatArray:
+def _as_vector(values: Any, what: str, n: int | None = None, *, allow_nan: bool = False) -> FloatArray:
+    """A finite float vector; ``allow_nan``: NaN (or None) marks a block without this probe kind."""
+    if allow_nan and isinstance(values, (list, tuple)):
+        values = [np.nan if v is None else v for v in values]
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ConfigError(
@@ -68,9 +71,11 @@ def _as_vector(values: Any, what: str, n: int | None = None) -> FloatArray:
         )
     if n is not None and arr.size != n:
         raise ConfigError(f"{what} has {arr.size} entries but there are {n} blocks; pass one per block")
-    if not np.all(np.isfinite(arr)):
+    bad = np.isinf(arr) if allow_nan else ~np.isfinite(arr)
+    if np.any(bad) or np.all(np.isnan(arr)):
         raise ConfigError(
-            f"{what} contains NaN or inf at blocks {np.flatnonzero(~np.isfinite(arr)).tolist()}"
+            f"{what} contains {'inf' if allow_nan else 'NaN or inf'} at blocks {np.flatnonzero(bad).tolist()}"
+            + (" or no number at all" if allow_nan else "")
         )
     return arr
 
@@ -87,13 +92,20 @@ def block_importance(benefit: npt.ArrayLike, kept_params: npt.ArrayLike, cfg: Im
     ``benefit``: mean ΔΨ_i over the window (step 1 is the caller's averaging). ``kept_params``: the
     block's currently kept cost (hard masks). If no block has a positive benefit the max-rescale
     is undefined; the importance then falls back to uniform (all ones), which the reference lacks.
+    A NaN benefit marks a block without a probe of this kind: it stays NaN, and the mean-1 scaling
+    runs over the measured blocks.
     """
-    a = _as_vector(benefit, "benefit")
+    a = _as_vector(benefit, "benefit", allow_nan=True)
     kept = _as_vector(kept_params, "kept_params", a.size)
     if np.any(kept < 0):
         raise ConfigError(
             f"kept_params must be >= 0, got negative values at {np.flatnonzero(kept < 0).tolist()}"
         )
+    measured = ~np.isnan(a)
+    if not measured.all():  # blocks without this probe kind: NaN; the rest are scored among themselves
+        out = np.full_like(a, np.nan)
+        out[measured] = block_importance(a[measured], kept[measured], cfg)
+        return out
     best = float(a.max())
     if best <= 0.0:
         log.warning("no block has a positive benefit (max %.4g); using uniform importance", best)
@@ -133,9 +145,19 @@ class ImportanceTracker:
         self._prev.update(current)
         self.updates += 1
         if len(current) == 1:
-            return next(iter(current.values()))
-        w = self.cfg.mix_cls
-        return np.asarray(w * current["cls"] + (1.0 - w) * current["patch"], dtype=np.float64)
+            mixed = next(iter(current.values()))
+        else:
+            w = self.cfg.mix_cls
+            mixed = np.asarray(w * current["cls"] + (1.0 - w) * current["patch"], dtype=np.float64)
+            # a block with one probe kind only (BlockwiseProbes) takes that kind's importance
+            mixed = np.where(np.isnan(current["cls"]), current["patch"], mixed)
+            mixed = np.where(np.isnan(current["patch"]), current["cls"], mixed)
+        if np.isnan(mixed).any():
+            raise ConfigError(
+                f"blocks {np.flatnonzero(np.isnan(mixed)).tolist()} have no benefit from any probe; every "
+                "block needs a class-token or a patch probe"
+            )
+        return mixed
 
     def _smoothed(self, probe: str, g_new: FloatArray) -> FloatArray:
         prev = self._prev[probe]
@@ -150,14 +172,18 @@ class ImportanceTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: previous importance per probe type and the update count."""
-        prev = {k: (None if v is None else [float(x) for x in v]) for k, v in self._prev.items()}
+        prev = {
+            k: (None if v is None else [None if math.isnan(x) else float(x) for x in v])
+            for k, v in self._prev.items()
+        }
         return {"prev": prev, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             prev = state["prev"]
             loaded = {
-                k: (None if prev.get(k) is None else _as_vector(prev[k], f"prev[{k}]")) for k in PROBE_TYPES
+                k: (None if prev.get(k) is None else _as_vector(prev[k], f"prev[{k}]", allow_nan=True))
+                for k in PROBE_TYPES
             }
             updates = int(state["updates"])
         except (KeyError, TypeError, AttributeError, ValueError, ConfigError) as exc:

@@ -45,9 +45,13 @@ def benefit_bars(path: Path, blocks: Sequence[str], history: Sequence[Mapping[st
     last = history[-1]
     x = np.arange(len(blocks))
     fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(blocks) + 2), 3.0))
-    ax.bar(x - 0.2, last["benefit_patch"], width=0.4, label="patch probe")
+
+    def values(key: str) -> np.ndarray:  # null: a block without that probe kind (no bar)
+        return np.array([np.nan if v is None else v for v in last[key]], dtype=float)
+
+    ax.bar(x - 0.2, values("benefit_patch"), width=0.4, label="patch probe")
     if last.get("benefit_cls") is not None:
-        ax.bar(x + 0.2, last["benefit_cls"], width=0.4, label="class-token probe")
+        ax.bar(x + 0.2, values("benefit_cls"), width=0.4, label="class-token probe")
     ax.set_xticks(x, labels=list(blocks), fontsize=6, rotation=90)
     ax.set_ylabel("block benefit ΔΨ")
     ax.axhline(0.0, color="black", linewidth=0.5)

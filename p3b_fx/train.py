@@ -41,7 +41,7 @@ from p3b_fx import budget as budget_mod
 from p3b_fx import data as data_mod
 from p3b_fx import distributed
 from p3b_fx.allocate import GateSpec, GateType, allocate_block
-from p3b_fx.benefit import BenefitAccumulator, BenefitProbes
+from p3b_fx.benefit import BenefitAccumulator, BenefitProbes, BlockLayout, BlockwiseProbes
 from p3b_fx.config import SOURCE_MODEL, PruneConfig
 from p3b_fx.core.groups import Block, BlockKind, GroupSet, Role
 from p3b_fx.core.io import atomic_write_text
@@ -54,7 +54,7 @@ from p3b_fx.errors import CheckpointError, ConfigError, DataError, TrainingError
 from p3b_fx.importance import ImportanceTracker
 from p3b_fx.schedule import Schedule
 from p3b_fx.tracing import default_input_shape
-from passes.insert_taps import FeatureTaps, InsertTapsPass, feature_taps
+from passes.insert_taps import FeatureTaps, InsertTapsPass, feature_taps, tap_points
 
 logger = logging.getLogger(__name__)
 
@@ -557,6 +557,11 @@ class Allocation:
     block_cost: list[float]
 
 
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    """Rounded values for the JSON log; NaN (a block without that probe kind) becomes null."""
+    return [None if math.isnan(v) else v for v in values.round(5).tolist()]
+
+
 @dataclass
 class Pruner:
     """Budget, gates and statistics of one P3B (or uniform) run; knows nothing of the data."""
@@ -565,7 +570,7 @@ class Pruner:
     groups: GroupSet
     bank: MaskBank
     schedule: Schedule
-    probes: BenefitProbes
+    probes: Probes
     costs: budget_mod.GroupCostModel = field(init=False)
     specs: dict[str, list[GateSpec]] = field(init=False)
     taylor: TaylorAccumulator = field(init=False)
@@ -579,7 +584,7 @@ class Pruner:
         self.costs = budget_mod.cost_model_from_groups(self.groups, budget_mod.BudgetUnit(self.cfg.budget))
         self.specs = gate_specs(self.groups, self.cfg.granularity, self.cfg.round_to)
         self.taylor = TaylorAccumulator({g: gate.numel() for g, gate in self.bank.gates().items()})
-        self.benefit = BenefitAccumulator(len(self.groups.blocks), self.probes.has_class_token)
+        self.benefit = BenefitAccumulator.for_probes(self.probes)
         self.kept = {g.name: g.size for g in self.groups}
         self.goal(np.ones(len(self.groups.blocks)))  # fails fast when no plan meets the budget
 
@@ -602,8 +607,8 @@ class Pruner:
         if self.cfg.method == "uniform":  # no probes run: the same keep ratio for every block
             return np.ones(len(self.groups.blocks)), {"benefit_patch": None, "benefit_cls": None}
         cls, patch = self.benefit.mean()
-        info = {"benefit_patch": patch.round(5).tolist(),
-                "benefit_cls": None if cls is None else cls.round(5).tolist()}  # fmt: skip
+        info = {"benefit_patch": _json_floats(patch),
+                "benefit_cls": None if cls is None else _json_floats(cls)}  # fmt: skip
         return self.tracker.update(cls, patch, self.kept_costs()), info
 
     def update(self, step: int, loss: float | None) -> dict[str, Any]:
@@ -701,13 +706,33 @@ def gate_specs(groups: GroupSet, granularity: str, round_to: int) -> dict[str, l
     return out
 
 
-def make_probes(model: nn.Module, groups: GroupSet, num_classes: int, cfg: PruneConfig) -> BenefitProbes:
+Probes = BenefitProbes | BlockwiseProbes
+
+
+def make_probes(
+    model: nn.Module, groups: GroupSet, num_classes: int, cfg: PruneConfig, gm: fx.GraphModule | None = None
+) -> Probes:
+    """The block-benefit probes of a run.
+
+    A plain ViT, whose blocks all read and write one stream of one token layout, gets
+    :class:`BenefitProbes` (batched linear probes). P3B on a model whose stream changes between blocks
+    (pooling stages, class-attention blocks) gets :class:`BlockwiseProbes` with each block's own
+    layout, read off the traced shapes of ``gm`` (see :func:`block_layouts`).
+    """
     raw = getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0)
     widths = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)  # multi-stage models: one per stage
-    if len(set(widths)) > 1 and cfg.method == "p3b":
+    if cfg.method == "p3b" and gm is not None:
+        layouts, pairs = block_layouts(cfg, model, gm, groups)
+        chain = pairs == [(i, i + 1) for i in range(len(pairs))]
+        if not (chain and len(set(layouts)) == 1 and layouts[0].dim == widths[0]):
+            return BlockwiseProbes(
+                layouts, pairs, num_classes, patch_kind=cfg.probe, hidden=cfg.probe_hidden,
+                label_smoothing=cfg.label_smoothing,
+            )  # fmt: skip
+    elif len(set(widths)) > 1 and cfg.method == "p3b":
         raise ConfigError(
-            f"{type(model).__name__} has stages of widths {widths}; P3B's probes read one residual stream "
-            "of one width: use --method uniform, which runs no probes"
+            f"{type(model).__name__} has stages of widths {widths}; pass its traced graph to make_probes "
+            "so that every stage gets probes of its own width"
         )
     dim = int(widths[0])  # uniform builds the probes but never runs them
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
@@ -720,6 +745,64 @@ def make_probes(model: nn.Module, groups: GroupSet, num_classes: int, cfg: Prune
         num_prefix_tokens=prefix, has_class_token=has_cls, patch_kind=cfg.probe, hidden=cfg.probe_hidden,
         label_smoothing=cfg.label_smoothing,
     )  # fmt: skip
+
+
+def _token_layout(model: nn.Module, tokens: int, dim: int) -> BlockLayout | None:
+    """Which of ``tokens`` are prefix (class, register) tokens and which a patch grid, or None.
+
+    The model's own patch grid and prefix count come first (a plain ViT's stream); then a square grid
+    after the model's prefix, after the class token alone, or after nothing (pooling stages shrink the
+    grid; CaiT and XCiT run their main blocks without the class token). A stream of the class token
+    alone (CaiT's class-attention blocks) has no grid.
+    """
+    has_cls = getattr(model, "cls_token", None) is not None
+    prefix = int(getattr(model, "num_prefix_tokens", int(has_cls)))
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None:
+        gh, gw = (int(g) for g in grid)
+        for k in dict.fromkeys((prefix, 0)):
+            if tokens == k + gh * gw:
+                return BlockLayout(dim, k, (gh, gw), has_cls and k >= 1)
+    for k in dict.fromkeys((prefix, int(has_cls), 0)):
+        patches = tokens - k
+        if patches == 0 and k >= 1 and has_cls:
+            return BlockLayout(dim, k, None, True)
+        side = math.isqrt(max(patches, 0))
+        if patches > 0 and side * side == patches:
+            return BlockLayout(dim, k, (side, side), has_cls and k >= 1)
+    return None
+
+
+def block_layouts(
+    cfg: PruneConfig, model: nn.Module, gm: fx.GraphModule, groups: GroupSet
+) -> tuple[list[BlockLayout], list[tuple[int, int]]]:
+    """Per block: the token layout of the stream it reads and writes, and its (input, output) taps.
+
+    Raises ConfigError, before any training, where a block's stream is not (batch, tokens, dim) or
+    its tokens cannot be split into prefix tokens and a patch grid.
+    """
+    names = {n.name: n for n in gm.graph.nodes}
+    _, pairs = tap_points(groups)
+    layouts: list[BlockLayout] = []
+    for block in groups.blocks:
+        shape = known_shape(names.get(block.input_node))
+        if shape is None or len(shape) != 3:
+            raise ConfigError(
+                f"P3B's probes read (batch, tokens, dim) streams, but block '{block.name}' of {cfg.model} "
+                f"reads {'an unknown shape' if shape is None else tuple(shape)}; use --method uniform, "
+                "which needs no block-benefit probes"
+            )
+        layout = _token_layout(model, int(shape[1]), int(shape[2]))
+        if layout is None:
+            raise ConfigError(
+                f"P3B's probes cannot tell which of the {shape[1]} tokens of block '{block.name}' of "
+                f"{cfg.model} are prefix tokens and which a patch grid (model prefix tokens: "
+                f"{getattr(model, 'num_prefix_tokens', '?')}, patch grid: "
+                f"{getattr(getattr(model, 'patch_embed', None), 'grid_size', '?')}); use --method uniform, "
+                "which needs no block-benefit probes"
+            )
+        layouts.append(layout)
+    return layouts, pairs
 
 
 def tap(masked: fx.GraphModule, groups: GroupSet) -> FeatureTaps:
@@ -1059,7 +1142,7 @@ def _run(
     if config.method != "dense":
         check_budget(config, prep.groups)
     if config.method == "p3b":
-        check_stream(config, prep.gm, prep.groups)
+        check_stream(config, prep)
     if config.method.startswith("global-"):
         from p3b_fx import baselines  # noqa: PLC0415 - torch_pruning only where it is used
 
@@ -1140,26 +1223,14 @@ def _most_removable(
     return least, 1 - (least + nonblock) / (float(dense.sum()) + nonblock)
 
 
-def check_stream(cfg: PruneConfig, gm: fx.GraphModule, groups: GroupSet) -> None:
-    """Raise ConfigError before any training when the residual stream changes shape between blocks.
+def check_stream(cfg: PruneConfig, prep: Prepared) -> None:
+    """Raise ConfigError before any training when P3B cannot place its probes on some block.
 
-    P3B's probes read every x_i (method doc §1) with the same probe design; CaiT's class-attention
-    blocks, for one, carry the class token alone.
+    P3B's probes read every block's input and output (method doc §1); models whose stream changes
+    between blocks get each block's own layout (:func:`block_layouts`), so only a stream that is not
+    (batch, tokens, dim), or whose tokens do not split into prefix tokens and a grid, is refused.
     """
-    names = {n.name: n for n in gm.graph.nodes}
-    points = [groups.blocks[0].input_node, *(b.add_node for b in groups.blocks)]
-    shapes = [known_shape(names.get(p)) for p in points]
-    first = shapes[0]
-    for block, shape in zip(groups.blocks, shapes[1:], strict=True):
-        if first is not None and shape is not None and shape[1:] != first[1:]:
-            raise ConfigError(
-                f"P3B reads every block's input and output off one residual stream, but the stream of "
-                f"{cfg.model} changes from (tokens, dim) = {first[1:]} to {shape[1:]} at block "
-                f"'{block.name}' (pooling stages change tokens and width; class-attention blocks carry "
-                "the class token alone); "
-                "use --method uniform, which needs no block-benefit probes (Torch-Pruning's global-taylor "
-                "and global-magnitude fail on these models too)"
-            )
+    block_layouts(cfg, prep.model, prep.gm, prep.groups)
 
 
 def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:
@@ -1177,7 +1248,7 @@ def run_p3b(cfg: PruneConfig, out: Path, prep: Prepared, stop_after_epoch: int |
     masked, bank = p3b_fx.insert_masks(prep.gm, prep.groups, share_parameters=True)
     taps = tap(masked, prep.groups)
     p3b_fx.fold_masks(masked)  # same function and dL/dm, weight-sized multiplies
-    probes = make_probes(prep.model, prep.groups, prep.num_classes, cfg).to(prep.device)
+    probes = make_probes(prep.model, prep.groups, prep.num_classes, cfg, prep.gm).to(prep.device)
     spe = steps_per_epoch(prep.loaders[0], cfg)
     pruner = Pruner(cfg, prep.groups, bank, make_schedule(cfg, spe), probes)
     loop = Loop(cfg, out, prep.device, masked, taps, pruner, prep.loaders)

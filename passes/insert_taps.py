@@ -1,12 +1,15 @@
 """InsertTapsPass: identity taps that record the residual stream x_0 … x_B during a forward pass.
 
 Pattern: the blocks of a ``GroupSet`` (in order). Result: the same graph plus one ``FeatureTaps``
-submodule (``p3b_taps``) called as an identity at the first block's input node (x_0) and after
-every block's residual add (x_i), each call carrying its index. While recording, the module keeps
-the last tensor seen per index. Why: P3B's benefit probes need every block's input and output
-(method doc §1); reading them off the training forward pass avoids a second forward. The features
-are taken where the blocks read and write the stream, hence before the final norm by construction.
-Outputs are unchanged: a tap returns its input.
+submodule (``p3b_taps``) called as an identity at every block's input node and after every block's
+residual add, each call carrying its index (:func:`tap_points`). In a plain ViT block i reads what
+block i-1 wrote, so the taps are x_0 (the first block's input) and x_i (block i's add): B + 1 of
+them. Where something else sits between two blocks (a pooling stage, CaiT's class-token concat,
+XCiT's local patch interaction), the block's own input gets a tap of its own. While recording, the
+module keeps the last tensor seen per index. Why: P3B's benefit probes need every block's input and
+output (method doc §1); reading them off the training forward pass avoids a second forward. The
+features are taken where the blocks read and write the stream, hence before the final norm by
+construction. Outputs are unchanged: a tap returns its input.
 """
 
 from __future__ import annotations
@@ -56,9 +59,23 @@ class FeatureTaps(nn.Module):
         return out
 
 
+def tap_points(groups: GroupSet) -> tuple[list[str], list[tuple[int, int]]]:
+    """The nodes to tap, in order, and per block the (input, output) indices into them.
+
+    A node is tapped once however many blocks read it, so a plain ViT, where block i reads what
+    block i - 1 wrote, gets x_0 … x_B and the pairs (i, i + 1).
+    """
+    index: dict[str, int] = {}
+    pairs: list[tuple[int, int]] = []
+    for block in groups.blocks:
+        ends = [index.setdefault(node, len(index)) for node in (block.input_node, block.add_node)]
+        pairs.append((ends[0], ends[1]))
+    return list(index), pairs
+
+
 @dataclass(frozen=True)
 class InsertTapsPass(GraphPass):
-    """Tap x_0 (first block's input) and x_i (block i's residual add), in block order."""
+    """Tap every block's input and its residual add, in block order (:func:`tap_points`)."""
 
     groups: GroupSet
 
@@ -66,8 +83,7 @@ class InsertTapsPass(GraphPass):
         if not self.groups.blocks:
             raise PassError("InsertTapsPass: the model has no residual blocks to tap")
         names = {n.name for n in gm.graph.nodes}
-        b0 = self.groups.blocks[0]
-        wanted = [b0.input_node, *(b.add_node for b in self.groups.blocks)]
+        wanted, _ = tap_points(self.groups)
         absent = [w for w in wanted if w not in names]
         if absent:
             raise PassError(
@@ -79,7 +95,7 @@ class InsertTapsPass(GraphPass):
         if any(TAP_INDEX in n.meta for n in gm.graph.nodes):
             return PassResult(gm, False)
         names = {n.name: n for n in gm.graph.nodes}
-        points = [self.groups.blocks[0].input_node, *(b.add_node for b in self.groups.blocks)]
+        points, _ = tap_points(self.groups)
         gm.add_submodule(TAP_MODULE, FeatureTaps(len(points)))
         for index, name in enumerate(points):
             src = names[name]
@@ -94,8 +110,9 @@ class InsertTapsPass(GraphPass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         taps = sorted(n.meta[TAP_INDEX] for n in gm.graph.nodes if TAP_INDEX in n.meta)
-        if taps != list(range(len(self.groups.blocks) + 1)):
-            raise PassError(f"InsertTapsPass: expected taps 0..{len(self.groups.blocks)}, found {taps}")
+        count = len(tap_points(self.groups)[0])
+        if taps != list(range(count)):
+            raise PassError(f"InsertTapsPass: expected taps 0..{count - 1}, found {taps}")
 
 
 def feature_taps(gm: fx.GraphModule) -> FeatureTaps:

@@ -12,6 +12,8 @@ import torch
 from p3b_fx.benefit import (
     BenefitAccumulator,
     BenefitProbes,
+    BlockLayout,
+    BlockwiseProbes,
     ProbeKind,
     ProbeOutput,
     default_hidden,
@@ -284,3 +286,86 @@ def test_accumulator_all_reduce_is_noop_without_distributed() -> None:
     cls, patch = acc.mean()
     np.testing.assert_array_equal(cls, [1.0, 2.0])
     np.testing.assert_array_equal(patch, [3.0, 4.0])
+
+
+# --- BlockwiseProbes: blocks on streams of their own (pooling stages, class-attention blocks) ----------
+
+STAGED = (
+    BlockLayout(DIM, 1, (3, 3), True),  # plain stream: class token + 3x3 grid
+    BlockLayout(DIM, 1, None, True),  # class token alone (CaiT's class-attention blocks)
+    BlockLayout(8, 0, (1, 2), False),  # a narrower stage without class token
+)
+STAGED_PAIRS = ((0, 1), (2, 3), (4, 5))
+
+
+def staged_features(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(BATCH, lay.num_tokens, lay.dim, generator=g) for lay in STAGED for _ in range(2)]
+
+
+@pytest.mark.parametrize("kind", [ProbeKind.PATCH_CONV, ProbeKind.PATCH_LINEAR])
+def test_blockwise_probes_measure_what_each_block_has(kind: ProbeKind) -> None:
+    probes = BlockwiseProbes(STAGED, STAGED_PAIRS, CLASSES, patch_kind=kind, hidden=8)
+    w = torch.ones((), requires_grad=True)  # stand-in backbone parameter
+    out = probes([w * f for f in staged_features()], LABELS)
+    assert out.benefit_cls is not None
+    assert [math.isnan(v) for v in out.benefit_cls.tolist()] == [False, False, True]
+    assert [math.isnan(v) for v in out.benefit_patch.tolist()] == [False, True, False]
+    out.loss.backward()
+    assert w.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in probes.parameters())
+    assert (probes.cls_blocks, probes.patch_blocks) == ((True, True, False), (True, False, True))
+
+
+def test_blockwise_probes_equal_the_batched_ones_on_one_stream() -> None:
+    """Same weights, one plain stream: both implementations give the same loss and ΔΨ."""
+    torch.manual_seed(0)
+    batched = make_probes(ProbeKind.PATCH_CONV, blocks=2)
+    lay = BlockLayout(DIM, 1, (3, 3), True)
+    blockwise = BlockwiseProbes([lay, lay], [(0, 1), (1, 2)], CLASSES, hidden=8)
+    assert batched.cls_probes is not None and batched.patch_conv is not None
+    with torch.no_grad():
+        for i in range(2):
+            cls = blockwise.cls[i]
+            assert isinstance(cls, torch.nn.Linear)
+            cls.weight.copy_(batched.cls_probes.weight[i].T)
+            cls.bias.copy_(batched.cls_probes.bias[i])
+            blockwise.patch[i].load_state_dict(batched.patch_conv[i].state_dict())
+    feats = features(2, 10)
+    a, b = batched(feats, LABELS), blockwise(feats, LABELS)
+    assert a.benefit_cls is not None and b.benefit_cls is not None
+    torch.testing.assert_close(b.benefit_cls, a.benefit_cls)
+    torch.testing.assert_close(b.benefit_patch, a.benefit_patch)
+    torch.testing.assert_close(b.loss, a.loss)
+
+
+def test_blockwise_probes_refuse_bad_layouts_and_maps() -> None:
+    with pytest.raises(ConfigError, match="neither a class token nor a patch grid"):
+        BlockwiseProbes([BlockLayout(DIM, 0, None, False)], [(0, 1)], CLASSES)
+    with pytest.raises(ConfigError, match="one layout and one"):
+        BlockwiseProbes(STAGED, STAGED_PAIRS[:2], CLASSES)
+    probes = BlockwiseProbes(STAGED, STAGED_PAIRS, CLASSES, hidden=8)
+    feats = staged_features()
+    with pytest.raises(TrainingError, match="expected 6 tapped feature maps"):
+        probes(feats[:5], LABELS)
+    feats[3] = torch.randn(BATCH, 2, DIM)
+    with pytest.raises(TrainingError, match=r"block 1 expects \(batch, 1, 16\) maps"):
+        probes(feats, LABELS)
+
+
+def test_accumulator_counts_only_the_probes_a_block_has() -> None:
+    probes = BlockwiseProbes(STAGED, STAGED_PAIRS, CLASSES, hidden=8)
+    acc = BenefitAccumulator.for_probes(probes)
+    acc.add(step([1.0, 2.0, math.nan], [3.0, math.nan, 5.0]))
+    acc.add(step([3.0, 4.0, 9.0], [1.0, 9.0, 1.0]))  # values where a block has no probe are ignored
+    cls, patch = acc.mean()
+    assert cls is not None
+    np.testing.assert_array_equal(np.isnan(cls), [False, False, True])
+    np.testing.assert_allclose(cls[:2], [2.0, 3.0])
+    np.testing.assert_array_equal(np.isnan(patch), [False, True, False])
+    np.testing.assert_allclose(patch[[0, 2]], [2.0, 3.0])
+    restored = BenefitAccumulator.for_probes(probes)
+    restored.load_state_dict(acc.state_dict())
+    np.testing.assert_array_equal(restored.counts(), acc.counts())
+    with pytest.raises(CheckpointError, match="resume with the model"):
+        BenefitAccumulator(3, has_class_token=True).load_state_dict(acc.state_dict())

@@ -76,7 +76,14 @@ def test_no_positive_benefit_falls_back_to_uniform(benefit: list[float]) -> None
 
 
 @pytest.mark.parametrize(
-    ("benefit", "kept"), [([1.0, 2.0], [1.0]), ([1.0, float("nan")], [1.0, 1.0]), ([], []), ([1.0], [-1.0])]
+    ("benefit", "kept"),
+    [
+        ([1.0, 2.0], [1.0]),
+        ([1.0, math.inf], [1.0, 1.0]),
+        ([math.nan, math.nan], [1.0, 1.0]),
+        ([], []),
+        ([1.0], [-1.0]),
+    ],
 )
 def test_bad_inputs_raise(benefit: list[float], kept: list[float]) -> None:
     with pytest.raises(ConfigError):
@@ -149,3 +156,30 @@ def test_state_dict_round_trips_through_json_and_resumes_identically() -> None:
 def test_malformed_state_raises_checkpoint_error(state: dict[str, object]) -> None:
     with pytest.raises(CheckpointError, match="state_dict"):
         ImportanceTracker().load_state_dict(state)
+
+
+def test_blocks_without_a_probe_kind_stay_nan_and_the_rest_are_scored_among_themselves() -> None:
+    """BlockwiseProbes: a block with no patch (or no class-token) probe reports NaN for that kind."""
+    benefit = np.array([2.0, math.nan, 1.0])
+    out = block_importance(benefit, KEPT, CFG)
+    assert math.isnan(out[1])
+    np.testing.assert_allclose(out[[0, 2]], block_importance([2.0, 1.0], KEPT[[0, 2]], CFG), rtol=1e-12)
+
+
+def test_a_block_with_one_probe_kind_takes_that_kinds_importance() -> None:
+    cls = np.array([math.nan, 1.0, 2.0])
+    patch = np.array([0.5, 0.25, math.nan])
+    tracker = ImportanceTracker()
+    out = tracker.update(cls, patch, KEPT)
+    g_cls, g_patch = block_importance(cls, KEPT, CFG), block_importance(patch, KEPT, CFG)
+    np.testing.assert_allclose(out, [g_patch[0], 0.5 * g_cls[1] + 0.5 * g_patch[1], g_cls[2]], rtol=1e-12)
+    restored = ImportanceTracker()
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))  # NaN travels as null
+    np.testing.assert_allclose(
+        restored.update(cls, patch, KEPT), tracker.update(cls, patch, KEPT), rtol=1e-12
+    )
+
+
+def test_a_block_without_any_probe_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"blocks \[1\] have no benefit from any probe"):
+        ImportanceTracker().update(np.array([1.0, math.nan]), np.array([1.0, math.nan]), KEPT[:2])

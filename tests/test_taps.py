@@ -12,7 +12,7 @@ from torch import fx, nn
 import p3b_fx
 from p3b_fx.core.groups import GroupSet
 from p3b_fx.errors import PassError
-from passes.insert_taps import TAP_INDEX, InsertTapsPass, feature_taps
+from passes.insert_taps import TAP_INDEX, InsertTapsPass, feature_taps, tap_points
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,32 @@ def test_groups_of_another_graph_are_refused(traced: tuple[fx.GraphModule, Group
     groups = p3b_fx.find_groups(gm)
     with pytest.raises(PassError, match="not in this graph"):
         InsertTapsPass(groups)(traced[0])
+
+
+def test_a_plain_vit_is_tapped_as_one_chain(traced: tuple[fx.GraphModule, GroupSet]) -> None:
+    points, pairs = tap_points(traced[1])
+    assert len(points) == len(traced[1].blocks) + 1
+    assert pairs == [(i, i + 1) for i in range(len(traced[1].blocks))]
+
+
+def test_blocks_on_another_stream_get_their_own_input_tap() -> None:
+    """CaiT's class-attention blocks read the class token, not what the last main block wrote: their
+    first block's input is a tap of its own, and every tap records that block's input and output."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "cait_xxs24_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5
+    ).eval()
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    points, pairs = tap_points(groups)
+    first_cls = next(i for i, b in enumerate(groups.blocks) if b.name.startswith("blocks_token_only"))
+    assert len(points) == len(groups.blocks) + 2
+    assert pairs[first_cls][0] == pairs[first_cls - 1][1] + 1
+    tapped = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    InsertTapsPass(groups)(tapped)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(tapped(x), gm(x), rtol=0, atol=0)
+    feats = feature_taps(tapped).take()
+    for (a, b), block in zip(pairs, groups.blocks, strict=True):
+        assert feats[a].shape == feats[b].shape, block.name
+    assert feats[pairs[first_cls][0]].shape[1] == 1  # the class token alone

@@ -13,6 +13,7 @@ import torch
 
 import p3b_fx
 from p3b_fx import train
+from p3b_fx.benefit import BenefitProbes, BlockwiseProbes
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.plan import KeepPlan
 from p3b_fx.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -158,12 +159,59 @@ def test_a_prune_ratio_beyond_what_the_prunable_groups_can_shed_fails_before_tra
     assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
 
 
-def test_a_stream_that_changes_shape_is_refused_for_p3b_before_training(tmp_path: Path) -> None:
-    """CaiT's class-attention blocks carry the class token alone: P3B's probes cannot read them."""
-    cfg = tiny_config(tmp_path / "run", model="cait_xxs24_224", model_kwargs={**PARALLEL, "depth": 1})
-    with pytest.raises(ConfigError, match=r"changes from .* at block 'blocks_token_only.0.*--method uniform"):
-        train.run(cfg)
+def test_p3b_runs_on_class_attention_blocks_with_their_own_probes(tmp_path: Path) -> None:
+    """CaiT's main blocks carry the patch tokens alone and its class-attention blocks the class token
+    alone: each block gets the probe its stream has, the log says which (null for the other), and
+    the run ends like any other (budget met, slim model equal to the hard-masked one)."""
+    cfg = tiny_config(tmp_path / "run", model="cait_xxs24_224", model_kwargs={**PARALLEL, "depth": 1},
+                      prune_ratio=0.3, finetune_epochs=1)  # fmt: skip
+    report = train.run(cfg)
+    assert report["budget_met"] and report["slim_max_abs_diff"] <= train.SLIM_TOLERANCE
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    update = next(e for e in events if e["event"] == "update")
+    # blocks.0.attn, blocks.0.mlp, then the attention and MLP of CaiT's two class-attention blocks
+    token_only = [i for i, name in enumerate(report["keep_ratios"]) if name.startswith("blocks_token_only")]
+    assert token_only and all(update["benefit_patch"][i] is None for i in token_only)
+    assert all(
+        update["benefit_cls"][i] is None for i in range(len(update["benefit_cls"])) if i not in token_only
+    )
+    assert all(update["benefit_patch"][i] is not None for i in range(token_only[0]))
+    assert (tmp_path / "run" / "block_benefit.png").is_file()
+
+
+def test_a_stream_p3b_cannot_read_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "_token_layout", lambda *_args: None)
+    with pytest.raises(
+        ConfigError, match=r"cannot tell which of the \d+ tokens of block 'blocks.0.attn'.*uniform"
+    ):
+        train.run(tiny_config(tmp_path / "run"))
     assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "prefix", "grid", "cls", "expected"),
+    [
+        (17, 1, (4, 4), True, (1, (4, 4), True)),  # a plain ViT's stream
+        (16, 1, (4, 4), True, (0, (4, 4), False)),  # CaiT / XCiT main blocks: no class token yet
+        (1, 1, (4, 4), True, (1, None, True)),  # CaiT class-attention blocks: the class token alone
+        (5, 1, (4, 4), True, (1, (2, 2), True)),  # a PiT stage after pooling
+        (4, 0, None, False, (0, (2, 2), False)),  # a LeViT stage
+        (21, 5, (4, 4), True, (5, (4, 4), True)),  # class + 4 register tokens
+        (7, 1, None, True, None),  # 6 or 7 tokens fill no square grid
+    ],
+)
+def test_token_layouts(
+    tokens: int, prefix: int, grid: tuple[int, int] | None, cls: bool, expected: tuple[Any, ...] | None
+) -> None:
+    model = torch.nn.Module()
+    model.num_prefix_tokens = prefix  # type: ignore[assignment]
+    model.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8)) if cls else None  # type: ignore[assignment]
+    model.patch_embed = SimpleNamespace(grid_size=grid)  # type: ignore[assignment]
+    layout = train._token_layout(model, tokens, 8)
+    got = None if layout is None else (layout.num_prefix_tokens, layout.grid, layout.has_class_token)
+    assert got == expected
 
 
 def test_class_count_mismatch_suggests_num_classes(tmp_path: Path) -> None:
@@ -336,13 +384,25 @@ def test_pretrained_without_the_hub_says_to_pass_a_checkpoint(
         train.build_model(tiny_config(tmp_path / "run", pretrained=True))
 
 
-def test_multi_stage_models_get_probes_only_where_they_never_run(tmp_path: Path) -> None:
-    """LeViT's embed_dim is one width per stage: uniform (no probes run) builds them, P3B refuses."""
+def test_multi_stage_models_get_probes_of_every_stage_width(tmp_path: Path) -> None:
+    """LeViT's stages change width and tokens: P3B gives each block probes for its own stream (given
+    the traced graph), uniform (no probes run) builds them at the first width."""
     cfg = tiny_config(tmp_path / "run", model="levit_128s", model_kwargs={"img_size": 64}, method="uniform")
     prep = train.prepare(cfg, None, None)
     assert train.make_probes(prep.model, prep.groups, 10, cfg).num_blocks == len(prep.groups.blocks)
-    with pytest.raises(ConfigError, match=r"stages of widths \(128, 256, 384\).*--method uniform"):
-        train.make_probes(prep.model, prep.groups, 10, cfg.replace(method="p3b"))
+    p3b = cfg.replace(method="p3b")
+    probes = train.make_probes(prep.model, prep.groups, 10, p3b, prep.gm)
+    assert isinstance(probes, BlockwiseProbes) and probes.num_blocks == len(prep.groups.blocks)
+    assert sorted({lay.dim for lay in probes.layouts}) == [128, 256, 384]
+    assert {lay.grid for lay in probes.layouts} == {(4, 4), (2, 2), (1, 1)}
+    with pytest.raises(ConfigError, match=r"pass its traced graph"):
+        train.make_probes(prep.model, prep.groups, 10, p3b)
+
+
+def test_a_plain_vit_keeps_the_batched_probes(p3b_run: tuple[PruneConfig, dict[str, Any]]) -> None:
+    cfg, _ = p3b_run
+    prep = train.prepare(cfg, None, None)
+    assert type(train.make_probes(prep.model, prep.groups, 10, cfg, prep.gm)) is BenefitProbes
 
 
 @pytest.mark.parametrize("stop", [1, 3])
