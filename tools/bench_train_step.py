@@ -143,7 +143,7 @@ def _p3b_step(model: nn.Module, cfg: PruneConfig, device: torch.device, out: Pat
     masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
     taps = train.tap(masked, groups)
     p3b_fx.fold_masks(masked)
-    probes = train.make_probes(model, groups, 10, cfg).to(device)
+    probes = train.make_probes(model, groups, 10, cfg, gm).to(device)
     pruner = train.Pruner(cfg, groups, bank, train.make_schedule(cfg, 100), probes)
     loop = train.Loop(cfg, out, device, masked, taps, pruner, (None, None))  # type: ignore[arg-type]
     loop.step = pruner.schedule.warmup_end  # pruning phase: scores and benefits accumulate
