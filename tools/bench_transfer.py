@@ -41,7 +41,7 @@ from p3b_fx.train import read_weights
 
 EXIT_ERROR = 2
 EXIT_FAILED_RUNS = 1
-FULL = {"epochs": 4, "finetune_epochs": 1, "lr": 5e-3, "seeds": [0, 1, 2], "out": "runs/transfer"}
+FULL = {"epochs": 10, "finetune_epochs": 2, "lr": 5e-3, "seeds": [0, 1, 2], "out": "runs/transfer"}
 QUICK = {"epochs": 2, "finetune_epochs": 1, "lr": 5e-3, "seeds": [0], "out": "runs/transfer-quick"}
 LR_WHY = (
     "the reference 5e-4 is meant for 50 + 300 epochs; in this few-epoch schedule it leaves every method "
@@ -74,8 +74,8 @@ def parser() -> argparse.ArgumentParser:
         help="parameter prune ratios (default 0.5 0.7 0.9)",
     )
     a("--seeds", nargs="+", type=int, help="seeds (default 0 1 2; --quick: 0)")
-    a("--epochs", type=int, help="pruning epochs, the same for every method (default 4; --quick 2)")
-    a("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default 1; --quick 1)")
+    a("--epochs", type=int, help="pruning epochs, the same for every method (default 10; --quick 2)")
+    a("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default 2; --quick 1)")
     a("--batch-size", type=int, help="batch size (default 64)")
     a("--lr", type=float, help="base learning rate at batch 512, scaled linearly (default 5e-3, see LR_WHY)")
     a("--probe", choices=PROBE_KINDS, default="patch_conv", help="P3B patch probe (default patch_conv)")
