@@ -714,22 +714,28 @@ def make_probes(
 ) -> Probes:
     """The block-benefit probes of a run.
 
-    A plain ViT, whose blocks all read and write one stream of one token layout, gets
-    :class:`BenefitProbes` (batched linear probes). P3B on a model whose stream changes between blocks
-    (pooling stages, class-attention blocks) gets :class:`BlockwiseProbes` with each block's own
-    layout, read off the traced shapes of ``gm`` (see :func:`block_layouts`).
+    For P3B the layouts are read off the traced shapes of ``gm`` (:func:`block_layouts`). A model whose
+    blocks form one chain (each reads what the previous one wrote) on one token layout, as a plain
+    ViT's do, gets :class:`BenefitProbes` (batched linear probes); any other (pooling stages,
+    class-attention blocks, a residual add between two blocks that is not a block itself) gets
+    :class:`BlockwiseProbes` with each block's own layout. Without ``gm``, and for uniform (which
+    builds the probes but never runs them), the layout comes from the model's attributes.
     """
+    common: dict[str, Any] = {
+        "patch_kind": cfg.probe, "hidden": cfg.probe_hidden, "label_smoothing": cfg.label_smoothing,
+    }  # fmt: skip
     raw = getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0)
     widths = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)  # multi-stage models: one per stage
     if cfg.method == "p3b" and gm is not None:
         layouts, pairs = block_layouts(cfg, model, gm, groups)
-        chain = pairs == [(i, i + 1) for i in range(len(pairs))]
-        if not (chain and len(set(layouts)) == 1 and layouts[0].dim == widths[0]):
-            return BlockwiseProbes(
-                layouts, pairs, num_classes, patch_kind=cfg.probe, hidden=cfg.probe_hidden,
-                label_smoothing=cfg.label_smoothing,
-            )  # fmt: skip
-    elif len(set(widths)) > 1 and cfg.method == "p3b":
+        if pairs != [(i, i + 1) for i in range(len(pairs))] or len(set(layouts)) > 1:
+            return BlockwiseProbes(layouts, pairs, num_classes, **common)
+        one = layouts[0]  # one chained stream of one layout: the batched probes
+        return BenefitProbes(
+            len(pairs), one.dim, num_classes, grid_size=one.grid, num_prefix_tokens=one.num_prefix_tokens,
+            has_class_token=one.has_class_token, **common,
+        )  # fmt: skip
+    if len(set(widths)) > 1 and cfg.method == "p3b":
         raise ConfigError(
             f"{type(model).__name__} has stages of widths {widths}; pass its traced graph to make_probes "
             "so that every stage gets probes of its own width"
@@ -742,8 +748,7 @@ def make_probes(
         raise ConfigError(f"cannot tell the embedding width of {type(model).__name__}; P3B probes need it")
     return BenefitProbes(
         len(groups.blocks), dim, num_classes, grid_size=None if grid is None else tuple(grid),
-        num_prefix_tokens=prefix, has_class_token=has_cls, patch_kind=cfg.probe, hidden=cfg.probe_hidden,
-        label_smoothing=cfg.label_smoothing,
+        num_prefix_tokens=prefix, has_class_token=has_cls, **common,
     )  # fmt: skip
 
 
