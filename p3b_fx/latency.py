@@ -335,8 +335,14 @@ def torch_cuda_runner(
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            net(x)
-    return _synchronized(graph.replay)
+            y = net(x)
+    static = (net, x, y)  # the graph replays on these addresses: they must outlive it
+
+    def replay() -> None:
+        _ = static
+        graph.replay()
+
+    return _synchronized(replay)
 
 
 def _synchronized(step: Callable[[], object]) -> Runner:

@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from p3b_fx.core import meta
-from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device
 from p3b_fx.errors import PassError
 
 
@@ -38,9 +38,10 @@ class AnnotateShapesPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         shape = (self.batch, *self.input_shape[1:])
         mode = FakeTensorMode(allow_non_fake_inputs=True)
+        example = mode.from_tensor(torch.empty(shape, device=module_device(gm)))  # where the model lives
         try:
             with torch.no_grad():
-                FakeTensorProp(gm, mode).propagate_dont_convert_inputs(mode.from_tensor(torch.empty(shape)))
+                FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
         except Exception as exc:  # shape propagation surfaces the model's own errors
             raise PassError(
                 f"shape propagation with an input of shape {shape} failed: {type(exc).__name__}: {exc}. "

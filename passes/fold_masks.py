@@ -94,8 +94,12 @@ class _MaskedLinear(torch.autograd.Function):
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear`` would compute in: autocast's where it is on (as autocast casts), else x's."""
-    device = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(device):
+    device = x.device.type  # autocast exists for cpu, cuda, xpu, …, not for every device type (meta)
+    if (
+        x.is_floating_point()
+        and torch.amp.is_autocast_available(device)
+        and torch.is_autocast_enabled(device)
+    ):
         return torch.get_autocast_dtype(device)
     return x.dtype
 

@@ -17,7 +17,7 @@ from torch import fx
 from p3b_fx.core import meta
 from p3b_fx.core.groups import Factor, GroupSet, Role
 from p3b_fx.core.masks import MASK_MODULE, MaskBank
-from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device
 
 
 def _dims(groups: GroupSet, param: str, dim: int) -> tuple[Factor, ...] | None:
@@ -38,7 +38,7 @@ class InsertMasksPass(GraphPass):
         names = {n.name: n for n in gm.graph.nodes}
         sizes = {g.name: g.size for g in self.groups.prunable}
         sites: dict[str, tuple[Factor, ...]] = {}
-        bank = MaskBank(sizes, {})
+        bank = MaskBank(sizes, {}).to(module_device(gm))  # gates beside the weights they mask
         gm.add_submodule(MASK_MODULE, bank)
         for b in self.groups.blocks:
             read, write = names[b.read_node], names[b.write_node]

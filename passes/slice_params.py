@@ -31,7 +31,7 @@ class SliceParamsPass(PlanPass):
                     if idx is not None and new.shape[dim] == idx.numel():
                         continue  # already sliced (idempotence)
                     if idx is not None:
-                        new = new.index_select(dim, idx)
+                        new = new.index_select(dim, idx.to(new.device))
                 if new.shape != param.shape:
                     _replace(gm, spec.name, new, param.requires_grad)
                     modified = True

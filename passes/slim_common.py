@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from p3b_fx.core.groups import Factor, GroupSet
-from p3b_fx.core.pass_infra import GraphPass
+from p3b_fx.core.pass_infra import GraphPass, module_device
 from p3b_fx.core.plan import KeepPlan
 
 INDEX_MODULE = "p3b_index"
@@ -46,7 +46,7 @@ def index_buffer(gm: fx.GraphModule, name: str, idx: torch.Tensor, before: fx.No
         gm.add_submodule(INDEX_MODULE, nn.Module())
     holder = gm.get_submodule(INDEX_MODULE)
     attr = "".join(c if c.isalnum() else "_" for c in name)
-    holder.register_buffer(attr, idx.clone())
+    holder.register_buffer(attr, idx.to(module_device(gm), copy=True))  # beside the weights
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(f"{INDEX_MODULE}.{attr}")
 
@@ -73,7 +73,8 @@ def compose_index(gm: fx.GraphModule, node: fx.Node, kept: tuple[int, ...]) -> b
     if old.numel() == len(kept):
         return False
     owner, _, attr = target.rpartition(".")
-    gm.get_submodule(owner).register_buffer(attr, old[torch.tensor(kept, dtype=torch.long)].clone())
+    narrowed = old[torch.tensor(kept, dtype=torch.long, device=old.device)].clone()
+    gm.get_submodule(owner).register_buffer(attr, narrowed)
     return True
 
 

@@ -132,3 +132,26 @@ def test_slim_exports_to_onnx_with_parity(tmp_path: Path, version: str) -> None:
     slim = p3b_fx.slim(gm, KeepPlan.random(groups, 0.5, 5), groups).eval()
     report = export_onnx(slim, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", jetpack=jetpack(version))
     assert report.parity_max_abs_diff <= 1e-4 and (tmp_path / "m.onnx").exists()
+
+
+def test_every_pass_keeps_a_model_on_its_own_device() -> None:
+    """A model on another device than the CPU (here "meta", which runs shapes only) stays wholly there.
+
+    Stands in on this CPU-only machine for CUDA: the passes add tensors (the shape-propagation input,
+    mask gates, index buffers, sliced weights) and once made them all on the CPU, which broke every
+    run with ``--device cuda`` (found by tools/device_check.sh on an H200). Meta refuses to mix with
+    CPU tensors in elementwise ops as CUDA does, so a forward pass checks the graph's arithmetic too.
+    (Not the ONNX lowering: it reads index values, which meta tensors lack; export runs on the CPU.)
+    """
+    meta = torch.device("meta")
+    gm = p3b_fx.trace(tiny_vit(depth=2).to(meta), input_shape=(1, 3, 32, 32))
+    groups = p3b_fx.find_groups(gm)
+    masked, _ = p3b_fx.insert_masks(gm, groups, share_parameters=True)
+    p3b_fx.fold_masks(masked)
+    slim = p3b_fx.slim(gm, KeepPlan.random(groups, 0.6, 1), groups)
+    x = torch.empty(2, 3, 32, 32, device=meta)
+    for name, net in {"masked": masked, "slim": slim}.items():
+        where = {k: t.device for k, t in (*net.named_parameters(), *net.named_buffers())}
+        assert all(d == meta for d in where.values()), (name, {k: d for k, d in where.items() if d != meta})
+        with torch.no_grad():
+            assert net(x).shape == gm(x).shape, name

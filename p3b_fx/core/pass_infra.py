@@ -25,6 +25,16 @@ from p3b_fx.errors import PassError
 logger = logging.getLogger(__name__)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` lives: the device of its first parameter or buffer (CPU when it has none).
+
+    Tensors a pass adds to a graph (mask gates, index buffers, example inputs) are made there, so a
+    model traced on a GPU stays wholly on it."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class PassResult:
     graph_module: fx.GraphModule
