@@ -13,6 +13,7 @@ function below is a no-op (or runs its argument directly), so a single-process r
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -425,4 +426,14 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     if not is_active() or not any(p.requires_grad for p in module.parameters()):
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    no_sync: dict[str, Any] = {_NO_BUFFER_SYNC: False}
+    return DistributedDataParallel(module, device_ids=ids, **no_sync)
+
+
+# torch 2.14 names it forward_sync_buffers and still accepts broadcast_buffers; torch ≤ 2.11 (the image on
+# the GPU machines this was checked on) knows only broadcast_buffers
+_NO_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else "broadcast_buffers"
+)

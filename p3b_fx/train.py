@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -905,25 +906,29 @@ class Loop:
         probing = self.probes_run(self.step)
         self.pruner.bank.scoring(pruning)
         self.taps.recording = probing
-        with autocast(self.device, self.cfg.amp):
+        with record_function("p3b.forward"), autocast(self.device, self.cfg.amp):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         check_loss(loss, self.step, "P3B training")
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        with record_function("p3b.backward"):
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         if pruning:
-            scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
-            distributed.average_gradients(list(self.pruner.bank.gates().values()))
-            self.pruner.taylor.accumulate(self.pruner.bank.gates(), grad_scale=scale)
-        self.scaler.step(self.opt)
-        self.scaler.update()
+            with record_function("p3b.taylor"):
+                scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+                distributed.average_gradients(list(self.pruner.bank.gates().values()))
+                self.pruner.taylor.accumulate(self.pruner.bank.gates(), grad_scale=scale)
+        with record_function("p3b.optimizer"):
+            self.scaler.step(self.opt)
+            self.scaler.update()
         if probing:
-            probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
-            self.probe_opt.zero_grad(set_to_none=True)
-            probe_out.loss.backward()
-            if pruning:
-                self.pruner.benefit.add(probe_out)
-            self.probe_opt.step()
+            with record_function("p3b.probes"):
+                probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
+                self.probe_opt.zero_grad(set_to_none=True)
+                probe_out.loss.backward()
+                if pruning:
+                    self.pruner.benefit.add(probe_out)
+                self.probe_opt.step()
         acc = float((logits.argmax(-1) == y).float().mean())
         return float(loss.item()), acc
 

@@ -21,6 +21,9 @@ keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
 
 Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--write docs/bench-train-step.md]``
 (``--write`` replaces the table and keeps everything from the hand-written notes marker on).
+``--profile FILE`` instead profiles the plain and the default P3B step with torch.profiler: the top
+operators of each and the P3B step per region of ``Loop.train_step`` (``p3b.forward``, ``.backward``,
+``.taylor``, ``.optimizer``, ``.probes``).
 """
 
 from __future__ import annotations
@@ -268,6 +271,56 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+PROFILE_REGIONS = ("p3b.forward", "p3b.backward", "p3b.taylor", "p3b.optimizer", "p3b.probes")
+"""The ``record_function`` regions of ``train.Loop.train_step``."""
+
+
+def profile(args: argparse.Namespace) -> str:
+    """Where a step's time goes: per region of the P3B step, and the top operators of each side.
+
+    Device time per region is the time of the kernels launched inside it (on CUDA); CPU time is the
+    host's. The profiler's own overhead inflates both sides alike, so read shares, not absolute ms.
+    """
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+    from torch.profiler import profile as torch_profile  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    device = train.pick_device(PruneConfig(device=args.device))
+    side = int(json.loads(args.model_kwargs).get("img_size", 224))
+    x = torch.randn(args.batch_size, 3, side, side, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sections = [f"# Profile of one training step ({args.rounds} steps each, batch {args.batch_size}, "
+                f"{_machine(args.device)}, device {device})"]  # fmt: skip
+    vargs = _variant_args(args, "conv, hidden dim/4 (default)")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = train.build_model(_config(args, tmp)).to(device).train()
+        sides = {
+            "plain": _plain_step(copy.deepcopy(base), _config(args, tmp), device),
+            "p3b": _p3b_step(copy.deepcopy(base), _config(vargs, tmp), device, Path(tmp))[0],
+        }
+        for name, step in sides.items():
+            _steps(step, max(args.warmup, 3), x, y, device)
+            with torch_profile(activities=activities) as prof:
+                _steps(step, args.rounds, x, y, device)
+            events = prof.key_averages()
+            dev = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            kind = "device" if device.type == "cuda" else "CPU"
+            rows = [f"\n## {name}: top operators by self {kind} time\n",
+                    events.table(sort_by=dev, row_limit=20, max_name_column_width=60)]  # fmt: skip
+            if name == "p3b":
+                by_key = {e.key: e for e in events}
+                rows.append("\n## p3b: per region (ms per step)\n\n| region | CPU | device |\n|---|---|---|")
+                for region in PROFILE_REGIONS:
+                    e = by_key.get(region)
+                    if e is not None:
+                        cpu = e.cpu_time_total / 1e3 / args.rounds
+                        gpu = getattr(e, "device_time_total", 0.0) / 1e3 / args.rounds
+                        rows.append(f"| {region} | {cpu:.2f} | {gpu:.2f} |")
+            sections.extend(rows)
+    return "\n".join(sections) + "\n"
+
+
 def _run_worker(kind: str, argv: Sequence[str]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, *argv, "--worker", kind]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -332,6 +385,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--write", help="also write the table as markdown to this file")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="instead of the benchmark: profile the plain step and the default P3B step "
+        "(torch.profiler, --rounds steps each) and write where the time goes to FILE",
+    )
     p.add_argument("--worker", choices=("plain", "p3b", "timing"), help=argparse.SUPPRESS)
     return p
 
@@ -347,6 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except P3BError as exc:
         print(f"bench_train_step.py: {exc}", file=sys.stderr)
         return 2
+    if args.profile:
+        text = profile(args)
+        print(text)
+        atomic_write_text(Path(args.profile), text)
+        return 0
     timing = _run_worker("timing", argv)
     plain = _run_worker("plain", argv)
     p3b = {}

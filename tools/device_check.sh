@@ -13,9 +13,12 @@
 #   p3b-cuda    the main job on CUDA with mixed precision: P3B while fine-tuning, slim, ONNX, bundle
 #   latency     dense vs slim: torch fp16 with CUDA graphs, ONNX Runtime CUDA / TensorRT if present
 #   train-step  P3B step vs plain step on a ViT-S/16 at 224 px, batch 64, AMP
+#   profile     where that P3B step's time goes (torch.profiler, per region and per operator)
+#   probe-batching  the conv probes block by block, under autocast, and as one grouped convolution
 #   suite       the whole test suite with CUDA visible (device "auto" picks the GPU)
 # Output: $OUT (the device tool's folder) or runs/device-check: check.log (everything),
-# p3b-report.json, p3b-log.jsonl, bench-latency.md/.png, bench-train-step.md, suite.log.
+# p3b-report.json, p3b-log.jsonl, bench-latency.md/.png, bench-train-step.md, profile-train-step.md,
+# suite.log.
 # DEVICE_CHECK_SKIP="suite latency" skips steps by name (a rerun of the failed ones, say).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -81,7 +84,11 @@ step latency 150 "$py" tools/bench_latency.py --backends cuda --gpu-runs 200 --o
 step train-step 120 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 20 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --write "$out/bench-train-step.md"
-step suite 240 bash -c "set -o pipefail; $py -m pytest -q -n 8 -p no:cacheprovider 2>&1 | tail -n 80 >$out/suite.log"
+step profile 60 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 \
+    --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
+    --profile "$out/profile-train-step.md"
+step probe-batching 60 "$py" tools/bench_probe_batching.py --device cuda --preset vit-s --batch-size 64 --rounds 20
+step suite 240 bash -c "$py -m pytest -q -n 8 -p no:cacheprovider >$out/suite.log 2>&1"
 tail -n 40 "$out/suite.log" 2>/dev/null
 
 echo "== device_check: ${#failed[@]} step(s) not clean: ${failed[*]:-none}"
