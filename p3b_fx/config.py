@@ -26,6 +26,7 @@ METHODS = ("p3b", "dense", "uniform", "global-taylor", "global-magnitude")
 GRANULARITIES = ("reference", "deploy")
 BUDGET_UNITS = ("params", "flops")
 PROBE_KINDS = ("patch_conv", "patch_linear")
+PROBE_DTYPES = ("float32", "bfloat16")
 LR_DECAYS = ("cosine", "constant")
 SOURCE_MODEL = "source"
 """``model`` value that selects the shipped Fashion-MNIST source model (the default)."""
@@ -50,7 +51,9 @@ class PruneConfig:
     :mod:`p3b_fx.benefit`) and ``probe_every`` runs
     the probes (their training step and the ΔΨ sample) on every N-th step only, plus the last step
     of each update window; 1 is the reference. The block benefit is then averaged over fewer,
-    equally weighted samples of the same window.
+    equally weighted samples of the same window. ``probe_dtype`` ``bfloat16`` runs the probes under
+    autocast in bfloat16 (their cross-entropies and ΔΨ still in float32); ``float32`` is the
+    reference, and the probes stay outside ``amp``'s float16 either way.
 
     ``batch_size`` is per process; ``world_size`` (the number of torchrun processes) is filled in by
     :func:`p3b_fx.train.run` from the process group, so the effective batch is their product.
@@ -85,6 +88,7 @@ class PruneConfig:
     probe: str = "patch_conv"
     probe_hidden: int | None = None
     probe_every: int = 1
+    probe_dtype: str = "float32"
     augment: bool = True
     seed: int = 0
     out: str = "runs/p3b"
@@ -209,6 +213,7 @@ def _check_choices(cfg: PruneConfig) -> None:
     _choice(cfg.granularity, GRANULARITIES, "granularity")
     _choice(cfg.budget, BUDGET_UNITS, "budget unit")
     _choice(cfg.probe, PROBE_KINDS, "probe kind")
+    _choice(cfg.probe_dtype, PROBE_DTYPES, "probe dtype")
     _choice(cfg.lr_decay, LR_DECAYS, "lr_decay")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device {cfg.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")

@@ -364,6 +364,13 @@ def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]
     return nullcontext()
 
 
+def probe_autocast(device: torch.device, dtype: str) -> AbstractContextManager[Any]:
+    """The probes' precision: float32 (the reference), or bfloat16 autocast on any device."""
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def check_loss(loss: torch.Tensor, step: int, where: str) -> None:
     if not torch.isfinite(loss.detach()).item():
         raise TrainingError(
@@ -923,7 +930,8 @@ class Loop:
             self.scaler.update()
         if probing:
             with record_function("p3b.probes"):
-                probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
+                with probe_autocast(self.device, self.cfg.probe_dtype):
+                    probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
                 self.probe_opt.zero_grad(set_to_none=True)
                 probe_out.loss.backward()
                 if pruning:

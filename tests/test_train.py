@@ -321,6 +321,27 @@ def test_conv_probe_every_third_step_runs_and_meets_the_budget(tmp_path: Path) -
     assert abs(report["params_slim"] / (0.5 * report["params_dense"]) - 1) <= 0.01
 
 
+def test_bfloat16_probes_run_in_bfloat16_and_meet_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--probe-dtype bfloat16: the probe forward runs under bf16 autocast, ΔΨ stays float32."""
+    seen: list[torch.dtype] = []
+    real = train.Pruner.__init__
+
+    def spy(self: train.Pruner, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        conv = next(m for m in self.probes.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+
+    monkeypatch.setattr(train.Pruner, "__init__", spy)
+    cfg = tiny_config(tmp_path / "run", probe="patch_conv", probe_hidden=8, probe_dtype="bfloat16")
+    report = train.run(cfg)
+    assert report["budget_met"]
+    assert seen and set(seen) == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="probe dtype"):
+        tiny_config(tmp_path / "x", probe_dtype="float16")
+
+
 @pytest.mark.parametrize("blocks_only", [False, True])
 def test_flops_budget_end_to_end(tmp_path: Path, blocks_only: bool) -> None:
     """A FLOPs budget: the slim model's MACs (not its parameters) meet the keep ratio."""

@@ -4,7 +4,7 @@ P3B step = masked forward with feature taps, task loss, backward, Taylor accumul
 then (on probe steps) the probe loss on the detached taps, its backward, benefit accumulation and
 the probe AdamW step (``p3b_fx.train.Loop.train_step``). Plain step = forward, loss, backward, AdamW
 step. Variants: the probe design (``patch_conv``, the reference, or ``patch_linear``), the conv
-probe's hidden width and ``probe_every`` (probes on every N-th step).
+probe's hidden width, ``probe_every`` (probes on every N-th step) and ``probe_dtype`` (bf16 probes).
 
 Time: one process holds the plain model and every variant (same initial weights, same synthetic
 batch) and runs them round-robin: each round times ``probe_every`` consecutive steps of every
@@ -58,13 +58,14 @@ from p3b_fx.core.io import atomic_write_text, kept_notes
 from p3b_fx.errors import P3BError
 from p3b_fx.machine import describe
 
-VARIANTS: dict[str, tuple[str, float, int]] = {
-    "conv, hidden = dim": ("patch_conv", 1.0, 1),
-    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1),
-    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4),
-    "linear": ("patch_linear", 1.0, 1),
+VARIANTS: dict[str, tuple[str, float, int, str]] = {
+    "conv, hidden = dim": ("patch_conv", 1.0, 1, "float32"),
+    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1, "float32"),
+    "conv, hidden dim/4, bf16 probes": ("patch_conv", 0.25, 1, "bfloat16"),
+    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4, "float32"),
+    "linear": ("patch_linear", 1.0, 1, "float32"),
 }
-"""label → (probe kind, conv hidden width as a share of the model width, probe_every)."""
+"""label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype)."""
 
 SOURCE_ARCH = {
     "img_size": 28,
@@ -87,6 +88,7 @@ def _config(args: argparse.Namespace, out: str) -> PruneConfig:
         model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits",
         num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
         device=args.device, amp=True, probe_hidden=hidden, probe_every=args.every,
+        probe_dtype=args.probe_dtype,
     )  # fmt: skip
 
 
@@ -192,8 +194,10 @@ def _steps(step: Callable[[torch.Tensor, torch.Tensor], None], n: int, x: torch.
 
 
 def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
-    kind, share, every = VARIANTS[label]
-    return argparse.Namespace(**{**vars(args), "probe": kind, "hidden_share": share, "every": every})
+    kind, share, every, dtype = VARIANTS[label]
+    return argparse.Namespace(
+        **{**vars(args), "probe": kind, "hidden_share": share, "every": every, "probe_dtype": dtype}
+    )
 
 
 def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -383,6 +387,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", default="patch_conv", help=argparse.SUPPRESS)
     p.add_argument("--hidden-share", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--probe-dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--write", help="also write the table as markdown to this file")
     p.add_argument(
@@ -414,8 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing = _run_worker("timing", argv)
     plain = _run_worker("plain", argv)
     p3b = {}
-    for label, (kind, share, every) in VARIANTS.items():
-        flags = ["--probe", kind, "--hidden-share", str(share), "--every", str(every)]
+    for label, (kind, share, every, dtype) in VARIANTS.items():
+        flags = ["--probe", kind, "--hidden-share", str(share), "--every", str(every), "--probe-dtype", dtype]
         p3b[label] = _run_worker("p3b", [*argv, *flags])
     text = table(args, timing, plain, p3b)
     print(text)

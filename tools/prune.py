@@ -25,6 +25,7 @@ from p3b_fx.config import (
     GRANULARITIES,
     LR_DECAYS,
     METHODS,
+    PROBE_DTYPES,
     PROBE_KINDS,
     PruneConfig,
     json_object,
@@ -71,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--probe-every", type=int, help="run the probes every N-th step (default 1; always a window's last)"
     )
+    p.add_argument("--probe-dtype", choices=PROBE_DTYPES,
+                   help="probes in float32 (default, the reference) or under bfloat16 autocast")  # fmt: skip
     p.add_argument("--out", help="output directory")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
