@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     a("--lr", type=float, help="base learning rate at batch 512, scaled linearly (default 5e-3, see LR_WHY)")
     a("--probe", choices=PROBE_KINDS, default="patch_conv", help="P3B patch probe (default patch_conv)")
     a("--probe-dtype", choices=PROBE_DTYPES, help="P3B probes in float32 (default) or bfloat16 autocast")
+    a("--probe-every", type=int, help="P3B probes on every N-th step (default 1)")
     a("--max-steps-per-epoch", type=int, help="cap the steps of an epoch (smoke tests)")
     a("--device", default="auto", help="auto, cpu or cuda[:N]")
     a("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (default 2)")
@@ -113,7 +114,7 @@ def make_spec(args: argparse.Namespace) -> transfer.BenchSpec:
         "finetune_epochs": preset["finetune_epochs"] if args.finetune_epochs is None
         else args.finetune_epochs,
         "batch_size": args.batch_size, "lr": preset["lr"] if args.lr is None else args.lr,
-        "probe": args.probe, "probe_dtype": args.probe_dtype,
+        "probe": args.probe, "probe_dtype": args.probe_dtype, "probe_every": args.probe_every,
         "max_steps_per_epoch": args.max_steps_per_epoch, "device": args.device,
     }  # fmt: skip
     return transfer.BenchSpec(
@@ -191,7 +192,8 @@ def render(
         + " — the same for every method",
         f"- P3B probe: `{s.get('probe')}`"
         + (f" — {PROBE_WHY}" if s.get("probe") == "patch_conv" else "")
-        + (f", under {s['probe_dtype']} autocast" if s.get("probe_dtype", "float32") != "float32" else ""),
+        + (f", under {s['probe_dtype']} autocast" if s.get("probe_dtype", "float32") != "float32" else "")
+        + (f", probes once every {s['probe_every']} steps" if s.get("probe_every", 1) != 1 else ""),
         "- MACs: counted per image on each final model with `torch.utils.flop_counter` (same counter for "
         "every method)",
         "",
