@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from p3b_fx.core import meta
 from p3b_fx.errors import TraceError
+from passes.functional_linear import FunctionalLinearPass
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
     _drop_specialised_inputs(graph)
     name = type(model).__name__
     gm = fx.GraphModule(model, graph, class_name=f"Traced{name}" if name != "GraphModule" else name)
+    FunctionalLinearPass()(gm)  # BEiT / EVA-02 qkv: F.linear(x, W, cat(biases)) → an nn.Linear of gm's own
     gm.meta[INPUT_SHAPE_KEY] = tuple(shape)
     gm.train(was_training)
     return gm
