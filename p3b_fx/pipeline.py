@@ -49,6 +49,10 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
 }  # fmt: skip
 
 
+GPU_TARGETS = ("tensorrt", "jetson")
+"""Targets that end in a TensorRT engine on an NVIDIA GPU."""
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     target: str
@@ -113,6 +117,14 @@ def check_target(cfg: CompileConfig) -> None:
                 f"--target tensorrt needs TensorRT and a CUDA GPU on this machine: {why}. "
                 "Use --target jetson to build the engine on the board, or --target onnx"
             )
+    if cfg.target in GPU_TARGETS and cfg.prune.granularity == "reference" and cfg.slim_model is None:
+        logger.warning(
+            "--granularity reference on a GPU target: per-channel plans add gather and scatter kernels, "
+            "and on an H200 (torch fp16, CUDA graphs) they ran 2-2.7x slower than the dense model while "
+            "whole-head plans ran 1.03-1.12x faster (docs/gpu-check.md); --granularity deploy, the "
+            "default for --target %s, prunes whole heads",
+            cfg.target,
+        )
 
 
 def head_dim_report(slim: fx.GraphModule, input_shape: tuple[int, ...]) -> list[str]:

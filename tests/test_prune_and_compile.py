@@ -213,3 +213,18 @@ def test_a_slim_model_for_other_images_names_the_flags(
     assert prune_and_compile.main(argv) != 0  # the default data are 28 px
     err = capsys.readouterr().err
     assert "does not take the (3, 28, 28) images" in err and "--img-size it was built from" in err
+
+
+@pytest.mark.parametrize(
+    ("target", "granularity", "warned"),
+    [("jetson", "reference", True), ("jetson", "deploy", False), ("onnx", "reference", False)],
+)
+def test_per_channel_plans_for_a_gpu_target_are_warned_about(
+    target: str, granularity: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from p3b_fx.config import PruneConfig  # noqa: PLC0415
+    from p3b_fx.pipeline import CompileConfig, check_target  # noqa: PLC0415
+
+    with caplog.at_level("WARNING"):
+        check_target(CompileConfig(target=target, prune=PruneConfig(granularity=granularity)))
+    assert ("ran 2-2.7x slower than the dense model" in caplog.text) == warned
