@@ -106,3 +106,20 @@ def test_the_rewrite_computes_the_same(dim: int) -> None:
     FunctionalLinearPass()(gm)
     assert torch.equal(gm(x), before)
     assert isinstance(gm.get_submodule("proj"), nn.Linear)
+
+
+def test_eva02_attention_is_a_block_and_slims_exactly() -> None:
+    """EVA-02 builds qkv the same way, with rotary embeddings after it (heads stay whole there)."""
+    model = _randomise(tiny_vit(name="eva02_tiny_patch14_224", img_size=28, patch_size=14, depth=2))
+    gm = p3b_fx.trace(model)
+    assert model.blocks[0].attn.qkv.bias is None  # not touched
+    groups = p3b_fx.find_groups(gm)
+    assert {"blocks.0.attn", "blocks.1.attn"} <= {b.name for b in groups.blocks}
+    assert groups.group("blocks.0.attn:read").prunable
+    plan = KeepPlan.random(groups, 0.5, 0)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+        out = p3b_fx.slim(gm, plan, groups)(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+        assert (out - gm(x)).abs().max() > 1e-3
