@@ -415,6 +415,15 @@ def set_epoch(loader: DataLoader[Any], epoch: int) -> None:
 # --- models ----------------------------------------------------------------------------------------------
 
 
+# torch 2.14 names it forward_sync_buffers and still accepts broadcast_buffers; torch ≤ 2.11 (the image on
+# the GPU machines this was checked on) knows only broadcast_buffers
+_NO_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else "broadcast_buffers"
+)
+
+
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     """DDP around ``module`` when distributed (the module itself otherwise).
 
@@ -428,12 +437,3 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     ids = [device.index] if device.type == "cuda" else None
     no_sync: dict[str, Any] = {_NO_BUFFER_SYNC: False}
     return DistributedDataParallel(module, device_ids=ids, **no_sync)
-
-
-# torch 2.14 names it forward_sync_buffers and still accepts broadcast_buffers; torch ≤ 2.11 (the image on
-# the GPU machines this was checked on) knows only broadcast_buffers
-_NO_BUFFER_SYNC = (
-    "forward_sync_buffers"
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    else "broadcast_buffers"
-)

@@ -91,7 +91,7 @@ class FunctionalLinearPass(GraphPass):
             x, owner, weight, parts = found
             linear = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
             linear.weight = weight
-            bias = torch.cat([p.detach() for p in parts]).to(weight.dtype).clone()
+            bias = torch.cat([p.detach() for p in parts]).to(weight.dtype)  # a new tensor: cat copies
             linear.bias = nn.Parameter(bias, requires_grad=weight.requires_grad)
             parent, _, name = owner.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, name, linear)

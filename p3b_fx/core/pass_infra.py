@@ -11,6 +11,7 @@ fixed inputs after each semantics-preserving pass and names the pass whose outpu
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +31,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
     Tensors a pass adds to a graph (mask gates, index buffers, example inputs) are made there, so a
     model traced on a GPU stays wholly on it."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 @dataclass(frozen=True)
