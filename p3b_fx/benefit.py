@@ -13,8 +13,14 @@ Positive ΔΨ_i: the block made the representation more useful for the task. Two
 
 The probes train on their own loss, the sum of all their cross-entropies (reference), computed from
 detached features, so nothing reaches the backbone. Linear probes of all blocks run as one batched
-matmul over the stacked B+1 feature maps; conv probes run block by block, on x_{i-1} and x_i in two
-calls, so their BatchNorm sees each map with its own batch statistics, as in the reference.
+matmul over the stacked B+1 feature maps; conv probes run on x_{i-1} and x_i in two calls, so their
+BatchNorm sees each map with its own batch statistics, as in the reference. Conv probes run either
+block by block (2B small conv chains per step) or ``grouped``: the B blocks' maps stacked along
+channels through one grouped convolution per layer (``groups=B``), their BatchNorms as one over B·hidden
+channels, their heads as one batched matmul. The grouped form computes the same function with the
+same parameters, buffers and state dict (the per-block weights are concatenated on every call), so
+either can resume the other's checkpoint; it trades 2B launches for two, which is what a GPU wants
+(measured: ``docs/gpu-check.md``, ``tools/bench_probe_batching.py``).
 Models whose stream changes between blocks (pooling stages, class-attention blocks) use
 :class:`BlockwiseProbes`: the same probes and ΔΨ, block by block, each for its own token layout.
 
@@ -106,6 +112,74 @@ class ProbeOutput:
     benefit_patch: torch.Tensor
 
 
+def _bn_stats(bns: Sequence[nn.BatchNorm2d]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The running statistics of ``bns`` concatenated, or (None, None) when they track none."""
+    if not all(bn.track_running_stats and bn.running_mean is not None for bn in bns):
+        return None, None
+    return torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns])  # type: ignore[misc]
+
+
+class _GroupedBatchNorm:
+    """B BatchNorm2d layers of one width applied to their maps stacked along channels, as one call.
+
+    Training mode only (the probes always train). The running statistics are concatenated once,
+    updated by every call as each layer's own would be, and written back by :meth:`store`.
+    """
+
+    def __init__(self, bns: Sequence[nn.BatchNorm2d]) -> None:
+        first = bns[0]
+        self.bns, self.eps, self.momentum = bns, first.eps, first.momentum
+        self.weight = torch.cat([bn.weight for bn in bns]) if first.affine else None
+        self.bias = torch.cat([bn.bias for bn in bns]) if first.affine else None
+        self.running_mean, self.running_var = _bn_stats(bns)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        momentum = 0.1 if self.momentum is None else self.momentum  # None (cumulative) is not used here
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps
+        )
+
+    @torch.no_grad()
+    def store(self) -> None:
+        """Write the updated running statistics back into each BatchNorm2d."""
+        if self.running_mean is None or self.running_var is None or not self.calls:
+            return
+        width = self.bns[0].num_features
+        means = [bn.running_mean for bn in self.bns]
+        variances = [bn.running_var for bn in self.bns]
+        torch._foreach_copy_(means, list(torch.split(self.running_mean, width)))  # type: ignore[arg-type]
+        torch._foreach_copy_(variances, list(torch.split(self.running_var, width)))  # type: ignore[arg-type]
+        counters = [bn.num_batches_tracked for bn in self.bns]
+        torch._foreach_add_(counters, self.calls)  # type: ignore[arg-type]
+
+
+def _grouped_conv_probes(probes: Sequence[ConvProbe], maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits (B, batch, classes) of probe i on map i, for each (batch, B·dim, h, w) stack in ``maps``.
+
+    The same function as running each probe on its own map (``ConvProbe.forward``, training mode),
+    in one grouped convolution per layer; BatchNorm statistics are each probe's own per map.
+    """
+    n = len(probes)
+    convs = [[p.body[i] for p in probes] for i in (0, 3)]
+    weights = [torch.cat([c.weight for c in layer]) for layer in convs]  # type: ignore[misc]
+    norms = [_GroupedBatchNorm([p.body[i] for p in probes]) for i in (1, 4)]  # type: ignore[misc]
+    fc_weight = torch.stack([p.fc.weight for p in probes]).transpose(1, 2)
+    fc_bias = torch.stack([p.fc.bias for p in probes]).unsqueeze(1)
+    hidden = probes[0].fc.in_features
+    out = []
+    for stacked in maps:
+        x = stacked
+        for weight, norm in zip(weights, norms, strict=True):
+            x = F.relu(norm(F.conv2d(x, weight, padding=1, groups=n)))
+        pooled = x.mean(dim=(2, 3)).view(x.shape[0], n, hidden).transpose(0, 1)
+        out.append(torch.baddbmm(fc_bias, pooled, fc_weight))
+    for norm in norms:
+        norm.store()
+    return out
+
+
 class _BatchedLinear(nn.Module):
     """``n`` independent Linear(dim, out) layers applied to a stack (n, batch, dim) in one baddbmm."""
 
@@ -180,8 +254,9 @@ class BenefitProbes(nn.Module):
     ``grid_size``: patch grid (h, w), or one int for a square grid; None infers a square grid from
     the token count. ``num_prefix_tokens``: class + register/distillation tokens at the front (the
     class token, when present, is token 0). ``hidden``: conv-probe channels (default
-    :func:`default_hidden`).
-    ``label_smoothing`` is passed to the probes' cross-entropy (use the task's value).
+    :func:`default_hidden`). ``grouped``: run the conv probes as grouped convolutions (see the
+    module docstring; the same function, fewer and larger kernels); an attribute, switchable at any
+    time. ``label_smoothing`` is passed to the probes' cross-entropy (use the task's value).
     """
 
     def __init__(
@@ -196,11 +271,13 @@ class BenefitProbes(nn.Module):
         patch_kind: ProbeKind | str = ProbeKind.PATCH_CONV,
         hidden: int | None = None,
         label_smoothing: float = 0.0,
+        grouped: bool = False,
     ) -> None:
         super().__init__()
         _check_config(
             num_blocks, dim, num_classes, prefix=num_prefix_tokens, cls=has_class_token, kind=str(patch_kind)
         )
+        self.grouped = grouped
         self.num_blocks, self.dim, self.num_classes = num_blocks, dim, num_classes
         self.grid_size = _grid(grid_size)
         self.num_prefix_tokens, self.has_class_token = num_prefix_tokens, has_class_token
@@ -268,6 +345,14 @@ class BenefitProbes(nn.Module):
             return torch.stack([self.patch_linear(pooled[:-1]), self.patch_linear(pooled[1:])])
         assert self.patch_conv is not None
         h, w = self._patch_grid(feats[0].shape[1])
+        if self.grouped:
+            # (batch, B+1, dim, h·w) once; block i reads channels [i·dim, (i+B)·dim) of the inputs' or
+            # the outputs' window of it
+            stack = torch.stack([f[:, p:] for f in feats], dim=1).transpose(2, 3)
+            stack = stack.reshape(feats[0].shape[0], -1, h, w)
+            size = self.num_blocks * self.dim
+            maps = [stack[:, :size], stack[:, self.dim :]]
+            return torch.stack(_grouped_conv_probes(list(self.patch_conv), maps))  # type: ignore[arg-type]
         grids = [f[:, p:].transpose(1, 2).reshape(f.shape[0], self.dim, h, w) for f in feats]
         ins = [probe(grids[i]) for i, probe in enumerate(self.patch_conv)]
         outs = [probe(grids[i + 1]) for i, probe in enumerate(self.patch_conv)]

@@ -27,6 +27,7 @@ GRANULARITIES = ("reference", "deploy")
 BUDGET_UNITS = ("params", "flops")
 PROBE_KINDS = ("patch_conv", "patch_linear")
 PROBE_DTYPES = ("float32", "bfloat16")
+PROBE_IMPLS = ("auto", "per-block", "grouped")
 LR_DECAYS = ("cosine", "constant")
 SOURCE_MODEL = "source"
 """``model`` value that selects the shipped Fashion-MNIST source model (the default)."""
@@ -53,7 +54,11 @@ class PruneConfig:
     of each update window; 1 is the reference. The block benefit is then averaged over fewer,
     equally weighted samples of the same window. ``probe_dtype`` ``bfloat16`` runs the probes under
     autocast in bfloat16 (their cross-entropies and ΔΨ still in float32); ``float32`` is the
-    reference, and the probes stay outside ``amp``'s float16 either way.
+    reference, and the probes stay outside ``amp``'s float16 either way. ``probe_impl`` says how conv
+    probes run: ``per-block`` (one small conv chain per block and map), ``grouped`` (all blocks in one
+    grouped convolution per layer: the same function, see :mod:`p3b_fx.benefit`) or ``auto``
+    (grouped on CUDA, per-block on the CPU, where each is the faster: ``docs/bench-train-step.md``).
+    Models whose blocks do not share one stream layout always run per block.
 
     ``batch_size`` is per process; ``world_size`` (the number of torchrun processes) is filled in by
     :func:`p3b_fx.train.run` from the process group, so the effective batch is their product.
@@ -89,6 +94,7 @@ class PruneConfig:
     probe_hidden: int | None = None
     probe_every: int = 1
     probe_dtype: str = "float32"
+    probe_impl: str = "auto"
     augment: bool = True
     seed: int = 0
     out: str = "runs/p3b"
@@ -214,6 +220,7 @@ def _check_choices(cfg: PruneConfig) -> None:
     _choice(cfg.budget, BUDGET_UNITS, "budget unit")
     _choice(cfg.probe, PROBE_KINDS, "probe kind")
     _choice(cfg.probe_dtype, PROBE_DTYPES, "probe dtype")
+    _choice(cfg.probe_impl, PROBE_IMPLS, "probe implementation")
     _choice(cfg.lr_decay, LR_DECAYS, "lr_decay")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device {cfg.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")

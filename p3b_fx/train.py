@@ -371,6 +371,13 @@ def probe_autocast(device: torch.device, dtype: str) -> AbstractContextManager[A
     return nullcontext()
 
 
+def probe_grouped(cfg: PruneConfig, device: torch.device) -> bool:
+    """Whether conv probes run as grouped convolutions (``cfg.probe_impl``; auto: on CUDA)."""
+    if cfg.probe_impl == "auto":
+        return device.type == "cuda"
+    return cfg.probe_impl == "grouped"
+
+
 def check_loss(loss: torch.Tensor, step: int, where: str) -> None:
     if not torch.isfinite(loss.detach()).item():
         raise TrainingError(
@@ -850,6 +857,8 @@ class Loop:
     def __post_init__(self) -> None:
         # under torchrun: DDP around the masked model and around the probes (their own gradients)
         self.net = distributed.wrap(self.masked, self.device)
+        if isinstance(self.pruner.probes, BenefitProbes):  # one stream layout: grouping applies
+            self.pruner.probes.grouped = probe_grouped(self.cfg, self.device)
         self.probe_net = distributed.wrap(self.pruner.probes, self.device)
         self.opt = make_optimizer(self.masked, self.cfg)
         self.probe_opt = torch.optim.AdamW(self.pruner.probes.parameters(), lr=self.cfg.scaled_lr)

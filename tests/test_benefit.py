@@ -369,3 +369,52 @@ def test_accumulator_counts_only_the_probes_a_block_has() -> None:
     np.testing.assert_array_equal(restored.counts(), acc.counts())
     with pytest.raises(CheckpointError, match="resume with the model"):
         BenefitAccumulator(3, has_class_token=True).load_state_dict(acc.state_dict())
+
+
+def _grouped_twin(per_block: BenefitProbes) -> BenefitProbes:
+    twin = make_probes(ProbeKind.PATCH_CONV, blocks=per_block.num_blocks, grouped=True)
+    twin.load_state_dict(per_block.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_grouped_conv_probes_compute_the_same_function(has_cls: bool) -> None:
+    """grouped=True: logits, loss, ΔΨ, every gradient and the BatchNorm running statistics match
+    the block-by-block probes over several steps; the state dicts keep the same keys."""
+    torch.manual_seed(0)
+    kw = {} if has_cls else {"has_class_token": False, "num_prefix_tokens": 0}
+    per_block = make_probes(ProbeKind.PATCH_CONV, blocks=4, **kw)
+    grouped = make_probes(ProbeKind.PATCH_CONV, blocks=4, grouped=True, **kw)
+    grouped.load_state_dict(per_block.state_dict())
+    opts = [torch.optim.SGD(p.parameters(), lr=0.1) for p in (per_block, grouped)]
+    for step in range(3):
+        feats = features(4, 9 + int(has_cls), seed=step)
+        outs = [p(feats, LABELS) for p in (per_block, grouped)]
+        torch.testing.assert_close(outs[1].loss, outs[0].loss)
+        torch.testing.assert_close(outs[1].benefit_patch, outs[0].benefit_patch)
+        for opt, out in zip(opts, outs, strict=True):
+            opt.zero_grad()
+            out.loss.backward()
+        grads = [dict(p.named_parameters()) for p in (per_block, grouped)]
+        for name, param in grads[0].items():
+            assert param.grad is not None and bool(param.grad.abs().sum() > 0), name
+            torch.testing.assert_close(grads[1][name].grad, param.grad, msg=name)
+        for opt in opts:
+            opt.step()
+    a, b = per_block.state_dict(), grouped.state_dict()
+    assert list(a) == list(b)
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, msg=key)
+    assert int(a["patch_conv.0.body.1.num_batches_tracked"]) == 6  # two maps per step, three steps
+
+
+def test_grouped_probes_can_be_switched_at_any_step() -> None:
+    """The attribute flips the implementation of the same parameters (a resumed run may differ)."""
+    torch.manual_seed(0)
+    probes = make_probes(ProbeKind.PATCH_CONV, blocks=3)
+    twin = _grouped_twin(probes)
+    feats = features(3, 10)
+    probes.grouped = True
+    torch.testing.assert_close(probes(feats, LABELS).loss, twin(feats, LABELS).loss)
+    linear = make_probes(ProbeKind.PATCH_LINEAR, blocks=3, grouped=True)  # no conv: nothing to group
+    linear(feats, LABELS).loss.backward()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import p3b_fx
-from p3b_fx import train
+from p3b_fx import benefit, train
 from p3b_fx.benefit import BenefitProbes, BlockwiseProbes
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.plan import KeepPlan
@@ -340,6 +340,29 @@ def test_bfloat16_probes_run_in_bfloat16_and_meet_the_budget(
     assert seen and set(seen) == {torch.bfloat16}
     with pytest.raises(ConfigError, match="probe dtype"):
         tiny_config(tmp_path / "x", probe_dtype="float16")
+
+
+@pytest.mark.parametrize(("impl", "grouped"), [("auto", False), ("per-block", False), ("grouped", True)])
+def test_probe_impl_picks_how_conv_probes_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str, grouped: bool
+) -> None:
+    """--probe-impl: auto runs per block on the CPU, grouped runs the grouped convolutions; both
+    reach the budget."""
+    calls: list[int] = []
+    real = benefit._grouped_conv_probes
+
+    def spy(probes: Any, maps: Any) -> Any:
+        calls.append(len(probes))
+        return real(probes, maps)
+
+    monkeypatch.setattr(benefit, "_grouped_conv_probes", spy)
+    cfg = tiny_config(tmp_path / "run", probe="patch_conv", probe_hidden=8, probe_impl=impl)
+    report = train.run(cfg)
+    assert report["budget_met"]
+    assert bool(calls) == grouped
+    assert train.probe_grouped(cfg, torch.device("cuda")) == (impl != "per-block")
+    with pytest.raises(ConfigError, match="probe implementation"):
+        tiny_config(tmp_path / "x", probe_impl="fused")
 
 
 @pytest.mark.parametrize("blocks_only", [False, True])

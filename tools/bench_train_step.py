@@ -4,7 +4,8 @@ P3B step = masked forward with feature taps, task loss, backward, Taylor accumul
 then (on probe steps) the probe loss on the detached taps, its backward, benefit accumulation and
 the probe AdamW step (``p3b_fx.train.Loop.train_step``). Plain step = forward, loss, backward, AdamW
 step. Variants: the probe design (``patch_conv``, the reference, or ``patch_linear``), the conv
-probe's hidden width, ``probe_every`` (probes on every N-th step) and ``probe_dtype`` (bf16 probes).
+probe's hidden width, ``probe_every`` (probes on every N-th step), ``probe_dtype`` (bf16 probes) and
+``probe_impl`` (conv probes per block or as grouped convolutions).
 
 Time: one process holds the plain model and every variant (same initial weights, same synthetic
 batch) and runs them round-robin: each round times ``probe_every`` consecutive steps of every
@@ -58,14 +59,17 @@ from p3b_fx.core.io import atomic_write_text, kept_notes
 from p3b_fx.errors import P3BError
 from p3b_fx.machine import describe
 
-VARIANTS: dict[str, tuple[str, float, int, str]] = {
-    "conv, hidden = dim": ("patch_conv", 1.0, 1, "float32"),
-    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1, "float32"),
-    "conv, hidden dim/4, bf16 probes": ("patch_conv", 0.25, 1, "bfloat16"),
-    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4, "float32"),
-    "linear": ("patch_linear", 1.0, 1, "float32"),
+VARIANTS: dict[str, tuple[str, float, int, str, str]] = {
+    "conv, hidden = dim": ("patch_conv", 1.0, 1, "float32", "per-block"),
+    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1, "float32", "per-block"),
+    "conv, hidden dim/4, grouped": ("patch_conv", 0.25, 1, "float32", "grouped"),
+    "conv, hidden dim/4, bf16 probes": ("patch_conv", 0.25, 1, "bfloat16", "per-block"),
+    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4, "float32", "per-block"),
+    "linear": ("patch_linear", 1.0, 1, "float32", "per-block"),
 }
-"""label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype)."""
+"""label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype,
+probe_impl). The default's conv probes run per block on the CPU and grouped on CUDA
+(``probe_impl=auto``): the two columns are the default on each device."""
 
 SOURCE_ARCH = {
     "img_size": 28,
@@ -88,7 +92,7 @@ def _config(args: argparse.Namespace, out: str) -> PruneConfig:
         model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits",
         num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
         device=args.device, amp=True, probe_hidden=hidden, probe_every=args.every,
-        probe_dtype=args.probe_dtype,
+        probe_dtype=args.probe_dtype, probe_impl=args.probe_impl,
     )  # fmt: skip
 
 
@@ -194,10 +198,17 @@ def _steps(step: Callable[[torch.Tensor, torch.Tensor], None], n: int, x: torch.
 
 
 def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
-    kind, share, every, dtype = VARIANTS[label]
-    return argparse.Namespace(
-        **{**vars(args), "probe": kind, "hidden_share": share, "every": every, "probe_dtype": dtype}
-    )
+    kind, share, every, dtype, impl = VARIANTS[label]
+    return argparse.Namespace(**{**vars(args), "probe": kind, "hidden_share": share, "every": every,
+                                 "probe_dtype": dtype, "probe_impl": impl})  # fmt: skip
+
+
+def _selected(args: argparse.Namespace) -> list[str]:
+    """The variants to run: ``--variants`` (1-based numbers in :data:`VARIANTS` order) or all."""
+    labels = list(VARIANTS)
+    if not args.variants:
+        return labels
+    return [labels[i - 1] for i in args.variants]
 
 
 def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,7 +223,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         base = train.build_model(_config(args, tmp)).to(device).train()
         plain = _plain_step(copy.deepcopy(base), _config(args, tmp), device)
         steps: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], None], int]] = {}
-        for label in VARIANTS:
+        for label in _selected(args):
             out = Path(tmp) / str(len(steps))
             out.mkdir()
             vargs = _variant_args(args, label)
@@ -296,7 +307,9 @@ def profile(args: argparse.Namespace) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sections = [f"# Profile of one training step ({args.rounds} steps each, batch {args.batch_size}, "
                 f"{_machine(args.device)}, device {device})"]  # fmt: skip
-    vargs = _variant_args(args, "conv, hidden dim/4 (default)")
+    label = _selected(args)[0] if args.variants else "conv, hidden dim/4 (default)"
+    sections[0] += f"; P3B variant: {label}"
+    vargs = _variant_args(args, label)
     with tempfile.TemporaryDirectory() as tmp:
         base = train.build_model(_config(args, tmp)).to(device).train()
         sides = {
@@ -313,13 +326,17 @@ def profile(args: argparse.Namespace) -> str:
             rows = [f"\n## {name}: top operators by self {kind} time\n",
                     events.table(sort_by=dev, row_limit=20, max_name_column_width=60)]  # fmt: skip
             if name == "p3b":
-                by_key = {e.key: e for e in events}
+                # on CUDA a region is two events of one key: the host's range and the device's
+                # annotation; each carries one of the two times
+                totals = {r: [0.0, 0.0] for r in PROFILE_REGIONS}
+                for e in events:
+                    if e.key in totals:
+                        totals[e.key][0] = max(totals[e.key][0], e.cpu_time_total)
+                        totals[e.key][1] = max(totals[e.key][1], getattr(e, "device_time_total", 0.0))
                 rows.append("\n## p3b: per region (ms per step)\n\n| region | CPU | device |\n|---|---|---|")
                 for region in PROFILE_REGIONS:
-                    e = by_key.get(region)
-                    if e is not None:
-                        cpu = e.cpu_time_total / 1e3 / args.rounds
-                        gpu = getattr(e, "device_time_total", 0.0) / 1e3 / args.rounds
+                    if any(totals[region]):
+                        cpu, gpu = (t / 1e3 / args.rounds for t in totals[region])
                         rows.append(f"| {region} | {cpu:.2f} | {gpu:.2f} |")
             sections.extend(rows)
     return "\n".join(sections) + "\n"
@@ -388,13 +405,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-share", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--probe-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--probe-impl", default="per-block", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--variants",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="run only these P3B variants, by number: "
+        + "; ".join(f"{i} {label}" for i, label in enumerate(VARIANTS, 1)),
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--write", help="also write the table as markdown to this file")
     p.add_argument(
         "--profile",
         metavar="FILE",
-        help="instead of the benchmark: profile the plain step and the default P3B step "
-        "(torch.profiler, --rounds steps each) and write where the time goes to FILE",
+        help="instead of the benchmark: profile the plain step and the default P3B step (or the first "
+        "of --variants) with torch.profiler, --rounds steps each, and write where the time goes to FILE",
     )
     p.add_argument("--worker", choices=("plain", "p3b", "timing"), help=argparse.SUPPRESS)
     return p
@@ -402,7 +428,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.variants and not all(1 <= i <= len(VARIANTS) for i in args.variants):
+        p.error(f"--variants: numbers run from 1 to {len(VARIANTS)}, got {args.variants}")
     if args.worker:
         print(json.dumps(timing_worker(args) if args.worker == "timing" else worker(args)))
         return 0
@@ -419,8 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing = _run_worker("timing", argv)
     plain = _run_worker("plain", argv)
     p3b = {}
-    for label, (kind, share, every, dtype) in VARIANTS.items():
-        flags = ["--probe", kind, "--hidden-share", str(share), "--every", str(every), "--probe-dtype", dtype]
+    for label in _selected(args):
+        kind, share, every, dtype, impl = VARIANTS[label]
+        flags = ["--probe", kind, "--hidden-share", str(share), "--every", str(every), "--probe-dtype", dtype,
+                 "--probe-impl", impl]  # fmt: skip
         p3b[label] = _run_worker("p3b", [*argv, *flags])
     text = table(args, timing, plain, p3b)
     print(text)

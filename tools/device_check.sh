@@ -13,7 +13,7 @@
 #   p3b-cuda    the main job on CUDA with mixed precision: P3B while fine-tuning, slim, ONNX, bundle
 #   latency     dense vs slim: torch fp16 with CUDA graphs, ONNX Runtime CUDA / TensorRT if present
 #   train-step  P3B step vs plain step on a ViT-S/16 at 224 px, batch 64, AMP
-#   profile     where that P3B step's time goes (torch.profiler, per region and per operator)
+#   profile     where the CUDA default P3B step's time goes (grouped probes; per region and operator)
 #   probe-batching  the conv probes block by block, under autocast, and as one grouped convolution
 #   suite       the whole test suite with CUDA visible (device "auto" picks the GPU)
 # Output: $OUT (the device tool's folder) or runs/device-check: check.log (everything),
@@ -81,10 +81,11 @@ step p3b-cuda 180 "$py" tools/prune_and_compile.py --target jetson --device cuda
 cp "$run/report.json" "$out/p3b-report.json" 2>/dev/null
 cp "$run/prune/log.jsonl" "$out/p3b-log.jsonl" 2>/dev/null
 step latency 150 "$py" tools/bench_latency.py --backends cuda --gpu-runs 200 --out "$out/bench-latency.md"
-step train-step 120 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 20 \
+# variants: 2 per-block conv probes, 3 grouped (the CUDA default), 4 bf16, 6 linear (--help lists them)
+step train-step 150 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 20 --variants 2 3 4 6 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --write "$out/bench-train-step.md"
-step profile 60 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 \
+step profile 90 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 --variants 3 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --profile "$out/profile-train-step.md"
 step probe-batching 60 "$py" tools/bench_probe_batching.py --device cuda --preset vit-s --batch-size 64 --rounds 20

@@ -26,6 +26,7 @@ from p3b_fx.config import (
     LR_DECAYS,
     METHODS,
     PROBE_DTYPES,
+    PROBE_IMPLS,
     PROBE_KINDS,
     PruneConfig,
     json_object,
@@ -74,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probe-dtype", choices=PROBE_DTYPES,
                    help="probes in float32 (default, the reference) or under bfloat16 autocast")  # fmt: skip
+    p.add_argument("--probe-impl", choices=PROBE_IMPLS,
+                   help="conv probes block by block or as one grouped convolution (same function); "
+                   "auto (default): grouped on CUDA, per-block on the CPU")  # fmt: skip
     p.add_argument("--out", help="output directory")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
