@@ -100,6 +100,7 @@ class TaylorAccumulator:
         self._fixed = sizes is not None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, torch.Tensor] = {}
+        self._segment_cache: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         for name, size in (sizes or {}).items():
             self._register(name, int(size), torch.device("cpu"))
 
@@ -138,24 +139,50 @@ class TaylorAccumulator:
             self._sums[name] = self._sums[name].to(gate.device)
             self._counts[name] = self._counts[name].to(gate.device)
 
-    def accumulate(self, gates: Mapping[str, torch.Tensor], grad_scale: float = 1.0) -> None:
+    def accumulate(self, gates: Mapping[str, torch.Tensor], grad_scale: float | torch.Tensor = 1.0) -> None:
         """Add ``(m·g/grad_scale)²`` of every gate whose ``.grad`` is set, then set ``.grad`` to None.
 
         Gates without a gradient are skipped (not counted). A group whose score is not finite this
         step (an AMP overflow step) is skipped too. ``grad_scale`` is the loss scale in effect for the
-        backward pass (1.0 without AMP loss scaling). Resetting the grad to None (as
-        ``zero_grad(set_to_none=True)`` does) means a step whose backward misses a gate is not counted.
+        backward pass (1.0 without AMP loss scaling; a 0-d tensor, such as the GradScaler's own, saves
+        a host sync). Resetting the grad to None (as ``zero_grad(set_to_none=True)`` does) means a step
+        whose backward misses a gate is not counted.
+
+        All groups are scored in one pass over their concatenation: a fixed number of kernels per
+        step whatever the number of groups (a GPU step is bound by kernel launches), element for
+        element the same arithmetic as scoring each group on its own.
         """
-        for name, gate in gates.items():
-            grad = gate.grad
-            if grad is None:
-                continue
+        named = [(name, gate) for name, gate in gates.items() if gate.grad is not None]
+        if not named:
+            return
+        for name, gate in named:
             self._slot(name, gate)
-            score = (gate.detach().double() * grad.detach().double() / grad_scale).square()
-            finite = torch.isfinite(score).all()
-            self._sums[name] += torch.where(finite, score, torch.zeros_like(score))
-            self._counts[name] += finite.to(torch.int64)
+        names = [name for name, _ in named]
+        seg = self._segments(names, named[0][1].device)
+        values = torch.cat([gate.detach().reshape(-1) for _, gate in named]).double()
+        grads = torch.cat([gate.grad.detach().reshape(-1) for _, gate in named]).double()  # type: ignore[union-attr]
+        if isinstance(grad_scale, torch.Tensor):
+            grad_scale = grad_scale.detach().to(values.device, torch.float64)
+        score = (values * grads / grad_scale).square()
+        bad = torch.zeros(len(names), dtype=torch.float64, device=score.device)
+        bad.index_add_(0, seg, (~torch.isfinite(score)).double())
+        finite = bad == 0
+        score = torch.where(finite[seg], score, torch.zeros_like(score))
+        sizes = [self._sums[name].numel() for name in names]
+        torch._foreach_add_([self._sums[n] for n in names], list(torch.split(score, sizes)))
+        torch._foreach_add_([self._counts[n] for n in names], list(finite.to(torch.int64).unbind()))
+        for _, gate in named:
             gate.grad = None
+
+    def _segments(self, names: list[str], device: torch.device) -> torch.Tensor:
+        """Group index of every element of the concatenated ``names`` (cached per order and device)."""
+        key = (tuple(names), device)
+        cached = self._segment_cache.get(key)
+        if cached is None:
+            sizes = torch.tensor([self._sums[name].numel() for name in names])
+            cached = torch.repeat_interleave(torch.arange(len(names)), sizes).to(device)
+            self._segment_cache = {key: cached}
+        return cached
 
     def counts(self) -> dict[str, int]:
         """Steps counted per group in the current window (syncs with the device)."""

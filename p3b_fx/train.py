@@ -925,15 +925,13 @@ class Loop:
         with record_function("p3b.forward"), autocast(self.device, self.cfg.amp):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-        check_loss(loss, self.step, "P3B training")
         with record_function("p3b.backward"):
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         if pruning:
             with record_function("p3b.taylor"):
-                scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
                 distributed.average_gradients(list(self.pruner.bank.gates().values()))
-                self.pruner.taylor.accumulate(self.pruner.bank.gates(), grad_scale=scale)
+                self.pruner.taylor.accumulate(self.pruner.bank.gates(), grad_scale=self._loss_scale())
         with record_function("p3b.optimizer"):
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -946,8 +944,24 @@ class Loop:
                 if pruning:
                     self.pruner.benefit.add(probe_out)
                 self.probe_opt.step()
-        acc = float((logits.argmax(-1) == y).float().mean())
-        return float(loss.item()), acc
+        # one host sync per step for what the progress bar shows and the NaN check (a GPU step is
+        # bound by kernel launches; every sync idles the GPU while the host catches up). A NaN loss
+        # has by now gone through one optimiser step in memory; the run stops here, the checkpoints
+        # on disk are untouched
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        loss_value, acc_value = torch.stack([loss.detach().float(), acc]).tolist()
+        if not math.isfinite(loss_value):
+            check_loss(loss, self.step, "P3B training")
+        return loss_value, acc_value
+
+    def _loss_scale(self) -> float | torch.Tensor:
+        """The AMP loss scale of this step's backward, as a device tensor where torch offers one
+        (no host sync), else as a float; 1.0 without loss scaling."""
+        if not self.scaler.is_enabled():
+            return 1.0
+        scale_async = getattr(self.scaler, "_get_scale_async", None)  # torch's, private; get_scale syncs
+        scale = scale_async() if scale_async is not None else None
+        return scale if isinstance(scale, torch.Tensor) else float(self.scaler.get_scale())
 
     def finish(self) -> KeepPlan:
         """Last re-allocation (τ = 0), the hard plan, hard masks."""

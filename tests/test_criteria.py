@@ -85,6 +85,31 @@ def test_nonfinite_step_is_skipped() -> None:
     np.testing.assert_allclose(acc.scores()["g"], expected)
 
 
+def test_all_groups_at_once_equal_each_group_on_its_own() -> None:
+    """One step over many groups of different sizes (one overflowing, one without a gradient, a 0-d
+    tensor loss scale): bit for bit what scoring each group alone gives."""
+    g = torch.Generator().manual_seed(0)
+    sizes = {f"g{i}": n for i, n in enumerate([3, 1, 7, 4, 12])}
+    gates = {name: torch.rand(n, generator=g).requires_grad_(True) for name, n in sizes.items()}
+    for name, gate_ in gates.items():
+        gate_.grad = torch.randn(sizes[name], generator=g) * 64.0
+    gates["g2"].grad[3] = float("nan")  # type: ignore[index]
+    gates["g3"].grad = None
+    expected = {
+        name: (gate_.detach().double() * gate_.grad.double() / 64.0).square().numpy()
+        for name, gate_ in gates.items()
+        if gate_.grad is not None and name != "g2"
+    }
+    acc = TaylorAccumulator(sizes)
+    acc.accumulate(gates, grad_scale=torch.tensor(64.0))
+    assert acc.counts() == {"g0": 1, "g1": 1, "g2": 0, "g3": 0, "g4": 1}
+    assert all(gate_.grad is None for gate_ in gates.values())
+    sums = acc.state_dict()["sums"]
+    for name, want in expected.items():
+        np.testing.assert_array_equal(sums[name].numpy(), want)
+    assert not sums["g2"].any() and not sums["g3"].any()
+
+
 def test_reset_keeps_groups() -> None:
     m = gate()
     acc = TaylorAccumulator()
