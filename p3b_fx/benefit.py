@@ -66,6 +66,7 @@ __all__ = [
     "ProbeKind",
     "ProbeOutput",
     "default_hidden",
+    "grouped_conv_probes",
     "probe_params",
 ]
 
@@ -155,7 +156,7 @@ class _GroupedBatchNorm:
         torch._foreach_add_(counters, self.calls)  # type: ignore[arg-type]
 
 
-def _grouped_conv_probes(probes: Sequence[ConvProbe], maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def grouped_conv_probes(probes: Sequence[ConvProbe], maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Logits (B, batch, classes) of probe i on map i, for each (batch, B·dim, h, w) stack in ``maps``.
 
     The same function as running each probe on its own map (``ConvProbe.forward``, training mode),
@@ -352,7 +353,7 @@ class BenefitProbes(nn.Module):
             stack = stack.reshape(feats[0].shape[0], -1, h, w)
             size = self.num_blocks * self.dim
             maps = [stack[:, :size], stack[:, self.dim :]]
-            return torch.stack(_grouped_conv_probes(list(self.patch_conv), maps))  # type: ignore[arg-type]
+            return torch.stack(grouped_conv_probes(list(self.patch_conv), maps))  # type: ignore[arg-type]
         grids = [f[:, p:].transpose(1, 2).reshape(f.shape[0], self.dim, h, w) for f in feats]
         ins = [probe(grids[i]) for i, probe in enumerate(self.patch_conv)]
         outs = [probe(grids[i + 1]) for i, probe in enumerate(self.patch_conv)]

@@ -349,13 +349,13 @@ def test_probe_impl_picks_how_conv_probes_run(
     """--probe-impl: auto runs per block on the CPU, grouped runs the grouped convolutions; both
     reach the budget."""
     calls: list[int] = []
-    real = benefit._grouped_conv_probes
+    real = benefit.grouped_conv_probes
 
     def spy(probes: Any, maps: Any) -> Any:
         calls.append(len(probes))
         return real(probes, maps)
 
-    monkeypatch.setattr(benefit, "_grouped_conv_probes", spy)
+    monkeypatch.setattr(benefit, "grouped_conv_probes", spy)
     cfg = tiny_config(tmp_path / "run", probe="patch_conv", probe_hidden=8, probe_impl=impl)
     report = train.run(cfg)
     assert report["budget_met"]

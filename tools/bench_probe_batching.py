@@ -11,11 +11,10 @@ The same arithmetic fits one grouped convolution per map set:
 This tool times forward + backward of both, interleaved, and reports the medians and the largest
 difference of their logits. The variants:
 
-- block by block in fp32 (what P3B runs);
+- block by block in fp32 (``--probe-impl per-block``, P3B's default on the CPU);
 - block by block under autocast (bf16 on the CPU, fp16 on CUDA);
-- grouped in fp32.
-
-Nothing in P3B uses the grouped form yet: this measures whether it should, on each device.
+- grouped in fp32 (``p3b_fx.benefit.grouped_conv_probes``, what ``--probe-impl grouped`` runs and
+  P3B's default on CUDA; the per-block weights are concatenated on every call, as there).
 
 Usage: ``python tools/bench_probe_batching.py [--device cpu|cuda] [--preset source|vit-s] [--batch-size N]``
 """
@@ -32,48 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from p3b_fx.benefit import ConvProbe, default_hidden
+from p3b_fx.benefit import ConvProbe, default_hidden, grouped_conv_probes
 
 PRESETS = {
     "source": {"blocks": 12, "dim": 192, "grid": 4, "batch": 64},  # the shipped ViT: 6 blocks x 2
     "vit-s": {"blocks": 24, "dim": 384, "grid": 14, "batch": 16},  # ViT-S/16 at 224 px
 }
-
-
-def _conv(probe: ConvProbe, index: int) -> nn.Conv2d:
-    layer = probe.body[index]
-    assert isinstance(layer, nn.Conv2d)
-    return layer
-
-
-class GroupedConvProbes(nn.Module):
-    """``probes`` (B ConvProbes of one width) as grouped convolutions; same weights, same function."""
-
-    def __init__(self, probes: Sequence[ConvProbe]) -> None:
-        super().__init__()
-        n, first = len(probes), probes[0]
-        conv1, _, _, conv2, _, _ = first.body
-        assert isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d)
-        dim, hidden = conv1.in_channels, conv1.out_channels
-        self.n, self.hidden = n, hidden
-        self.conv1 = nn.Conv2d(n * dim, n * hidden, 3, padding=1, bias=False, groups=n)
-        self.conv2 = nn.Conv2d(n * hidden, n * hidden, 3, padding=1, bias=False, groups=n)
-        self.bn1, self.bn2 = nn.BatchNorm2d(n * hidden), nn.BatchNorm2d(n * hidden)
-        with torch.no_grad():
-            self.conv1.weight.copy_(torch.cat([_conv(p, 0).weight for p in probes]))
-            self.conv2.weight.copy_(torch.cat([_conv(p, 3).weight for p in probes]))
-        self.fc_weight = nn.Parameter(torch.stack([p.fc.weight.detach().t() for p in probes]))
-        self.fc_bias = nn.Parameter(torch.stack([p.fc.bias.detach() for p in probes]))
-
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(B, batch, classes) logits of probe i on grid i."""
-        x = torch.cat(list(grids), dim=1)
-        h = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-        pooled = h.mean(dim=(2, 3)).reshape(x.shape[0], self.n, self.hidden).transpose(0, 1)
-        return torch.baddbmm(self.fc_bias.unsqueeze(1), pooled, self.fc_weight)
 
 
 def _sync(device: torch.device) -> None:
@@ -102,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     n, dim, grid, batch = cfg["blocks"], cfg["dim"], cfg["grid"], args.batch_size or cfg["batch"]
     hidden, classes = default_hidden(dim), 10
     probes = nn.ModuleList(ConvProbe(dim, classes, hidden) for _ in range(n)).to(device)
-    grouped = GroupedConvProbes(list(probes)).to(device)  # type: ignore[arg-type]
     grids = [torch.randn(batch, dim, grid, grid, device=device) for _ in range(n)]
     low = torch.bfloat16 if device.type == "cpu" else torch.float16
 
@@ -114,12 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return per_block().float()
 
     variants: dict[str, Callable[[], torch.Tensor]] = {
-        "block by block, fp32 (P3B today)": per_block,
+        "block by block, fp32": per_block,
         f"block by block, autocast {str(low).removeprefix('torch.')}": per_block_autocast,
-        "grouped, fp32": lambda: grouped(grids),
+        "grouped, fp32": lambda: grouped_conv_probes(list(probes), [torch.cat(grids, dim=1)])[0],  # type: ignore[arg-type]
     }
     with torch.no_grad():
-        diff = float((per_block() - grouped(grids)).abs().max())
+        diff = float((per_block() - variants["grouped, fp32"]()).abs().max())
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(args.rounds + 2):
         for name, fn in variants.items():

@@ -24,7 +24,8 @@ Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--wri
 (``--write`` replaces the table and keeps everything from the hand-written notes marker on).
 ``--profile FILE`` instead profiles the plain and the default P3B step with torch.profiler: the top
 operators of each and the P3B step per region of ``Loop.train_step`` (``p3b.forward``, ``.backward``,
-``.taylor``, ``.optimizer``, ``.probes``).
+``.taylor``, ``.optimizer``, ``.probes``). ``--count-ops`` counts the aten operators one step of each
+dispatches (on CUDA, nearly one kernel launch each).
 """
 
 from __future__ import annotations
@@ -130,16 +131,23 @@ def _reset_peak_rss() -> None:
 
 
 def _plain_step(
-    model: nn.Module, cfg: PruneConfig, device: torch.device
+    model: nn.Module, cfg: PruneConfig, device: torch.device, mark: Callable[[str], None] | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """Forward, loss, backward, AdamW step. ``mark(phase)`` (``--count-ops``) is told each phase."""
     opt = train.make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if mark is not None:
+            mark("forward")
         with train.autocast(device, True):
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        if mark is not None:
+            mark("backward")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        if mark is not None:
+            mark("optimizer")
         scaler.step(opt)
         scaler.update()
 
@@ -342,6 +350,87 @@ def profile(args: argparse.Namespace) -> str:
     return "\n".join(sections) + "\n"
 
 
+_METADATA_OPS = {"_unsafe_view", "squeeze_", "unsqueeze_", "transpose_", "t_", "as_strided_"}
+"""aten ops that are not views by schema but only rewrite a tensor's shape (no kernel on any device)."""
+
+
+def count_ops(args: argparse.Namespace) -> str:
+    """aten operators dispatched by one training step, plain against P3B, per phase: what a
+    host-bound GPU step pays for (docs/gpu-check.md). Views and shape-only ops are counted apart;
+    on CUDA nearly every other op is one kernel launch. Phases of the P3B step are the
+    ``record_function`` regions of ``Loop.train_step``. On the CPU, AdamW runs parameter by
+    parameter (torch picks its foreach kernels only for CUDA tensors), so the optimizer rows
+    overstate what a CUDA step launches there; the model's forward and backward count the same."""
+    import collections  # noqa: PLC0415
+    import contextlib  # noqa: PLC0415
+    from unittest import mock  # noqa: PLC0415
+
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Count(TorchDispatchMode):  # type: ignore[no-untyped-call]
+        def __init__(self) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self.phase = "other"
+            self.ops: collections.Counter[tuple[str, bool]] = collections.Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, a: Any = (), kw: Any = None) -> Any:
+            view = bool(func.is_view) or func.overloadpacket.__name__ in _METADATA_OPS
+            self.ops[self.phase, view] += 1
+            return func(*a, **(kw or {}))
+
+    counter = Count()
+
+    def mark(phase: str) -> None:
+        counter.phase = phase
+
+    @contextlib.contextmanager
+    def region(name: str) -> Any:  # stands in for torch.profiler.record_function in train.py
+        before, counter.phase = counter.phase, name.removeprefix("p3b.")
+        try:
+            yield
+        finally:
+            counter.phase = before
+
+    torch.manual_seed(0)
+    device = train.pick_device(PruneConfig(device=args.device))
+    side = int(json.loads(args.model_kwargs).get("img_size", 224))
+    x = torch.randn(args.batch_size, 3, side, side, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    label = _selected(args)[0] if args.variants else "conv, hidden dim/4 (default)"
+    vargs = _variant_args(args, label)
+    counts: dict[str, collections.Counter[tuple[str, bool]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(train, "record_function", region):
+        base = train.build_model(_config(args, tmp)).to(device).train()
+        sides = {
+            "plain": _plain_step(copy.deepcopy(base), _config(args, tmp), device, mark),
+            f"P3B, {label}": _p3b_step(copy.deepcopy(base), _config(vargs, tmp), device, Path(tmp))[0],
+        }
+        for name, step in sides.items():
+            step(x, y)  # first step: optimiser state, caches
+            counter.ops = collections.Counter()
+            mark("other")
+            with counter:
+                step(x, y)
+            counts[name] = counter.ops
+    phases = ["forward", "backward", "taylor", "optimizer", "probes", "other"]
+    rows = [
+        f"aten operators per training step: {args.model_kwargs}, batch {args.batch_size}, device {device}; "
+        "each cell: ops that are not views (views and shape-only ops)",
+        "",
+        "| phase | " + " | ".join(counts) + " |",
+        "|---|" + "---|" * len(counts),
+    ]
+    for phase in [*phases, "**step**"]:
+        cells = []
+        for c in counts.values():
+            keys = phases if phase == "**step**" else [phase]
+            ops, views = sum(c[k, False] for k in keys), sum(c[k, True] for k in keys)
+            cells.append(f"{ops} ({views})")
+        if phase == "**step**" or any(not cell.startswith("0 (0)") for cell in cells):
+            rows.append(f"| {phase} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def _run_worker(kind: str, argv: Sequence[str]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, *argv, "--worker", kind]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -422,6 +511,12 @@ def parser() -> argparse.ArgumentParser:
         help="instead of the benchmark: profile the plain step and the default P3B step (or the first "
         "of --variants) with torch.profiler, --rounds steps each, and write where the time goes to FILE",
     )
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="instead of the benchmark: count the aten operators of one plain and one P3B step (the "
+        "default, or the first of --variants) and print them as a table",
+    )
     p.add_argument("--worker", choices=("plain", "p3b", "timing"), help=argparse.SUPPRESS)
     return p
 
@@ -440,6 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except P3BError as exc:
         print(f"bench_train_step.py: {exc}", file=sys.stderr)
         return 2
+    if args.count_ops:
+        print(count_ops(args))
+        return 0
     if args.profile:
         text = profile(args)
         print(text)
