@@ -43,7 +43,8 @@ class _MaskedLinear(torch.autograd.Function):
     dL/dW = dL/dW' · (m_out ⊗ m_in), dL/dm_in = m_outᵀ (dL/dW' · W),
     dL/dm_out = (dL/dW' · W) m_in + dL/db' · b.
     Under autocast it casts x, W' and b' to autocast's dtype itself (as autocast would) and keeps the
-    cast x, so it stores what a plain Linear stores; backward's matmuls run in that dtype too.
+    cast x and the cast W', as a plain Linear under autocast keeps its cast x and W; backward's
+    matmuls run in that dtype too. In full precision it keeps x and W only and rebuilds W'.
     """
 
     @staticmethod
@@ -59,24 +60,32 @@ class _MaskedLinear(torch.autograd.Function):
         w = _effective(weight, m_in, m_out).to(dt)
         b = None if bias is None else (bias if m_out is None else bias * m_out).to(dt)
         xc = x.to(dt)
-        ctx.save_for_backward(xc, weight, bias, m_in, m_out)
+        # under autocast a plain Linear keeps its weight cast to the low dtype, so keeping the cast
+        # W' costs no more memory than it does and spares backward rebuilding it; in full
+        # precision W' would be a copy a plain Linear does not keep, so backward rebuilds it
+        low = w if dt != weight.dtype else None
+        ctx.save_for_backward(xc, weight, bias, m_in, m_out, low)
         ctx.x_dtype = x.dtype
         return F.linear(xc, w, b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, bias, m_in, m_out = ctx.saved_tensors
+        x, weight, bias, m_in, m_out, low = ctx.saved_tensors
         need_x, need_w, need_b, need_in, need_out = ctx.needs_input_grad
         dt = x.dtype  # the dtype the forward's matmul ran in
         g = grad.to(dt)
-        grad_x = (g @ _effective(weight, m_in, m_out).to(dt)).to(ctx.x_dtype) if need_x else None
+        mask = _weight_mask(m_in, m_out)  # built once for W' and dL/dW
+        grad_x = None
+        if need_x:
+            w = low if low is not None else (weight if mask is None else weight * mask).to(dt)
+            grad_x = (g @ w).to(ctx.x_dtype)
         if not (need_w or need_b or need_in or need_out):
             return grad_x, None, None, None, None
         g2 = g.reshape(-1, g.shape[-1])
         grad_weff = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
         grad_beff = g2.sum(dim=0, dtype=torch.float32).to(weight.dtype) if bias is not None else None
-        grad_w = _effective(grad_weff, m_in, m_out) if need_w else None
+        grad_w = (grad_weff if mask is None else grad_weff * mask) if need_w else None
         grad_b = None
         if need_b and grad_beff is not None:
             grad_b = grad_beff if m_out is None else grad_beff * m_out
@@ -102,6 +111,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     ):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def _weight_mask(m_in: torch.Tensor | None, m_out: torch.Tensor | None) -> torch.Tensor | None:
+    """m_out ⊗ m_in, broadcastable to the weight (out, in); None without masks."""
+    if m_out is None:
+        return m_in
+    return m_out[:, None] if m_in is None else m_out[:, None] * m_in
 
 
 def _effective(weight: torch.Tensor, m_in: torch.Tensor | None, m_out: torch.Tensor | None) -> torch.Tensor:

@@ -134,10 +134,10 @@ def test_masked_linear_under_autocast_keeps_the_low_precision_input() -> None:
     x = torch.randn(8, 6, generator=g, requires_grad=True)
     w = torch.randn(4, 6, generator=g, requires_grad=True)
     m = torch.rand(6, generator=g, requires_grad=True)
-    saved: list[torch.dtype] = []
+    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.dtype)
+        saved.append((t.dtype, tuple(t.shape)))
         return t
 
     with (
@@ -147,11 +147,18 @@ def test_masked_linear_under_autocast_keeps_the_low_precision_input() -> None:
         y = _MaskedLinear.apply(x, w, None, m, None)
         ref = nn.functional.linear(x * m, w)
     assert y.dtype == torch.bfloat16 == ref.dtype
-    assert torch.bfloat16 in saved
+    # the bf16 x and the bf16 W' (a plain Linear under autocast keeps its bf16 x and W too)
+    assert (torch.bfloat16, (8, 6)) in saved and (torch.bfloat16, (4, 6)) in saved
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    ref.float().sum().backward()
+    expected = [t.grad.clone() for t in (x, w, m) if t.grad is not None]
+    for t in (x, w, m):
+        t.grad = None
     y.float().sum().backward()
     assert x.grad is not None and m.grad is not None and w.grad is not None
     assert (x.grad.dtype, w.grad.dtype, m.grad.dtype) == (torch.float32,) * 3
+    for got, want in zip((x.grad, w.grad, m.grad), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 
 def test_folded_scoring_keeps_what_the_unmasked_model_keeps() -> None:
