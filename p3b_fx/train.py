@@ -1048,8 +1048,17 @@ class Loop:
         logger.info("resumed %s at epoch %d, step %d", path, self.epoch, self.step)
 
 
+RESUME_FREE_OPTIONS = frozenset(
+    {"resume", "force", "device", "out", "dist_timeout", "world_size", "probe_impl"}
+)
+"""Options a resumed run may change: where and how it runs, not what it computes (``probe_impl``
+picks between two implementations of the same probes; ``world_size`` is checked on its own)."""
+
+
 def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) -> None:
-    ignore = {"resume", "force", "device", "out", "dist_timeout", "world_size"}
+    """Refuse to resume a run written with other options. An option the checkpoint does not record
+    (it predates the option) counts as its default, which is how that run behaved."""
+    ignore = RESUME_FREE_OPTIONS
     ranks = int(saved.get("world_size", 1))
     if ranks != cfg.world_size:
         raise CheckpointError(
@@ -1057,12 +1066,12 @@ def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) 
             "effective batch, the learning rate and the steps per epoch the pruning schedule counts depend "
             f"on it; resume with {ranks} process(es) in all (torchrun --nnodes × --nproc_per_node)"
         )
-    now = cfg.to_dict()
-    diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+    now, defaults = cfg.to_dict(), PruneConfig().to_dict()
+    diff = sorted(k for k in now if k not in ignore and saved.get(k, defaults.get(k)) != now[k])
     if diff:
         raise CheckpointError(
             f"{path} was written with other options "
-            f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff[:4])}); "
+            f"({', '.join(f'{k}={saved.get(k, defaults.get(k))!r}' for k in diff[:4])}); "
             "resume with the same options, or start a fresh run with --force"
         )
 

@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 DENSE = "dense"
 BASELINES = ("uniform", "global-taylor", "global-magnitude")
 
-IGNORED_OPTIONS = frozenset({"out", "resume", "force", "device"})
-"""Options that may differ between a finished run and the job that would reuse it."""
+IGNORED_OPTIONS = frozenset({"out", "resume", "force", "device", "probe_impl"})
+"""Options that may differ between a finished run and the job that would reuse it (where and how
+it ran, not what it computes)."""
 
 DOC_BEGIN = "<!-- bench-transfer:begin (written by tools/bench_transfer.py) -->"
 DOC_END = "<!-- bench-transfer:end -->"

@@ -342,6 +342,19 @@ def test_bfloat16_probes_run_in_bfloat16_and_meet_the_budget(
         tiny_config(tmp_path / "x", probe_dtype="float16")
 
 
+def test_resume_config_check_frees_how_and_fills_what_predates(tmp_path: Path) -> None:
+    """A resumed run may switch the probe implementation (same function) or the device; an option
+    its checkpoint predates counts as that option's default; any other change is refused."""
+    saved = PruneConfig(probe_impl="per-block", device="cpu").to_dict()
+    train.check_resume_config(saved, PruneConfig(probe_impl="grouped", device="cuda"), tmp_path)
+    older = {k: v for k, v in PruneConfig().to_dict().items() if k not in ("probe_impl", "probe_dtype")}
+    train.check_resume_config(older, PruneConfig(), tmp_path)
+    with pytest.raises(CheckpointError, match=r"other options \(probe_dtype='float32'\)"):
+        train.check_resume_config(older, PruneConfig(probe_dtype="bfloat16"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"other options \(epochs=10\)"):
+        train.check_resume_config(saved, PruneConfig(epochs=3), tmp_path)
+
+
 @pytest.mark.parametrize(("impl", "grouped"), [("auto", False), ("per-block", False), ("grouped", True)])
 def test_probe_impl_picks_how_conv_probes_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str, grouped: bool
