@@ -458,7 +458,6 @@ def train_plain(
         for x, y in bar:
             with autocast(device, cfg.amp):
                 loss = F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
-            check_loss(loss, step, desc)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             if hook is not None:
@@ -469,8 +468,11 @@ def train_plain(
                     group["lr"] = cfg.scaled_lr * decay_factor(step - decay_start, decay_steps)
             scaler.step(opt)
             scaler.update()
+            value = loss.item()  # the step's one host sync of its own (see Loop.train_step)
+            if not math.isfinite(value):
+                check_loss(loss, step, desc)
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{value:.3f}")
         accs.append(evaluate(model, loaders[1], device, cfg.amp))
         if checkpoint is not None:
             state = _plain_state(model, opt, scaler, loaders, cfg=cfg, accs=accs)

@@ -264,6 +264,26 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     assert state["epoch"] == 1
 
 
+def test_nan_loss_in_plain_fine_tuning_stops_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fine-tuning loop (dense, and the slim model's fine-tuning) reads its loss once per step,
+    after the optimiser step: a NaN still stops the run, and the epoch checkpoint on disk stays."""
+    calls = {"n": 0}
+    real_ce: Callable[..., torch.Tensor] = train.F.cross_entropy
+
+    def ce(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 5 else loss  # 5 steps per epoch: epoch 2 fails
+
+    monkeypatch.setattr(train.F, "cross_entropy", ce)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*checkpoint is kept"):
+        train.run(tiny_config(tmp_path / "run", method="dense"))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert len(state["accuracy"]) == 1
+
+
 def test_cli_help_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         prune_cli.main(["--help"])
