@@ -14,6 +14,8 @@
 #   latency     dense vs slim: torch fp16 with CUDA graphs, ONNX Runtime CUDA / TensorRT if present
 #   train-step  P3B step vs plain step on a ViT-S/16 at 224 px, batch 64, AMP
 #   profile     where the CUDA default P3B step's time goes (grouped probes; per region and operator)
+#   count-ops   aten operators per phase of a plain and a P3B step on CUDA (AdamW's foreach kernels
+#               included, which a CPU count cannot show)
 #   probe-batching  the conv probes block by block, under autocast, and as one grouped convolution
 #   suite       the whole test suite with CUDA visible (device "auto" picks the GPU)
 # Output: $OUT (the device tool's folder) or runs/device-check: check.log (everything),
@@ -88,6 +90,8 @@ step train-step 150 "$py" tools/bench_train_step.py --device cuda --batch-size 6
 step profile 90 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 --variants 3 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --profile "$out/profile-train-step.md"
+step count-ops 60 "$py" tools/bench_train_step.py --device cuda --count-ops --batch-size 2 --variants 3 \
+    --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}'
 step probe-batching 60 "$py" tools/bench_probe_batching.py --device cuda --preset vit-s --batch-size 64 --rounds 20
 step suite 240 bash -c "$py -m pytest -q -n 8 -p no:cacheprovider >$out/suite.log 2>&1"
 tail -n 40 "$out/suite.log" 2>/dev/null
