@@ -403,3 +403,46 @@ def test_nccl_run_on_gpus(tmp_path: Path) -> None:
         ("DistributedDataParallel", f"cuda:{r}") for r in range(world)
     ]
     assert len({r["digest"] for r in results}) == 1
+
+
+DDP_PROBES_WORKER = textwrap.dedent(
+    """
+    import copy, sys, tempfile
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from p3b_fx import distributed
+    from p3b_fx.benefit import BenefitProbes
+
+    store = dist.FileStore(tempfile.mktemp(), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    torch.manual_seed(0)
+    per_block = BenefitProbes(3, 16, 5, grid_size=3, num_prefix_tokens=1, has_class_token=True, hidden=8)
+    grouped = copy.deepcopy(per_block)
+    grouped.grouped = True
+    feats = [torch.randn(4, 10, 16) for _ in range(4)]
+    labels = torch.arange(4) % 5
+    grads = []
+    for probes in (per_block, grouped):
+        net = distributed.wrap(probes, torch.device("cpu"))
+        assert isinstance(net, DistributedDataParallel), type(net)
+        net(feats, labels).loss.backward()
+        grads.append({n: p.grad for n, p in probes.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert g is not None and grads[1][n] is not None, n
+        torch.testing.assert_close(grads[1][n], g, msg=n)
+    dist.destroy_process_group()
+    print("ok")
+    """
+)
+
+
+def test_grouped_probes_train_under_ddp(tmp_path: Path) -> None:
+    """DDP around the grouped probes (their weights are concatenated inside forward) still reduces
+    every probe parameter's gradient, equal to the per-block probes' (a gloo group of one rank, in a
+    subprocess so this process keeps no process group)."""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", DDP_PROBES_WORKER], env=env, capture_output=True,
+                          text=True, timeout=WORKER_TIMEOUT_S, check=False, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
