@@ -229,16 +229,94 @@ def _binary_one_tracked(  # noqa: PLR0917 - private helper of binary()
     state = t.states[a]
     pad = len(out_shape) - len(state)
     state = ((),) * pad + tuple(state)
-    if isinstance(b, fx.Node):
-        other = b.meta.get(meta.SHAPE) or ()
-        for i, size in enumerate(other):
-            axis = state[len(state) - len(other) + i]
-            if axis and size != 1:
-                if b.op != "get_attr":
-                    raise Unsupported(f"operand '{b.name}' spans a group axis and is no parameter")
-                t.record_param(str(b.target), i, axis)
+    _untracked_operand(t, state, b)
     t.zero[node] = t.zero.get(a, False) and (kind in ("mul", "div") or b == 0)
     return state
+
+
+def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None = None) -> None:
+    """``b``, an untracked operand broadcast against a value of ``state``: every axis of it that
+    spans a group axis must come from a parameter, which the rewrite then slices along that axis.
+    Where one does not, the node is Unsupported; with ``mark_at``, only that axis' groups are
+    marked unprunable (an attention bias spanning the heads leaves the head dims free)."""
+    if not isinstance(b, fx.Node):
+        return
+    other = b.meta.get(meta.SHAPE) or ()
+    for i, size in enumerate(other):
+        axis = state[len(state) - len(other) + i]
+        if axis and size != 1:
+            source = _param_source(b, i)
+            if not isinstance(source, str):
+                t.record_param(*source, axis)
+                continue
+            reason = f"operand '{b.name}' spans a group axis and is no parameter ({source})"
+            if mark_at is None:
+                raise Unsupported(reason)
+            t.labels.mark((axis,), f"{reason} at node '{mark_at.name}'")
+
+
+_SAME_AXES_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach"}
+
+
+def _param_source(node: fx.Node, axis: int) -> tuple[str, int] | str:
+    """The parameter and dim that axis ``axis`` of ``node`` is read from, or why there is none.
+
+    Follows ops that move axes without mixing them back to a ``get_attr``: BEiT's per-head
+    relative-position bias is ``table[index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)``, whose
+    head axis is the table's dim 1. Sliced there, the same chain yields the kept heads' bias. A
+    reshape must leave that axis to ``-1`` (a literal size would keep the dense head count).
+    """
+    for _ in range(64):
+        if node.op == "get_attr":
+            return str(node.target), axis
+        src = node.args[0] if node.args else None
+        shape = node.meta.get(meta.SHAPE)
+        if not isinstance(src, fx.Node) or not isinstance(shape, tuple):
+            return f"'{node.name}' reads no tensor of known shape"
+        mapped = _input_axis(node, src, axis, len(shape))
+        if isinstance(mapped, str):
+            return mapped
+        node, axis = src, mapped
+    return "the chain back to a parameter is too long"
+
+
+def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
+    """The axis of ``src`` (``node``'s input) that output axis ``axis`` of ``node`` is, or why none."""
+    target = node.target
+    if target in ("unsqueeze", torch.unsqueeze):
+        d = int(_dim(node, 1, "dim")) % rank
+        return f"'{node.name}' creates the axis" if axis == d else axis - int(axis > d)
+    if target in ("permute", torch.permute):
+        return _dims(node)[axis] % rank
+    if target in ("transpose", torch.transpose, "swapaxes"):
+        d0, d1 = (int(d) % rank for d in node.args[1:3])  # type: ignore[arg-type]
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if target in _SAME_AXES_METHODS and node.op == "call_method":
+        return axis
+    if node.op == "call_module" and len(node.all_input_nodes) == 1:
+        module = node.graph.owning_module.get_submodule(str(target))  # type: ignore[union-attr]
+        if isinstance(module, _ZERO_KEEPING_MODULES + _OTHER_UNARY_MODULES):  # elementwise
+            return axis
+    if target in ("view", "reshape", torch.reshape):
+        return _reshaped_axis(node, src, axis)
+    if target is operator.getitem and isinstance(node.args[1], fx.Node):
+        index_rank = len(node.args[1].meta.get(meta.SHAPE) or ())
+        # a gather along dim 0: the leading axes are the index's, the rest the source's
+        return f"'{node.name}' gathers along the axis" if axis < index_rank else axis - index_rank + 1
+    return f"'{node.name}' ({getattr(target, '__name__', target)}) lies between it and a parameter"
+
+
+def _reshaped_axis(node: fx.Node, src: fx.Node, axis: int) -> int | str:
+    """The input axis that output axis ``axis`` of reshape ``node`` keeps whole, or why none."""
+    sizes = _dims(node)
+    out, inp = node.meta[meta.SHAPE], src.meta.get(meta.SHAPE) or ()
+    if sizes[axis] != -1:
+        return f"'{node.name}' writes the axis' size as the literal {sizes[axis]}"
+    after = math.prod(out[axis + 1 :])
+    for j, size in enumerate(inp):
+        if size == out[axis] and math.prod(inp[j + 1 :]) == after:
+            return j
+    return f"'{node.name}' splits or merges the axis"
 
 
 def maybe_add_mask(node: fx.Node, t: Tracker) -> State:
@@ -274,13 +352,11 @@ def sdpa(node: fx.Node, t: Tracker) -> State:
     mask = _dim(node, 3, "attn_mask")
     if isinstance(mask, fx.Node) and mask in t.states:
         raise Unsupported("the attention mask carries a group axis")
-    if isinstance(mask, fx.Node):  # an untracked bias spanning a group axis (e.g. per-head)
-        _binary_one_tracked(
-            node, t, q, mask, "add", q.meta[meta.SHAPE][:-1] + (mask.meta[meta.SHAPE] or (1,))[-1:]
-        )
     sq, sk, sv = t.state_or_empty(q), t.state_or_empty(k), t.state_or_empty(v)
     if sq[-2] or sk[-2] or sv[-2]:
         raise Unsupported("the token axis carries a group")
+    if isinstance(mask, fx.Node):  # an untracked bias on the scores (batch…, heads, q tokens, k tokens)
+        _untracked_operand(t, (*sq[:-2], sq[-2], sk[-2]), mask, mark_at=node)
     e = t.unify_axis(node, sq[-1], sk[-1], q.meta[meta.SHAPE][-1], k.meta[meta.SHAPE][-1])
     t.contract(node, e, (q, k))
     if e:

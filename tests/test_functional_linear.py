@@ -13,6 +13,8 @@ from torch import fx, nn
 import p3b_fx
 from p3b_fx import KeepPlan, train
 from p3b_fx.config import PruneConfig
+from p3b_fx.export.jetpack import jetpack
+from p3b_fx.export.onnx import export_onnx
 from passes.functional_linear import FunctionalLinearPass
 from tests.conftest import tiny_vit
 
@@ -66,6 +68,39 @@ def test_beit_attention_is_a_block_and_slims_exactly() -> None:
         out, dense = slim(x), gm(x)
         torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
     assert (out - dense).abs().max() > 1e-3  # the check above compares outputs that pruning moved
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_beit_heads_are_pruned_with_their_relative_position_bias(fused: bool, tmp_path: Path) -> None:
+    """BEiT's per-head relative-position bias reaches SDPA as an attention mask computed from the
+    table parameter (``table[index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)``): the head
+    axis is traced back to the table's dim 1, which the slim model slices with the heads."""
+    model = _randomise(tiny_vit(**BEIT))
+    with torch.no_grad():  # per-head biases far apart, so a head's bias on another head would show
+        for block in model.blocks:
+            table = block.attn.relative_position_bias_table
+            table.copy_(torch.randn_like(table) * 3)
+            block.attn.fused_attn = fused  # SDPA's attn_mask, or scores + bias before the softmax
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    heads = groups.group("blocks.0.attn:heads")
+    assert heads.prunable, heads.reason
+    assert ("blocks.0.attn.relative_position_bias_table", 1) in {(m.param, m.dim) for m in heads.members}
+    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn:heads": [0, 2], "blocks.1.attn:heads": [3]})
+    slim = p3b_fx.slim(gm, plan, groups)
+    table = slim.get_submodule("blocks.0.attn").relative_position_bias_table
+    assert table.shape[1] == 2
+    assert slim.get_submodule("blocks.1.attn").relative_position_bias_table.shape[1] == 1
+    torch.testing.assert_close(table, model.blocks[0].attn.relative_position_bias_table[:, [0, 2]])
+    assert slim.get_submodule("blocks.0.attn.qkv").weight.shape[0] == 3 * 2 * 12
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert (out - dense).abs().max() > 1e-3
+    for version in ("6.1", "4.6"):  # opset 17 and opset 13 without fused attention
+        report = export_onnx(slim, x, tmp_path / f"beit-{version}.onnx", jetpack=jetpack(version))
+        assert report.parity_max_abs_diff <= 1e-4
 
 
 def test_p3b_prunes_beit_attention_end_to_end(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Other ViT-family models in timm: either slim == masked exactly, or a clear project error.
 
-Fail-closed groups are allowed (and expected: SwiGLU's chunk, rotary embeddings' indexing,
-relative-position biases per head); a silently wrong graph is not.
+Fail-closed groups are allowed (and expected: SwiGLU's chunk, rotary embeddings' indexing, a
+per-head bias the slim graph cannot resize); a silently wrong graph is not. BEiT's table-based bias
+is followed back to its parameter, so its heads are pruned.
 """
 
 from __future__ import annotations
@@ -48,3 +49,21 @@ def test_slim_equals_masked_or_fails_clearly(name: str) -> None:
         assert torch.equal(gm(x), model(x))
         torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
                                    atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_a_head_bias_from_a_literal_reshape_fixes_the_heads_only() -> None:
+    """vit_relpos builds its per-head bias with an MLP and ``view(-1, heads)``: the head count is a
+    literal the slim graph would keep, so the heads stay whole (with that reason) while the head
+    dims, which the bias does not touch, are pruned, and slim equals masked."""
+    model = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, depth=1, img_size=32,
+                              patch_size=8, embed_dim=48, num_heads=4).eval()  # fmt: skip
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    heads, head_dim = groups.group("blocks.0.attn:heads"), groups.group("blocks.0.attn:head_dim")
+    assert not heads.prunable and "writes the axis' size as the literal 4" in heads.reason
+    assert head_dim.prunable
+    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn:head_dim": [0, 3, 5, 6, 9]})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = p3b_fx.slim(gm, plan, groups)(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
