@@ -308,10 +308,13 @@ def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
 
 def _reshaped_axis(node: fx.Node, src: fx.Node, axis: int) -> int | str:
     """The input axis that output axis ``axis`` of reshape ``node`` keeps whole, or why none."""
-    sizes = _dims(node)
+    rest: list[Any] = list(node.args[1:]) or list(node.kwargs.get("shape", ()))  # type: ignore[arg-type]
+    sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
     out, inp = node.meta[meta.SHAPE], src.meta.get(meta.SHAPE) or ()
-    if sizes[axis] != -1:
-        return f"'{node.name}' writes the axis' size as the literal {sizes[axis]}"
+    if len(sizes) != len(out) or sizes[axis] != -1:
+        size = sizes[axis] if len(sizes) == len(out) else "?"
+        what = f"the literal {size}" if isinstance(size, int) else f"'{size}'"
+        return f"'{node.name}' writes the axis' size as {what}, not -1"
     after = math.prod(out[axis + 1 :])
     for j, size in enumerate(inp):
         if size == out[axis] and math.prod(inp[j + 1 :]) == after:

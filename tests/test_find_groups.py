@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import timm
 import torch
@@ -109,3 +111,48 @@ def test_describe_lists_every_group() -> None:
     groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(qk_norm=True)))
     text = groups.describe()
     assert text.count("blocks.") >= 4 and "fixed: normalised over" in text
+
+
+class _BiasChain(torch.nn.Module):
+    """A per-head bias built from a (rows, heads) table the way BEiT builds it, or a variant."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(5, 4))
+        self.register_buffer("index", torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3]))
+        self.variant = variant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.table[self.index]  # (9, 4)
+        if self.variant == "literal":
+            grid = rows.view(3, 3, 4)
+        elif self.variant == "scaled":
+            grid = (rows * 2.0).view(3, 3, -1)
+        else:
+            grid = rows.view(3, 3, -1)
+        return x + grid.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("beit", ("table", 1)),
+        ("literal", "as the literal 4, not -1"),
+        ("scaled", "lies between it and a parameter"),
+    ],
+)
+def test_a_bias_axis_is_followed_back_to_its_parameter(variant: str, expected: object) -> None:
+    from passes.annotate_shapes import AnnotateShapesPass  # noqa: PLC0415
+    from passes.axis_rules import _param_source  # noqa: PLC0415
+
+    gm = torch.fx.symbolic_trace(_BiasChain(variant))
+    AnnotateShapesPass(input_shape=(1, 4, 3, 3))(gm)
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add)
+    bias = add.args[1]
+    assert isinstance(bias, torch.fx.Node)
+    source = _param_source(bias, 1)  # the head axis of the (1, heads, 3, 3) bias
+    if isinstance(expected, tuple):
+        assert source == expected
+    else:
+        assert isinstance(source, str) and str(expected) in source
+    assert _param_source(bias, 0) == "'unsqueeze' creates the axis"
