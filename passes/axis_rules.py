@@ -236,9 +236,11 @@ def _binary_one_tracked(  # noqa: PLR0917 - private helper of binary()
 
 def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None = None) -> None:
     """``b``, an untracked operand broadcast against a value of ``state``: every axis of it that
-    spans a group axis must come from a parameter, which the rewrite then slices along that axis.
-    Where one does not, the node is Unsupported; with ``mark_at``, only that axis' groups are
-    marked unprunable (an attention bias spanning the heads leaves the head dims free)."""
+    spans a group axis must come from parameters (:func:`_param_source`), which the rewrite then
+    slices along that axis; the nodes between them get that axis as their state, so the rewrite
+    also resizes their reshapes. Where there is no such source, the node is Unsupported; with
+    ``mark_at``, only that axis' groups are marked unprunable (an attention bias spanning the heads
+    leaves the head dims free)."""
     if not isinstance(b, fx.Node):
         return
     other = b.meta.get(meta.SHAPE) or ()
@@ -247,7 +249,12 @@ def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None
         if axis and size != 1:
             source = _param_source(b, i)
             if not isinstance(source, str):
-                t.record_param(*source, axis)
+                params, path = source
+                for name, dim in params:
+                    t.record_param(name, dim, axis)
+                for node, at in path:
+                    rank = len(node.meta[meta.SHAPE])
+                    t.states[node] = tuple(axis if k == at else () for k in range(rank))
                 continue
             reason = f"operand '{b.name}' spans a group axis and is no parameter ({source})"
             if mark_at is None:
@@ -256,19 +263,32 @@ def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None
 
 
 _SAME_AXES_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach"}
+Source = tuple[list[tuple[str, int]], list[tuple[fx.Node, int]]]
+"""Parameters (name, dim) an operand axis is read from, and the (node, axis) chain from them to it."""
 
 
-def _param_source(node: fx.Node, axis: int) -> tuple[str, int] | str:
-    """The parameter and dim that axis ``axis`` of ``node`` is read from, or why there is none.
+def _param_source(node: fx.Node, axis: int) -> Source | str:
+    """Where axis ``axis`` of ``node`` is read from, or why it cannot be followed.
 
-    Follows ops that move axes without mixing them back to a ``get_attr``: BEiT's per-head
-    relative-position bias is ``table[index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)``, whose
-    head axis is the table's dim 1. Sliced there, the same chain yields the kept heads' bias. A
-    reshape must leave that axis to ``-1`` (a literal size would keep the dense head count).
+    Follows ops that move axes without mixing them back to a ``get_attr`` (that parameter's dim) or
+    to an ``nn.Linear``'s output features (its weight's and bias's dim 0). BEiT's per-head
+    relative-position bias is ``table[index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)``: the
+    head axis is the table's dim 1. vit_relpos computes its table with a small MLP and reshapes it
+    with the head count written out (``view(-1, 4)``): the head axis is the MLP's last Linear's
+    output, and the literal 4 is resized by the rewrite like any reshape on a group axis. Every
+    node on the way must feed only the next one (the chain gets the group axis as its state).
     """
+    path: list[tuple[fx.Node, int]] = []
     for _ in range(64):
         if node.op == "get_attr":
-            return str(node.target), axis
+            return [(str(node.target), axis)], path
+        if len(node.users) > 1:
+            return f"'{node.name}' is read by more than the bias"
+        linear = _linear_module(node)
+        if linear is not None and axis == len(node.meta[meta.SHAPE]) - 1:
+            params = [(f"{node.target}.weight", 0)]
+            params += [(f"{node.target}.bias", 0)] if linear.bias is not None else []
+            return params, [*path, (node, axis)]
         src = node.args[0] if node.args else None
         shape = node.meta.get(meta.SHAPE)
         if not isinstance(src, fx.Node) or not isinstance(shape, tuple):
@@ -276,8 +296,16 @@ def _param_source(node: fx.Node, axis: int) -> tuple[str, int] | str:
         mapped = _input_axis(node, src, axis, len(shape))
         if isinstance(mapped, str):
             return mapped
+        path.append((node, axis))
         node, axis = src, mapped
     return "the chain back to a parameter is too long"
+
+
+def _linear_module(node: fx.Node) -> nn.Linear | None:
+    if node.op != "call_module":
+        return None
+    module = node.graph.owning_module.get_submodule(str(node.target))  # type: ignore[union-attr]
+    return module if isinstance(module, nn.Linear) else None
 
 
 def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
@@ -299,6 +327,9 @@ def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
             return axis
     if target in ("view", "reshape", torch.reshape):
         return _reshaped_axis(node, src, axis)
+    if target is F.pad:  # pads the last len(pad) // 2 axes
+        padded = len(_dim(node, 1, "pad") or ()) // 2
+        return f"'{node.name}' pads the axis" if axis >= rank - padded else axis
     if target is operator.getitem and isinstance(node.args[1], fx.Node):
         index_rank = len(node.args[1].meta.get(meta.SHAPE) or ())
         # a gather along dim 0: the leading axes are the index's, the rest the source's
@@ -307,14 +338,14 @@ def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
 
 
 def _reshaped_axis(node: fx.Node, src: fx.Node, axis: int) -> int | str:
-    """The input axis that output axis ``axis`` of reshape ``node`` keeps whole, or why none."""
+    """The input axis that output axis ``axis`` of reshape ``node`` keeps whole, or why none. Its
+    size must be -1 or a literal (which the rewrite resizes), not a size read at run time."""
     rest: list[Any] = list(node.args[1:]) or list(node.kwargs.get("shape", ()))  # type: ignore[arg-type]
     sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
     out, inp = node.meta[meta.SHAPE], src.meta.get(meta.SHAPE) or ()
-    if len(sizes) != len(out) or sizes[axis] != -1:
+    if len(sizes) != len(out) or not isinstance(sizes[axis], int):
         size = sizes[axis] if len(sizes) == len(out) else "?"
-        what = f"the literal {size}" if isinstance(size, int) else f"'{size}'"
-        return f"'{node.name}' writes the axis' size as {what}, not -1"
+        return f"'{node.name}' sizes the axis with '{size}', read at run time"
     after = math.prod(out[axis + 1 :])
     for j, size in enumerate(inp):
         if size == out[axis] and math.prod(inp[j + 1 :]) == after:

@@ -137,7 +137,7 @@ class _BiasChain(torch.nn.Module):
     ("variant", "expected"),
     [
         ("beit", ("table", 1)),
-        ("literal", "as the literal 4, not -1"),
+        ("literal", ("table", 1)),
         ("scaled", "lies between it and a parameter"),
     ],
 )
@@ -152,7 +152,11 @@ def test_a_bias_axis_is_followed_back_to_its_parameter(variant: str, expected: o
     assert isinstance(bias, torch.fx.Node)
     source = _param_source(bias, 1)  # the head axis of the (1, heads, 3, 3) bias
     if isinstance(expected, tuple):
-        assert source == expected
+        assert not isinstance(source, str), source
+        params, path = source
+        assert params == [expected]
+        # every node between the table and the bias carries the head axis (for the rewrite)
+        assert [n.name for n, _ in path] == ["unsqueeze", "contiguous", "permute", "view", "getitem"]
     else:
         assert isinstance(source, str) and str(expected) in source
     assert _param_source(bias, 0) == "'unsqueeze' creates the axis"

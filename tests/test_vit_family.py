@@ -1,11 +1,13 @@
 """Other ViT-family models in timm: either slim == masked exactly, or a clear project error.
 
 Fail-closed groups are allowed (and expected: SwiGLU's chunk, rotary embeddings' indexing, a
-per-head bias the slim graph cannot resize); a silently wrong graph is not. BEiT's table-based bias
-is followed back to its parameter, so its heads are pruned.
+per-head bias the slim graph cannot resize); a silently wrong graph is not. BEiT's table and
+vit_relpos's bias MLP are followed back from the attention bias, so their heads are pruned.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,6 +16,8 @@ import torch
 import p3b_fx
 from p3b_fx import KeepPlan
 from p3b_fx.errors import P3BError
+from p3b_fx.export.jetpack import jetpack
+from p3b_fx.export.onnx import export_onnx
 
 FAMILY = [
     "eva02_tiny_patch14_224",  # SwiGLU MLP, rotary embeddings
@@ -51,19 +55,30 @@ def test_slim_equals_masked_or_fails_clearly(name: str) -> None:
                                    atol=1e-5, rtol=0)  # fmt: skip
 
 
-def test_a_head_bias_from_a_literal_reshape_fixes_the_heads_only() -> None:
-    """vit_relpos builds its per-head bias with an MLP and ``view(-1, heads)``: the head count is a
-    literal the slim graph would keep, so the heads stay whole (with that reason) while the head
-    dims, which the bias does not touch, are pruned, and slim equals masked."""
-    model = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, depth=1, img_size=32,
-                              patch_size=8, embed_dim=48, num_heads=4).eval()  # fmt: skip
+@pytest.mark.parametrize("name", ["vit_relpos_small_patch16_224", "vit_relpos_medium_patch16_cls_224"])
+def test_relpos_heads_are_pruned_with_their_bias_mlp(name: str, tmp_path: Path) -> None:
+    """vit_relpos computes its per-head bias with a small MLP and reshapes it with the head count
+    written out (``view(-1, 4)``; the class-token variant also pads it): the head axis is the
+    MLP's last Linear's output, which is sliced with the heads, and the literal is resized."""
+    model = timm.create_model(name, pretrained=False, depth=1, img_size=32, patch_size=8, embed_dim=48,
+                              num_heads=4).eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large block weights (and layer scales), so a wrong slice would show
+        for pname, param in model.named_parameters():
+            if pname.startswith("blocks."):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
-    heads, head_dim = groups.group("blocks.0.attn:heads"), groups.group("blocks.0.attn:head_dim")
-    assert not heads.prunable and "writes the axis' size as the literal 4, not -1" in heads.reason
-    assert head_dim.prunable
-    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn:head_dim": [0, 3, 5, 6, 9]})
+    heads = groups.group("blocks.0.attn:heads")
+    assert heads.prunable, heads.reason
+    assert ("blocks.0.attn.rel_pos.mlp.fc2.weight", 0) in {(m.param, m.dim) for m in heads.members}
+    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn:heads": [1, 2]})
+    slim = p3b_fx.slim(gm, plan, groups)
+    assert slim.get_submodule("blocks.0.attn.rel_pos.mlp.fc2").out_features == 2
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        out = p3b_fx.slim(gm, plan, groups)(x)
+        out, dense = slim(x), gm(x)
         torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert (out - dense).abs().max() > 1e-3
+    report = export_onnx(slim, x, tmp_path / "relpos.onnx", jetpack=jetpack("6.1"))
+    assert report.parity_max_abs_diff <= 1e-4
