@@ -103,15 +103,21 @@ def test_beit_heads_are_pruned_with_their_relative_position_bias(fused: bool, tm
         assert report.parity_max_abs_diff <= 1e-4
 
 
-def test_p3b_prunes_beit_attention_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("granularity", ["reference", "deploy"])
+def test_p3b_prunes_beit_attention_end_to_end(tmp_path: Path, granularity: str) -> None:
+    """P3B prunes BEiT's attention: per channel, or (deploy) by whole heads, which the relative-
+    position table follows."""
     kwargs = {k: v for k, v in BEIT.items() if k not in ("name", "num_classes")}
     cfg = PruneConfig(model="beit_base_patch16_224", model_kwargs=kwargs, data="digits", num_classes=10,
                       epochs=2, batch_size=32, lr=4e-3, probe="patch_linear", max_steps_per_epoch=5,
                       updates_per_epoch=2, out=str(tmp_path / "run"), device="cpu", prune_ratio=0.5,
-                      seed=3)  # fmt: skip
+                      seed=3, granularity=granularity)  # fmt: skip
     report = train.run(cfg)
     assert report["budget_met"] and report["slim_max_abs_diff"] <= 1e-5
     assert report["keep_ratios"]["blocks.0.attn"] < 1.0 or report["keep_ratios"]["blocks.1.attn"] < 1.0
+    if granularity == "deploy":
+        keep = KeepPlan.load(report["plan"]).as_dict()
+        assert any(len(keep.get(f"blocks.{i}.attn:heads", range(4))) < 4 for i in (0, 1))
 
 
 def _graph(bias_parts: int, dim: int = 0) -> fx.GraphModule:
