@@ -129,7 +129,9 @@ class _GroupedBatchNorm:
 
     def __init__(self, bns: Sequence[nn.BatchNorm2d]) -> None:
         first = bns[0]
-        self.bns, self.eps, self.momentum = bns, first.eps, first.momentum
+        if first.momentum is None:  # cumulative averaging: ConvProbe never asks for it
+            raise ConfigError("grouped conv probes need BatchNorm2d with a momentum, not None")
+        self.bns, self.eps, self.momentum = bns, first.eps, float(first.momentum)
         self.weight = torch.cat([bn.weight for bn in bns]) if first.affine else None
         self.bias = torch.cat([bn.bias for bn in bns]) if first.affine else None
         self.running_mean, self.running_var = _bn_stats(bns)
@@ -137,9 +139,8 @@ class _GroupedBatchNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        momentum = 0.1 if self.momentum is None else self.momentum  # None (cumulative) is not used here
         return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps
+            x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps
         )
 
     @torch.no_grad()

@@ -1060,7 +1060,6 @@ picks between two implementations of the same probes; ``world_size`` is checked 
 def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) -> None:
     """Refuse to resume a run written with other options. An option the checkpoint does not record
     (it predates the option) counts as its default, which is how that run behaved."""
-    ignore = RESUME_FREE_OPTIONS
     ranks = int(saved.get("world_size", 1))
     if ranks != cfg.world_size:
         raise CheckpointError(
@@ -1069,7 +1068,7 @@ def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) 
             f"on it; resume with {ranks} process(es) in all (torchrun --nnodes × --nproc_per_node)"
         )
     now, defaults = cfg.to_dict(), PruneConfig().to_dict()
-    diff = sorted(k for k in now if k not in ignore and saved.get(k, defaults.get(k)) != now[k])
+    diff = sorted(k for k in now if k not in RESUME_FREE_OPTIONS and saved.get(k, defaults.get(k)) != now[k])
     if diff:
         raise CheckpointError(
             f"{path} was written with other options "

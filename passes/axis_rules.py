@@ -252,9 +252,9 @@ def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None
                 params, path = source
                 for name, dim in params:
                     t.record_param(name, dim, axis)
-                for node, at in path:
-                    rank = len(node.meta[meta.SHAPE])
-                    t.states[node] = tuple(axis if k == at else () for k in range(rank))
+                for node, at in path:  # merged: another axis of the operand may share the chain
+                    before = t.states.get(node) or ((),) * len(node.meta[meta.SHAPE])
+                    t.states[node] = tuple(axis if k == at else ax for k, ax in enumerate(before))
                 continue
             reason = f"operand '{b.name}' spans a group axis and is no parameter ({source})"
             if mark_at is None:
@@ -284,8 +284,8 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
             return [(str(node.target), axis)], path
         if len(node.users) > 1:
             return f"'{node.name}' is read by more than the bias"
-        linear = _linear_module(node)
-        if linear is not None and axis == len(node.meta[meta.SHAPE]) - 1:
+        linear = _module(node)
+        if isinstance(linear, nn.Linear) and axis == len(node.meta[meta.SHAPE]) - 1:
             params = [(f"{node.target}.weight", 0)]
             params += [(f"{node.target}.bias", 0)] if linear.bias is not None else []
             return params, [*path, (node, axis)]
@@ -301,11 +301,12 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
     return "the chain back to a parameter is too long"
 
 
-def _linear_module(node: fx.Node) -> nn.Linear | None:
+def _module(node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls (None for any other node)."""
     if node.op != "call_module":
         return None
-    module = node.graph.owning_module.get_submodule(str(node.target))  # type: ignore[union-attr]
-    return module if isinstance(module, nn.Linear) else None
+    module: nn.Module = node.graph.owning_module.get_submodule(str(node.target))  # type: ignore[union-attr]
+    return module
 
 
 def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
@@ -321,10 +322,10 @@ def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
         return d1 if axis == d0 else d0 if axis == d1 else axis
     if target in _SAME_AXES_METHODS and node.op == "call_method":
         return axis
-    if node.op == "call_module" and len(node.all_input_nodes) == 1:
-        module = node.graph.owning_module.get_submodule(str(target))  # type: ignore[union-attr]
-        if isinstance(module, _ZERO_KEEPING_MODULES + _OTHER_UNARY_MODULES):  # elementwise
-            return axis
+    if len(node.all_input_nodes) == 1 and isinstance(
+        _module(node), _ZERO_KEEPING_MODULES + _OTHER_UNARY_MODULES
+    ):
+        return axis  # an elementwise module
     if target in ("view", "reshape", torch.reshape):
         return _reshaped_axis(node, src, axis)
     if target is F.pad:  # pads the last len(pad) // 2 axes

@@ -219,14 +219,25 @@ def _selected(args: argparse.Namespace) -> list[str]:
     return [labels[i - 1] for i in args.variants]
 
 
+def _first_variant(args: argparse.Namespace) -> str:
+    """The P3B variant ``--profile`` and ``--count-ops`` look at: the first of ``--variants``, or
+    the default."""
+    return _selected(args)[0] if args.variants else "conv, hidden dim/4 (default)"
+
+
+def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic batch of ``--batch-size`` images of the model's input size, labels in [0, 10)."""
+    side = int(json.loads(args.model_kwargs).get("img_size", 224))
+    x = torch.randn(args.batch_size, 3, side, side, device=device)
+    return x, torch.randint(0, 10, (args.batch_size,), device=device)
+
+
 def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Plain and every variant in one process, round-robin; per-round ratios to the plain step."""
     torch.set_num_threads(args.threads)
     device = train.pick_device(PruneConfig(device=args.device))
-    side = int(json.loads(args.model_kwargs).get("img_size", 224))
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, side, side, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    x, y = _batch(args, device)
     with tempfile.TemporaryDirectory() as tmp:
         base = train.build_model(_config(args, tmp)).to(device).train()
         plain = _plain_step(copy.deepcopy(base), _config(args, tmp), device)
@@ -267,9 +278,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         cfg = _config(args, tmp)
         rss0 = _current_rss_mib()
         model = train.build_model(cfg).to(device).train()
-        side = int(json.loads(args.model_kwargs).get("img_size", 224))
-        x = torch.randn(args.batch_size, 3, side, side, device=device)
-        y = torch.randint(0, 10, (args.batch_size,), device=device)
+        x, y = _batch(args, device)
         loop = None
         if args.worker == "p3b":
             step, loop = _p3b_step(model, cfg, device, Path(tmp))
@@ -309,13 +318,11 @@ def profile(args: argparse.Namespace) -> str:
 
     torch.manual_seed(0)
     device = train.pick_device(PruneConfig(device=args.device))
-    side = int(json.loads(args.model_kwargs).get("img_size", 224))
-    x = torch.randn(args.batch_size, 3, side, side, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    x, y = _batch(args, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sections = [f"# Profile of one training step ({args.rounds} steps each, batch {args.batch_size}, "
                 f"{_machine(args.device)}, device {device})"]  # fmt: skip
-    label = _selected(args)[0] if args.variants else "conv, hidden dim/4 (default)"
+    label = _first_variant(args)
     sections[0] += f"; P3B variant: {label}"
     vargs = _variant_args(args, label)
     with tempfile.TemporaryDirectory() as tmp:
@@ -393,10 +400,8 @@ def count_ops(args: argparse.Namespace) -> str:
 
     torch.manual_seed(0)
     device = train.pick_device(PruneConfig(device=args.device))
-    side = int(json.loads(args.model_kwargs).get("img_size", 224))
-    x = torch.randn(args.batch_size, 3, side, side, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
-    label = _selected(args)[0] if args.variants else "conv, hidden dim/4 (default)"
+    x, y = _batch(args, device)
+    label = _first_variant(args)
     vargs = _variant_args(args, label)
     counts: dict[str, collections.Counter[tuple[str, bool]]] = {}
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(train, "record_function", region):
