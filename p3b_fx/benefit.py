@@ -143,7 +143,6 @@ class _GroupedBatchNorm:
             x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps
         )
 
-    @torch.no_grad()
     def store(self) -> None:
         """Write the updated running statistics back into each BatchNorm2d."""
         if self.running_mean is None or self.running_var is None or not self.calls:
@@ -151,10 +150,12 @@ class _GroupedBatchNorm:
         width = self.bns[0].num_features
         means = [bn.running_mean for bn in self.bns]
         variances = [bn.running_var for bn in self.bns]
-        torch._foreach_copy_(means, list(torch.split(self.running_mean, width)))  # type: ignore[arg-type]
-        torch._foreach_copy_(variances, list(torch.split(self.running_var, width)))  # type: ignore[arg-type]
-        counters = [bn.num_batches_tracked for bn in self.bns]
-        torch._foreach_add_(counters, self.calls)  # type: ignore[arg-type]
+        # a no_grad block, not the decorator: torch.compile traces the block without a graph break
+        with torch.no_grad():
+            torch._foreach_copy_(means, list(torch.split(self.running_mean, width)))  # type: ignore[arg-type]
+            torch._foreach_copy_(variances, list(torch.split(self.running_var, width)))  # type: ignore[arg-type]
+            counters = [bn.num_batches_tracked for bn in self.bns]
+            torch._foreach_add_(counters, self.calls)  # type: ignore[arg-type]
 
 
 def grouped_conv_probes(probes: Sequence[ConvProbe], maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -28,6 +28,8 @@ BUDGET_UNITS = ("params", "flops")
 PROBE_KINDS = ("patch_conv", "patch_linear")
 PROBE_DTYPES = ("float32", "bfloat16")
 PROBE_IMPLS = ("auto", "per-block", "grouped")
+TORCH_COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""``torch_compile`` values: off (eager) or a ``torch.compile`` mode."""
 LR_DECAYS = ("cosine", "constant")
 SOURCE_MODEL = "source"
 """``model`` value that selects the shipped Fashion-MNIST source model (the default)."""
@@ -59,6 +61,13 @@ class PruneConfig:
     grouped convolution per layer: the same function, see :mod:`p3b_fx.benefit`) or ``auto``
     (grouped on CUDA, per-block on the CPU, where each is the faster: ``docs/bench-train-step.md``).
     Models whose blocks do not share one stream layout always run per block.
+
+    ``torch_compile``: ``off`` (eager, the default) or a ``torch.compile`` mode for the training steps: the
+    masked model and the probes of a P3B / uniform run, and the model of every plain fine-tuning run
+    (dense, the slim fine-tune); the global baselines, whose Torch-Pruning hooks change the model's
+    shapes as it trains, stay eager. The same functions (tested against eager), compiled once per
+    combination of the step's switches (taps recording, gates scoring) on first use.
+    ``reduce-overhead`` adds CUDA graphs (CUDA only).
 
     ``batch_size`` is per process; ``world_size`` (the number of torchrun processes) is filled in by
     :func:`p3b_fx.train.run` from the process group, so the effective batch is their product.
@@ -95,6 +104,7 @@ class PruneConfig:
     probe_every: int = 1
     probe_dtype: str = "float32"
     probe_impl: str = "auto"
+    torch_compile: str = "off"
     augment: bool = True
     seed: int = 0
     out: str = "runs/p3b"
@@ -221,6 +231,7 @@ def _check_choices(cfg: PruneConfig) -> None:
     _choice(cfg.probe, PROBE_KINDS, "probe kind")
     _choice(cfg.probe_dtype, PROBE_DTYPES, "probe dtype")
     _choice(cfg.probe_impl, PROBE_IMPLS, "probe implementation")
+    _choice(cfg.torch_compile, TORCH_COMPILE_MODES, "torch_compile mode")
     _choice(cfg.lr_decay, LR_DECAYS, "lr_decay")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device {cfg.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")

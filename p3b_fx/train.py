@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -378,6 +379,39 @@ def probe_grouped(cfg: PruneConfig, device: torch.device) -> bool:
     return cfg.probe_impl == "grouped"
 
 
+def compiled(
+    module: nn.Module, cfg: PruneConfig, device: torch.device, *, cudagraphs: bool = True
+) -> nn.Module:
+    """``module`` under ``torch.compile`` in ``cfg.torch_compile``'s mode, or itself when it is off.
+
+    The wrapper shares ``module``'s parameters and buffers: optimisers, checkpoints and evaluation
+    keep using ``module``. Compilation happens on the first call (and once more per new combination
+    of the guards: taps recording, gates scoring, a last batch of another size).
+
+    ``cudagraphs=False`` turns ``reduce-overhead`` into ``default`` for this module. The probes need
+    it: calling a second CUDA-graphed module starts a new CUDAGraph-trees generation, which would
+    invalidate the masked model's outputs (the tapped features the probes read, the logits the step
+    reads after them) before they are read.
+    """
+    mode = cfg.torch_compile
+    if mode == "reduce-overhead" and not cudagraphs:
+        mode = "default"
+    if mode == "off":
+        return module
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(
+            f"--torch-compile reduce-overhead captures CUDA graphs, but the run is on {device}; "
+            "use --torch-compile default on the CPU"
+        )
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++")):
+        raise ConfigError(
+            "--torch-compile on the CPU needs a C++ compiler (inductor builds its kernels with one), "
+            "and none of c++, g++, clang++ is on PATH; install one (apt-get install g++) or use "
+            "--torch-compile off"
+        )
+    return torch.compile(module, mode=mode)  # type: ignore[return-value]
+
+
 def check_loss(loss: torch.Tensor, step: int, where: str) -> None:
     if not torch.isfinite(loss.detach()).item():
         raise TrainingError(
@@ -448,7 +482,8 @@ def train_plain(
     if checkpoint is not None and cfg.resume and checkpoint.is_file():
         accs = _load_plain_checkpoint(checkpoint, model, opt, scaler, loaders=loaders, cfg=cfg)
         start, step = len(accs), len(accs) * steps
-    net = distributed.wrap(model, device)
+    # a pruning hook changes the model's shapes as it trains: that model stays eager
+    net = distributed.wrap(model, device) if hook else compiled(distributed.wrap(model, device), cfg, device)
     for epoch in range(start, epochs):
         if stop_after is not None and epoch >= stop_after:
             break
@@ -858,10 +893,12 @@ class Loop:
 
     def __post_init__(self) -> None:
         # under torchrun: DDP around the masked model and around the probes (their own gradients)
-        self.net = distributed.wrap(self.masked, self.device)
+        self.net = compiled(distributed.wrap(self.masked, self.device), self.cfg, self.device)
         if isinstance(self.pruner.probes, BenefitProbes):  # one stream layout: grouping applies
             self.pruner.probes.grouped = probe_grouped(self.cfg, self.device)
-        self.probe_net = distributed.wrap(self.pruner.probes, self.device)
+        self.probe_net = compiled(
+            distributed.wrap(self.pruner.probes, self.device), self.cfg, self.device, cudagraphs=False
+        )
         self.opt = make_optimizer(self.masked, self.cfg)
         self.probe_opt = torch.optim.AdamW(self.pruner.probes.parameters(), lr=self.cfg.scaled_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.amp and self.device.type == "cuda")
@@ -1051,10 +1088,11 @@ class Loop:
 
 
 RESUME_FREE_OPTIONS = frozenset(
-    {"resume", "force", "device", "out", "dist_timeout", "world_size", "probe_impl"}
+    {"resume", "force", "device", "out", "dist_timeout", "world_size", "probe_impl", "torch_compile"}
 )
 """Options a resumed run may change: where and how it runs, not what it computes (``probe_impl``
-picks between two implementations of the same probes; ``world_size`` is checked on its own)."""
+picks between two implementations of the same probes, ``torch_compile`` between eager and compiled
+runs of the same step; ``world_size`` is checked on its own)."""
 
 
 def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) -> None:

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 DENSE = "dense"
 BASELINES = ("uniform", "global-taylor", "global-magnitude")
 
-IGNORED_OPTIONS = frozenset({"out", "resume", "force", "device", "probe_impl"})
+IGNORED_OPTIONS = frozenset({"out", "resume", "force", "device", "probe_impl", "torch_compile"})
 """Options that may differ between a finished run and the job that would reuse it (where and how
 it ran, not what it computes)."""
 

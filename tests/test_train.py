@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -587,3 +588,84 @@ def test_the_torch_pruning_dry_run_does_not_move_the_random_stream(
     a = torch.load(tmp_path / "quiet" / "slim.pt", weights_only=False).state_dict()
     b = torch.load(tmp_path / "drawing" / "slim.pt", weights_only=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _loop(cfg: PruneConfig, model: torch.nn.Module, device: torch.device) -> train.Loop:
+    """A Loop over ``model`` in its pruning phase (gates scoring, benefits accumulating)."""
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
+    taps = train.tap(masked, groups)
+    p3b_fx.fold_masks(masked)
+    probes = train.make_probes(model, groups, TINY["num_classes"], cfg, gm).to(device)
+    pruner = train.Pruner(cfg, groups, bank, train.make_schedule(cfg, 100), probes)
+    loop = train.Loop(cfg, Path(cfg.out), device, masked.to(device), taps, pruner, (None, None))  # type: ignore[arg-type]
+    loop.step = pruner.schedule.warmup_end - 1  # one warm-up step (gates not scoring), then pruning
+    return loop
+
+
+@pytest.mark.parametrize(
+    ("device", "mode"),
+    [("cpu", "default"), pytest.param("cuda", "default", marks=pytest.mark.gpu),
+     pytest.param("cuda", "reduce-overhead", marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_torch_compile_runs_the_same_p3b_step(tmp_path: Path, device: str, mode: str) -> None:
+    """--torch-compile: three P3B steps (a warm-up one, then two pruning ones; grouped conv probes)
+    give the eager run's losses, weights, Taylor scores, block benefits, probe weights and probe
+    BatchNorm statistics, up to rounding; the compiled step has no graph break. On CUDA in float32
+    (no AMP), so that rounding stays small; with CUDA graphs the taps hold graph outputs that the
+    probes must read before the next step overwrites them."""
+    torch.manual_seed(0)
+    model = train.build_model(tiny_config(tmp_path / "m"))
+    dev = torch.device(device)
+    loops = {}
+    for m in ("off", mode):
+        cfg = tiny_config(tmp_path / m, probe="patch_conv", probe_hidden=8, probe_impl="grouped",
+                          torch_compile=m, device=device, amp=False)  # fmt: skip
+        torch.manual_seed(1)  # the same probe initialisation
+        loops[m] = _loop(cfg, copy.deepcopy(model), dev)
+    assert not isinstance(loops["off"].net, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(loops[mode].net, torch._dynamo.eval_frame.OptimizedModule)
+    gen = torch.Generator().manual_seed(1)
+    classes = TINY["num_classes"]
+    batches = [(torch.randn(8, 3, 16, 16, generator=gen).to(dev),
+                torch.randint(0, classes, (8,), generator=gen).to(dev)) for _ in range(3)]  # fmt: skip
+    losses: dict[str, list[float]] = {}
+    torch._dynamo.reset()
+    for m, loop in loops.items():
+        losses[m] = []
+        for x, y in batches:
+            losses[m].append(loop.train_step(x, y)[0])
+            loop.step += 1
+    assert losses[mode] == pytest.approx(losses["off"], abs=1e-5)
+    eager, comp = loops["off"], loops[mode]
+    for states in ([eager.masked.state_dict(), comp.masked.state_dict()],
+                   [eager.pruner.probes.state_dict(), comp.pruner.probes.state_dict()]):  # fmt: skip
+        for name, a in states[0].items():
+            torch.testing.assert_close(states[1][name], a, atol=1e-5, rtol=1e-4, msg=name)
+    taylor = eager.pruner.taylor.state_dict(), comp.pruner.taylor.state_dict()
+    assert taylor[0]["counts"] == taylor[1]["counts"] and any(taylor[0]["counts"].values())
+    for name, a in taylor[0]["sums"].items():
+        torch.testing.assert_close(taylor[1]["sums"][name], a, atol=1e-7, rtol=1e-3, msg=name)
+    benefit_sums = eager.pruner.benefit.state_dict()["sums"], comp.pruner.benefit.state_dict()["sums"]
+    torch.testing.assert_close(benefit_sums[1], benefit_sums[0], atol=1e-5, rtol=1e-4)
+    x, y = batches[0]
+    comp.taps.recording = True
+    assert torch._dynamo.explain(comp.masked)(x).graph_break_count == 0
+    feats = [f.detach() for f in comp.taps.take()]
+    assert torch._dynamo.explain(comp.pruner.probes)(feats, y).graph_break_count == 0
+
+
+def test_torch_compile_end_to_end_and_bad_modes(tmp_path: Path) -> None:
+    """A compiled P3B run (linear probes) with a compiled slim fine-tune meets its budget; CUDA
+    graphs on the CPU and unknown modes are refused."""
+    report = train.run(tiny_config(tmp_path / "run", torch_compile="default", finetune_epochs=1, epochs=1))
+    assert report["budget_met"] and report["params_slim"] < report["params_dense"]
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="reduce-overhead captures CUDA graphs"):
+        cfg = tiny_config(tmp_path / "x", torch_compile="reduce-overhead")
+        train.compiled(torch.nn.Linear(2, 2), cfg, cpu)
+    with pytest.raises(ConfigError, match="torch_compile mode"):
+        tiny_config(tmp_path / "x", torch_compile="max-speed")
+    saved = PruneConfig(torch_compile="off").to_dict()
+    train.check_resume_config(saved, PruneConfig(torch_compile="default"), tmp_path)

@@ -60,17 +60,22 @@ from p3b_fx.core.io import atomic_write_text, kept_notes
 from p3b_fx.errors import P3BError
 from p3b_fx.machine import describe
 
-VARIANTS: dict[str, tuple[str, float, int, str, str]] = {
-    "conv, hidden = dim": ("patch_conv", 1.0, 1, "float32", "per-block"),
-    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1, "float32", "per-block"),
-    "conv, hidden dim/4, grouped": ("patch_conv", 0.25, 1, "float32", "grouped"),
-    "conv, hidden dim/4, bf16 probes": ("patch_conv", 0.25, 1, "bfloat16", "per-block"),
-    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4, "float32", "per-block"),
-    "linear": ("patch_linear", 1.0, 1, "float32", "per-block"),
-}
+VARIANTS: dict[str, tuple[str, float, int, str, str, str]] = {
+    "conv, hidden = dim": ("patch_conv", 1.0, 1, "float32", "per-block", "off"),
+    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1, "float32", "per-block", "off"),
+    "conv, hidden dim/4, grouped": ("patch_conv", 0.25, 1, "float32", "grouped", "off"),
+    "conv, hidden dim/4, bf16 probes": ("patch_conv", 0.25, 1, "bfloat16", "per-block", "off"),
+    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4, "float32", "per-block", "off"),
+    "linear": ("patch_linear", 1.0, 1, "float32", "per-block", "off"),
+    "conv, hidden dim/4, grouped, torch.compile": ("patch_conv", 0.25, 1, "float32", "grouped", "default"),
+    "conv, hidden dim/4, grouped, torch.compile + CUDA graphs": (
+        "patch_conv", 0.25, 1, "float32", "grouped", "reduce-overhead"),
+}  # fmt: skip
 """label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype,
-probe_impl). The default's conv probes run per block on the CPU and grouped on CUDA
-(``probe_impl=auto``): the two columns are the default on each device."""
+probe_impl, torch_compile mode). The default's conv probes run per block on the CPU and grouped on
+CUDA (``probe_impl=auto``): the two columns are the default on each device. A compiled variant is
+compared with the plain step compiled in the same mode (timed in the same rounds); CUDA graphs
+(``reduce-overhead``) run on CUDA only."""
 
 SOURCE_ARCH = {
     "img_size": 28,
@@ -93,7 +98,7 @@ def _config(args: argparse.Namespace, out: str) -> PruneConfig:
         model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits",
         num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
         device=args.device, amp=True, probe_hidden=hidden, probe_every=args.every,
-        probe_dtype=args.probe_dtype, probe_impl=args.probe_impl,
+        probe_dtype=args.probe_dtype, probe_impl=args.probe_impl, torch_compile=args.torch_compile,
     )  # fmt: skip
 
 
@@ -133,15 +138,17 @@ def _reset_peak_rss() -> None:
 def _plain_step(
     model: nn.Module, cfg: PruneConfig, device: torch.device, mark: Callable[[str], None] | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """Forward, loss, backward, AdamW step. ``mark(phase)`` (``--count-ops``) is told each phase."""
+    """Forward, loss, backward, AdamW step (the model compiled in ``cfg.torch_compile``'s mode).
+    ``mark(phase)`` (``--count-ops``) is told each phase."""
     opt = train.make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    net = train.compiled(model, cfg, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         if mark is not None:
             mark("forward")
         with train.autocast(device, True):
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)
         if mark is not None:
             mark("backward")
         opt.zero_grad(set_to_none=True)
@@ -206,17 +213,36 @@ def _steps(step: Callable[[torch.Tensor, torch.Tensor], None], n: int, x: torch.
 
 
 def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
-    kind, share, every, dtype, impl = VARIANTS[label]
+    kind, share, every, dtype, impl, mode = VARIANTS[label]
     return argparse.Namespace(**{**vars(args), "probe": kind, "hidden_share": share, "every": every,
-                                 "probe_dtype": dtype, "probe_impl": impl})  # fmt: skip
+                                 "probe_dtype": dtype, "probe_impl": impl,
+                                 "torch_compile": mode})  # fmt: skip
+
+
+def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _variant_flags(label: str) -> list[str]:
+    """The worker flags of variant ``label``."""
+    kind, share, every, dtype, impl, mode = VARIANTS[label]
+    return ["--probe", kind, "--hidden-share", str(share), "--every", str(every), "--probe-dtype", dtype,
+            "--probe-impl", impl, "--torch-compile", mode]  # fmt: skip
 
 
 def _selected(args: argparse.Namespace) -> list[str]:
-    """The variants to run: ``--variants`` (1-based numbers in :data:`VARIANTS` order) or all."""
+    """The variants to run: ``--variants`` (1-based numbers in :data:`VARIANTS` order) or all that
+    run on ``--device`` (CUDA graphs need CUDA)."""
     labels = list(VARIANTS)
-    if not args.variants:
-        return labels
-    return [labels[i - 1] for i in args.variants]
+    if args.variants:
+        return [labels[i - 1] for i in args.variants]
+    on_cpu = not args.device.startswith("cuda")
+    return [k for k in labels if not (on_cpu and VARIANTS[k][5] == "reduce-overhead")]
+
+
+def _modes(args: argparse.Namespace) -> list[str]:
+    """The compile modes the plain step runs in: eager, and each selected variant's mode."""
+    return list(dict.fromkeys(["off", *(VARIANTS[k][5] for k in _selected(args))]))
 
 
 def _first_variant(args: argparse.Namespace) -> str:
@@ -240,7 +266,10 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     x, y = _batch(args, device)
     with tempfile.TemporaryDirectory() as tmp:
         base = train.build_model(_config(args, tmp)).to(device).train()
-        plain = _plain_step(copy.deepcopy(base), _config(args, tmp), device)
+        plains = {
+            mode: _plain_step(copy.deepcopy(base), _config(_with(args, torch_compile=mode), tmp), device)
+            for mode in _modes(args)
+        }  # fmt: skip
         steps: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], None], int]] = {}
         for label in _selected(args):
             out = Path(tmp) / str(len(steps))
@@ -250,22 +279,30 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
                 _p3b_step(copy.deepcopy(base), _config(vargs, str(out)), device, out)[0],
                 vargs.every,
             )
-        plain_ms: list[float] = []
+        plain_ms: dict[str, list[float]] = {m: [] for m in plains}
+        plain_ratios: dict[str, list[float]] = {m: [] for m in plains}
         ms: dict[str, list[float]] = {k: [] for k in steps}
         ratios: dict[str, list[float]] = {k: [] for k in steps}
+        eager_ratios: dict[str, list[float]] = {k: [] for k in steps}
         for i in range(args.warmup + args.rounds):
-            t_plain = _steps(plain, 1, x, y, device)
+            t_plain = {mode: _steps(step, 1, x, y, device) for mode, step in plains.items()}
             for label, (step, every) in steps.items():
                 t = _steps(step, every, x, y, device)
                 if i >= args.warmup:
                     ms[label].append(1e3 * t)
-                    ratios[label].append(t / t_plain)
+                    ratios[label].append(t / t_plain[VARIANTS[label][5]])
+                    eager_ratios[label].append(t / t_plain["off"])
             if i >= args.warmup:
-                plain_ms.append(1e3 * t_plain)
+                for mode, t in t_plain.items():
+                    plain_ms[mode].append(1e3 * t)
+                    plain_ratios[mode].append(t / t_plain["off"])
     return {
-        "plain_ms": statistics.median(plain_ms),
+        "plain_ms": statistics.median(plain_ms["off"]),
+        "plains": {m: {"median_ms": statistics.median(plain_ms[m]),
+                       "ratio": statistics.median(plain_ratios[m])} for m in plains},
         "variants": {k: {"median_ms": statistics.median(ms[k]), "ratio": statistics.median(ratios[k]),
-                         "ratio_min": min(ratios[k]), "ratio_max": max(ratios[k])} for k in steps},
+                         "ratio_min": min(ratios[k]), "ratio_max": max(ratios[k]),
+                         "ratio_eager": statistics.median(eager_ratios[k])} for k in steps},
     }  # fmt: skip
 
 
@@ -295,7 +332,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:
             result["peak_mib"] = _rss_mib() - rss0
-        result["saved_mib"] = _saved_mib(loop.net if loop is not None else model, x, loop)
+        result["saved_mib"] = _saved_mib(loop.masked if loop is not None else model, x, loop)  # eager
         if loop is not None:
             t0 = time.perf_counter()
             loop.pruner.update(loop.pruner.schedule.update_steps()[0], None)
@@ -448,36 +485,55 @@ def _machine(device: str) -> str:
     return describe(gpu=device != "cpu")
 
 
-def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, Any],
+MODE_LABELS = {"default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs",
+               "max-autotune-no-cudagraphs": "torch.compile max-autotune"}  # fmt: skip
+
+
+def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, dict[str, Any]],
           p3b: dict[str, dict[str, Any]]) -> str:  # fmt: skip
+    """The markdown table: one column per plain step (eager, then each compile mode) and per P3B
+    variant. A variant's ratios are to the plain step run the same way (eager or compiled in the
+    same mode); a compiled variant also gives its time ratio to the eager plain step."""
     cpu_mem = "peak RSS over the pre-model baseline (MiB)"
     mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else cpu_mem
     kinds = list(p3b)
-    t = timing["variants"]
+    modes = list(plain)
+    t, tp = timing["variants"], timing["plains"]
+
+    def own(k: str) -> dict[str, Any]:
+        return plain[VARIANTS[k][5]]
+
+    def step_cell(k: str) -> str:
+        cell = f"{t[k]['median_ms']:.1f} ({t[k]['ratio']:.2f}x)"
+        return cell if VARIANTS[k][5] == "off" else f"{cell}; {t[k]['ratio_eager']:.2f}x eager plain"
+
+    plain_names = ["plain fine-tuning"] + [f"plain, {MODE_LABELS.get(m, m)}" for m in modes[1:]]
     rows = [
-        "| | plain fine-tuning | " + " | ".join(f"P3B, {k}" for k in kinds) + " |",
-        "|---|---|" + "---|" * len(kinds),
-        f"| step (ms, amortised; ratio = median per-round ratio) | {timing['plain_ms']:.1f} | "
-        + " | ".join(f"{t[k]['median_ms']:.1f} ({t[k]['ratio']:.2f}x)" for k in kinds)
-        + " |",
-        "| per-round ratio, min - max | 1 | "
+        "| | " + " | ".join(plain_names) + " | " + " | ".join(f"P3B, {k}" for k in kinds) + " |",
+        "|---|" + "---|" * (len(modes) + len(kinds)),
+        "| step (ms, amortised; ratio = median per-round ratio to the plain step run the same way) | "
+        + " | ".join(f"{tp[m]['median_ms']:.1f}" + ("" if m == "off" else f" ({tp[m]['ratio']:.2f}x eager)")
+                     for m in modes)
+        + " | " + " | ".join(step_cell(k) for k in kinds) + " |",
+        "| per-round ratio, min - max | " + " | ".join("1" for _ in modes) + " | "
         + " | ".join(f"{t[k]['ratio_min']:.2f} - {t[k]['ratio_max']:.2f}" for k in kinds)
         + " |",
-        f"| {mem} | {plain['peak_mib']:.0f} | "
+        f"| {mem} | " + " | ".join(f"{plain[m]['peak_mib']:.0f}" for m in modes) + " | "
         + " | ".join(
-            f"{p3b[k]['peak_mib']:.0f} ({p3b[k]['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f}x)"
+            f"{p3b[k]['peak_mib']:.0f} ({p3b[k]['peak_mib'] / max(own(k)['peak_mib'], 1e-9):.2f}x)"
             for k in kinds
         )
         + " |",
-        f"| activations kept for backward (MiB) | {plain['saved_mib']:.1f} | "
+        "| activations kept for backward (MiB; eager forward) | "
+        + " | ".join(f"{plain[m]['saved_mib']:.1f}" for m in modes) + " | "
         + " | ".join(
-            f"{p3b[k]['saved_mib']:.1f} ({p3b[k]['saved_mib'] / plain['saved_mib']:.2f}x)" for k in kinds
+            f"{p3b[k]['saved_mib']:.1f} ({p3b[k]['saved_mib'] / own(k)['saved_mib']:.2f}x)" for k in kinds
         )
         + " |",
-        "| re-allocation (once per window, ms) | - | "
+        "| re-allocation (once per window, ms) | " + " | ".join("-" for _ in modes) + " | "
         + " | ".join(f"{p3b[k]['update_ms']:.1f}" for k in kinds)
         + " |",
-    ]
+    ]  # fmt: skip
     return "\n".join(rows)
 
 
@@ -500,6 +556,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--probe-dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--probe-impl", default="per-block", help=argparse.SUPPRESS)
+    p.add_argument("--torch-compile", default="off", help=argparse.SUPPRESS)
     p.add_argument(
         "--variants",
         type=int,
@@ -549,13 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(Path(args.profile), text)
         return 0
     timing = _run_worker("timing", argv)
-    plain = _run_worker("plain", argv)
-    p3b = {}
-    for label in _selected(args):
-        kind, share, every, dtype, impl = VARIANTS[label]
-        flags = ["--probe", kind, "--hidden-share", str(share), "--every", str(every), "--probe-dtype", dtype,
-                 "--probe-impl", impl]  # fmt: skip
-        p3b[label] = _run_worker("p3b", [*argv, *flags])
+    print("timing:", json.dumps(timing), flush=True)  # kept even if a memory worker is cut off
+    plain = {mode: _run_worker("plain", [*argv, "--torch-compile", mode]) for mode in _modes(args)}
+    p3b = {label: _run_worker("p3b", [*argv, *_variant_flags(label)]) for label in _selected(args)}
     text = table(args, timing, plain, p3b)
     print(text)
     if args.write:

@@ -13,14 +13,18 @@
 #   p3b-cuda    the main job on CUDA with mixed precision: P3B while fine-tuning, slim, ONNX, bundle
 #   latency     dense vs slim: torch fp16 with CUDA graphs, ONNX Runtime CUDA / TensorRT if present
 #   train-step  P3B step vs plain step on a ViT-S/16 at 224 px, batch 64, AMP
+#   compile-tests   the torch.compile tests on CUDA (compiled P3B steps equal eager ones, with and
+#               without CUDA graphs)
+#   compile-step    the train-step benchmark of the grouped default eager, under torch.compile and
+#               under torch.compile with CUDA graphs, each against the plain step run the same way
 #   profile     where the CUDA default P3B step's time goes (grouped probes; per region and operator)
 #   count-ops   aten operators per phase of a plain and a P3B step on CUDA (AdamW's foreach kernels
 #               included, which a CPU count cannot show)
 #   probe-batching  the conv probes block by block, under autocast, and as one grouped convolution
 #   suite       the whole test suite with CUDA visible (device "auto" picks the GPU)
 # Output: $OUT (the device tool's folder) or runs/device-check: check.log (everything),
-# p3b-report.json, p3b-log.jsonl, bench-latency.md/.png, bench-train-step.md, profile-train-step.md,
-# suite.log.
+# p3b-report.json, p3b-log.jsonl, bench-latency.md/.png, bench-train-step.md,
+# bench-train-step-compile.md, profile-train-step.md, suite.log.
 # DEVICE_CHECK_SKIP="suite latency" skips steps by name (a rerun of the failed ones, say).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -87,6 +91,10 @@ step latency 150 "$py" tools/bench_latency.py --backends cuda --gpu-runs 200 --o
 step train-step 150 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 20 --variants 2 3 4 6 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --write "$out/bench-train-step.md"
+step compile-tests 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_train.py -k torch_compile
+step compile-step 420 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 12 --variants 3 7 8 \
+    --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
+    --write "$out/bench-train-step-compile.md"
 step profile 90 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 --variants 3 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --profile "$out/profile-train-step.md"

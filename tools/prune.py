@@ -28,6 +28,7 @@ from p3b_fx.config import (
     PROBE_DTYPES,
     PROBE_IMPLS,
     PROBE_KINDS,
+    TORCH_COMPILE_MODES,
     PruneConfig,
     json_object,
 )
@@ -78,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-impl", choices=PROBE_IMPLS,
                    help="conv probes block by block or as one grouped convolution (same function); "
                    "auto (default): grouped on CUDA, per-block on the CPU")  # fmt: skip
+    p.add_argument("--torch-compile", choices=TORCH_COMPILE_MODES,
+                   help="torch.compile the training steps in this mode (the same function, compiled "
+                   "on first use); off (default): eager. reduce-overhead adds CUDA graphs (CUDA "
+                   "only)")  # fmt: skip
     p.add_argument("--out", help="output directory")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
