@@ -17,6 +17,7 @@
 #               without CUDA graphs)
 #   compile-step    the train-step benchmark of the grouped default eager, under torch.compile and
 #               under torch.compile with CUDA graphs, each against the plain step run the same way
+#   p3b-compile the main job on CUDA with --torch-compile reduce-overhead
 #   profile     where the CUDA default P3B step's time goes (grouped probes; per region and operator)
 #   count-ops   aten operators per phase of a plain and a P3B step on CUDA (AdamW's foreach kernels
 #               included, which a CPU count cannot show)
@@ -95,6 +96,10 @@ step compile-tests 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_
 step compile-step 420 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 12 --variants 3 7 8 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --write "$out/bench-train-step-compile.md"
+run=/tmp/p3b-compile
+step p3b-compile 200 "$py" tools/prune_and_compile.py --target jetson --device cuda --torch-compile reduce-overhead \
+    --out "$run" --force
+cp "$run/report.json" "$out/p3b-compile-report.json" 2>/dev/null
 step profile 90 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 --variants 3 \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --profile "$out/profile-train-step.md"
