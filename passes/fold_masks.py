@@ -104,11 +104,10 @@ class _MaskedLinear(torch.autograd.Function):
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear`` would compute in: autocast's where it is on (as autocast casts), else x's."""
     device = x.device.type  # autocast exists for cpu, cuda, xpu, …, not for every device type (meta)
-    if (
-        x.is_floating_point()
-        and torch.amp.is_autocast_available(device)
-        and torch.is_autocast_enabled(device)
-    ):
+    # under torch.compile the device is a real one; is_autocast_available is not traceable in every
+    # torch release (torch 2.11's dynamo breaks the graph at it, in every masked Linear)
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
+    if x.is_floating_point() and available and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 

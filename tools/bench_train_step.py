@@ -579,6 +579,11 @@ def parser() -> argparse.ArgumentParser:
         help="instead of the benchmark: count the aten operators of one plain and one P3B step (the "
         "default, or the first of --variants) and print them as a table",
     )
+    p.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="time the steps only (no memory workers, which compile once more per variant)",
+    )
     p.add_argument("--worker", choices=("plain", "p3b", "timing"), help=argparse.SUPPRESS)
     return p
 
@@ -607,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     timing = _run_worker("timing", argv)
     print("timing:", json.dumps(timing), flush=True)  # kept even if a memory worker is cut off
+    if args.timing_only:
+        return 0
     plain = {mode: _run_worker("plain", [*argv, "--torch-compile", mode]) for mode in _modes(args)}
     p3b = {label: _run_worker("p3b", [*argv, *_variant_flags(label)]) for label in _selected(args)}
     text = table(args, timing, plain, p3b)

@@ -26,7 +26,9 @@
 # Output: $OUT (the device tool's folder) or runs/device-check: check.log (everything),
 # p3b-report.json, p3b-log.jsonl, bench-latency.md/.png, bench-train-step.md,
 # bench-train-step-compile.md, profile-train-step.md, suite.log.
-# DEVICE_CHECK_SKIP="suite latency" skips steps by name (a rerun of the failed ones, say).
+# DEVICE_CHECK_SKIP="suite latency" skips steps by name (a rerun of the failed ones, say);
+# DEVICE_CHECK_TIMING_ONLY=1 leaves out compile-step's memory workers (each compiles once more);
+# DEVICE_CHECK_COMPILE_VARIANTS="3 8" picks compile-step's variants (default 3 7 8).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$self")/.."
@@ -93,9 +95,9 @@ step train-step 150 "$py" tools/bench_train_step.py --device cuda --batch-size 6
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --write "$out/bench-train-step.md"
 step compile-tests 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_train.py -k torch_compile
-step compile-step 420 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 12 --variants 3 7 8 \
+step compile-step 300 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 --variants ${DEVICE_CHECK_COMPILE_VARIANTS:-3 7 8} \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
-    --write "$out/bench-train-step-compile.md"
+    ${DEVICE_CHECK_TIMING_ONLY:+--timing-only} --write "$out/bench-train-step-compile.md"
 run=/tmp/p3b-compile
 step p3b-compile 200 "$py" tools/prune_and_compile.py --target jetson --device cuda --torch-compile reduce-overhead \
     --out "$run" --force
