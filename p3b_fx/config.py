@@ -62,12 +62,13 @@ class PruneConfig:
     (grouped on CUDA, per-block on the CPU, where each is the faster: ``docs/bench-train-step.md``).
     Models whose blocks do not share one stream layout always run per block.
 
-    ``torch_compile``: ``off`` (eager, the default) or a ``torch.compile`` mode for the training steps: the
-    masked model and the probes of a P3B / uniform run, and the model of every plain fine-tuning run
-    (dense, the slim fine-tune); the global baselines, whose Torch-Pruning hooks change the model's
-    shapes as it trains, stay eager. The same functions (tested against eager), compiled once per
-    combination of the step's switches (taps recording, gates scoring) on first use.
-    ``reduce-overhead`` adds CUDA graphs (CUDA only).
+    ``torch_compile``: ``off`` (eager, the default) or a ``torch.compile`` mode for the training
+    steps: the masked model and the probes of a P3B / uniform run, and the model of every plain
+    fine-tuning run (dense, the slim fine-tune); the global baselines' pruning phase, whose
+    Torch-Pruning hooks change the model's shapes as it trains, stays eager. The same functions
+    (tested against eager), compiled on first use and once more per combination of the step's
+    switches (taps recording, gates scoring). ``reduce-overhead`` adds CUDA graphs to the model
+    (CUDA only; never to the probes, see :func:`p3b_fx.train.compiled`).
 
     ``batch_size`` is per process; ``world_size`` (the number of torchrun processes) is filled in by
     :func:`p3b_fx.train.run` from the process group, so the effective batch is their product.

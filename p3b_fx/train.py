@@ -482,8 +482,9 @@ def train_plain(
     if checkpoint is not None and cfg.resume and checkpoint.is_file():
         accs = _load_plain_checkpoint(checkpoint, model, opt, scaler, loaders=loaders, cfg=cfg)
         start, step = len(accs), len(accs) * steps
+    net = distributed.wrap(model, device)
     # a pruning hook changes the model's shapes as it trains: that model stays eager
-    net = distributed.wrap(model, device) if hook else compiled(distributed.wrap(model, device), cfg, device)
+    net = net if hook is not None else compiled(net, cfg, device)
     for epoch in range(start, epochs):
         if stop_after is not None and epoch >= stop_after:
             break
