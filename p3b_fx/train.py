@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,8 +380,9 @@ def probe_grouped(cfg: PruneConfig, device: torch.device) -> bool:
 
 
 def compiled(
-    module: nn.Module, cfg: PruneConfig, device: torch.device, *, cudagraphs: bool = True
-) -> nn.Module:
+    module: nn.Module, cfg: PruneConfig, device: torch.device, *, cudagraphs: bool = True,
+    fullgraph: bool = False,
+) -> nn.Module:  # fmt: skip
     """``module`` under ``torch.compile`` in ``cfg.torch_compile``'s mode, or itself when it is off.
 
     The wrapper shares ``module``'s parameters and buffers: optimisers, checkpoints and evaluation
@@ -392,6 +393,10 @@ def compiled(
     it: calling a second CUDA-graphed module starts a new CUDAGraph-trees generation, which would
     invalidate the masked model's outputs (the tapped features the probes read, the logits the step
     reads after them) before they are read.
+
+    ``fullgraph=True`` (the masked model and the probes) makes a graph break an error
+    (:func:`compile_errors` words it) instead of a silent split: under torch 2.11 a split inside the
+    masked Linears cost the heads gates their gradients. No family of the sweep breaks the graph.
     """
     mode = cfg.torch_compile
     if mode == "reduce-overhead" and not cudagraphs:
@@ -409,7 +414,22 @@ def compiled(
             "and none of c++, g++, clang++ is on PATH; install one (apt-get install g++) or use "
             "--torch-compile off"
         )
-    return torch.compile(module, mode=mode)  # type: ignore[return-value]
+    return torch.compile(module, mode=mode, fullgraph=fullgraph)  # type: ignore[return-value]
+
+
+@contextmanager
+def compile_errors(what: str) -> Iterator[None]:
+    """A ``torch.compile`` failure inside (a graph break under ``fullgraph``, a backend error) as a
+    :class:`TrainingError` that names ``what`` and the way out; eager code raises none."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        lines = str(exc).strip().splitlines()
+        raise TrainingError(
+            f"--torch-compile could not compile {what}: {lines[0] if lines else type(exc).__name__}. "
+            "P3B compiles the masked model and the probes whole, without graph breaks (a break inside "
+            "them cost gates their gradients under torch 2.11); run with --torch-compile off"
+        ) from exc
 
 
 def check_loss(loss: torch.Tensor, step: int, where: str) -> None:
@@ -894,12 +914,13 @@ class Loop:
 
     def __post_init__(self) -> None:
         # under torchrun: DDP around the masked model and around the probes (their own gradients)
-        self.net = compiled(distributed.wrap(self.masked, self.device), self.cfg, self.device)
+        self.net = compiled(distributed.wrap(self.masked, self.device), self.cfg, self.device, fullgraph=True)
         if isinstance(self.pruner.probes, BenefitProbes):  # one stream layout: grouping applies
             self.pruner.probes.grouped = probe_grouped(self.cfg, self.device)
         self.probe_net = compiled(
-            distributed.wrap(self.pruner.probes, self.device), self.cfg, self.device, cudagraphs=False
-        )
+            distributed.wrap(self.pruner.probes, self.device), self.cfg, self.device, cudagraphs=False,
+            fullgraph=True,
+        )  # fmt: skip
         self.opt = make_optimizer(self.masked, self.cfg)
         self.probe_opt = torch.optim.AdamW(self.pruner.probes.parameters(), lr=self.cfg.scaled_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.amp and self.device.type == "cuda")
@@ -962,7 +983,11 @@ class Loop:
         probing = self.probes_run(self.step)
         self.pruner.bank.scoring(pruning)
         self.taps.recording = probing
-        with record_function("p3b.forward"), autocast(self.device, self.cfg.amp):
+        with (
+            record_function("p3b.forward"),
+            autocast(self.device, self.cfg.amp),
+            compile_errors("the masked model"),
+        ):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         with record_function("p3b.backward"):
@@ -977,7 +1002,7 @@ class Loop:
             self.scaler.update()
         if probing:
             with record_function("p3b.probes"):
-                with probe_autocast(self.device, self.cfg.probe_dtype):
+                with probe_autocast(self.device, self.cfg.probe_dtype), compile_errors("the probes"):
                     probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
                 self.probe_opt.zero_grad(set_to_none=True)
                 probe_out.loss.backward()

@@ -656,6 +656,29 @@ def test_torch_compile_runs_the_same_p3b_step(tmp_path: Path, device: str, mode:
     assert torch._dynamo.explain(comp.pruner.probes)(feats, y).graph_break_count == 0
 
 
+def test_a_graph_break_in_the_compiled_masked_model_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The masked model compiles whole or not at all: a graph break inside it (here forced in every
+    masked Linear, where torch 2.11 broke it and lost gate gradients) stops the step with a
+    TrainingError that says --torch-compile off, instead of training on a split graph."""
+    from passes import fold_masks  # noqa: PLC0415
+
+    real = fold_masks._compute_dtype
+
+    def breaking(x: torch.Tensor) -> torch.dtype:
+        torch._dynamo.graph_break()
+        return real(x)
+
+    monkeypatch.setattr(fold_masks, "_compute_dtype", breaking)
+    cfg = tiny_config(tmp_path / "run", torch_compile="default")
+    loop = _loop(cfg, train.build_model(cfg), torch.device("cpu"))
+    torch._dynamo.reset()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, TINY["num_classes"], (4,))
+    with pytest.raises(TrainingError, match=r"could not compile the masked model.*--torch-compile off"):
+        loop.train_step(x, y)
+
+
 def test_torch_compile_end_to_end_and_bad_modes(tmp_path: Path) -> None:
     """A compiled P3B run (linear probes) with a compiled slim fine-tune meets its budget; CUDA
     graphs on the CPU and unknown modes are refused."""
