@@ -147,6 +147,42 @@ def unbind(node: fx.Node, t: Tracker) -> tuple[State, ...]:
     return tuple(rest for _ in node.meta[meta.SHAPE])
 
 
+def _parts(node: fx.Node, size: int) -> int:
+    """How many equal parts ``chunk`` / ``split`` cut an axis of ``size`` into (Unsupported if unequal)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name == "chunk":
+        n = int(_dim(node, 1, "chunks"))
+        if n <= 0 or size % n:
+            raise Unsupported(f"chunk({n}) of an axis of {size} gives unequal parts")
+        return n
+    sizes = _dim(node, 1, "split_size_or_sections", _dim(node, 1, "split_size"))
+    if isinstance(sizes, int) and sizes > 0 and size % sizes == 0:
+        return size // sizes
+    if isinstance(sizes, (list, tuple)) and sizes and len(set(sizes)) == 1 and sum(sizes) == size:
+        return len(sizes)
+    raise Unsupported(f"split into sections {sizes!r} of unequal size")
+
+
+def chunk(node: fx.Node, t: Tracker) -> tuple[State, ...]:
+    """``chunk(n, dim)`` / ``split`` into equal parts: a reshape of the axis into (n, size / n)
+    followed by an unbind of the n, so part j holds elements j·size/n + i. The n-factor becomes a
+    fixed selector (as q/k/v's), the size/n factor stays a group axis that every part shares: a
+    gated MLP's fc1 output chunked into value and gate couples neuron i of both halves."""
+    state = unary(True)(node, t)
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    shape = tuple(src.meta[meta.SHAPE])
+    dim = int(_dim(node, 2, "dim", 0)) % len(shape)
+    n = _parts(node, shape[dim])
+    split = (*shape[:dim], n, shape[dim] // n, *shape[dim + 1 :])
+    parted = reshape_state(t.labels, state, shape, split)
+    for label in parted[dim]:
+        t.labels.roles[label] = Role.SELECT
+    t.labels.mark((parted[dim],), f"indexed by chunk/split at node '{node.name}' (the parts)")
+    rest = parted[:dim] + parted[dim + 1 :]
+    return tuple(rest for _ in range(n))
+
+
 def getitem(node: fx.Node, t: Tracker) -> Any:
     src, idx = node.args[0], node.args[1]
     assert isinstance(src, fx.Node)
@@ -421,6 +457,7 @@ def build_rules() -> dict[Any, Rule]:
                   torch.reshape: reshape, "flatten": reshape, torch.flatten: reshape, "unflatten": reshape,
                   "permute": permute, torch.permute: permute, "transpose": transpose,
                   torch.transpose: transpose, "swapaxes": transpose, "unbind": unbind, torch.unbind: unbind,
+                  "chunk": chunk, torch.chunk: chunk, "split": chunk, torch.split: chunk,
                   operator.getitem: getitem, getattr: shape_access, "size": shape_access,
                   operator.matmul: matmul, torch.matmul: matmul, "matmul": matmul, torch.bmm: matmul,
                   F.scaled_dot_product_attention: sdpa})  # fmt: skip

@@ -120,6 +120,20 @@ def test_p3b_prunes_beit_attention_end_to_end(tmp_path: Path, granularity: str) 
         assert any(len(keep.get(f"blocks.{i}.attn:heads", range(4))) < 4 for i in (0, 1))
 
 
+def test_p3b_deploy_prunes_eva02_swiglu_hidden_end_to_end(tmp_path: Path) -> None:
+    """Deploy granularity on EVA-02 (heads fixed by the rotary embedding): P3B meets the budget by
+    pruning SwiGLU hidden neurons, and the slim model equals the hard-masked one."""
+    kwargs = {"img_size": 16, "patch_size": 4, "depth": 1}
+    cfg = PruneConfig(model="eva02_tiny_patch14_224", model_kwargs=kwargs, data="digits", num_classes=10,
+                      epochs=2, batch_size=32, lr=4e-3, probe="patch_linear", max_steps_per_epoch=5,
+                      updates_per_epoch=2, out=str(tmp_path / "run"), device="cpu", prune_ratio=0.3,
+                      seed=3, granularity="deploy")  # fmt: skip
+    report = train.run(cfg)
+    assert report["budget_met"] and report["slim_max_abs_diff"] <= 1e-5
+    keep = KeepPlan.load(report["plan"]).as_dict()
+    assert len(keep["blocks.0.mlp:hidden"]) < 512
+
+
 def _graph(bias_parts: int, dim: int = 0) -> fx.GraphModule:
     class Holder(nn.Module):
         def __init__(self) -> None:
@@ -150,14 +164,22 @@ def test_the_rewrite_computes_the_same(dim: int) -> None:
 
 
 def test_eva02_attention_is_a_block_and_slims_exactly() -> None:
-    """EVA-02 builds qkv the same way, with rotary embeddings after it (heads stay whole there)."""
+    """EVA-02 builds qkv the same way, with rotary embeddings after it (heads stay whole there). Its
+    SwiGLU MLP (timm's GluMlp: fc1's output chunked into value and gate) prunes hidden neuron i of
+    both halves together: fc1 keeps 2 × the kept neurons, fc2 the kept neurons."""
     model = _randomise(tiny_vit(name="eva02_tiny_patch14_224", img_size=28, patch_size=14, depth=2))
     gm = p3b_fx.trace(model)
     assert model.blocks[0].attn.qkv.bias is None  # not touched
     groups = p3b_fx.find_groups(gm)
     assert {"blocks.0.attn", "blocks.1.attn"} <= {b.name for b in groups.blocks}
     assert groups.group("blocks.0.attn:read").prunable
+    hidden = groups.group("blocks.0.mlp:hidden")
+    assert hidden.prunable and hidden.size * 2 == model.blocks[0].mlp.fc1.out_features
+    assert not groups.group("blocks.0.mlp:select").prunable  # value / gate halves
     plan = KeepPlan.random(groups, 0.5, 0)
+    kept = len(plan.as_dict()["blocks.0.mlp:hidden"])
+    slim_fc1 = p3b_fx.slim(gm, plan, groups).get_submodule("blocks.0.mlp.fc1")
+    assert kept < hidden.size and slim_fc1.out_features == 2 * kept
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
