@@ -95,7 +95,7 @@ step train-step 150 "$py" tools/bench_train_step.py --device cuda --batch-size 6
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     --write "$out/bench-train-step.md"
 step compile-tests 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_train.py -k torch_compile
-step compile-step 300 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 --variants ${DEVICE_CHECK_COMPILE_VARIANTS:-3 7 8} \
+step compile-step 420 "$py" tools/bench_train_step.py --device cuda --batch-size 64 --rounds 10 --variants ${DEVICE_CHECK_COMPILE_VARIANTS:-3 7 8} \
     --model-kwargs '{"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 100}' \
     ${DEVICE_CHECK_TIMING_ONLY:+--timing-only} --write "$out/bench-train-step-compile.md"
 run=/tmp/p3b-compile
