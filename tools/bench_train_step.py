@@ -4,8 +4,10 @@ P3B step = masked forward with feature taps, task loss, backward, Taylor accumul
 then (on probe steps) the probe loss on the detached taps, its backward, benefit accumulation and
 the probe AdamW step (``p3b_fx.train.Loop.train_step``). Plain step = forward, loss, backward, AdamW
 step. Variants: the probe design (``patch_conv``, the reference, or ``patch_linear``), the conv
-probe's hidden width, ``probe_every`` (probes on every N-th step), ``probe_dtype`` (bf16 probes) and
-``probe_impl`` (conv probes per block or as grouped convolutions).
+probe's hidden width, ``probe_every`` (probes on every N-th step), ``probe_dtype`` (bf16 probes),
+``probe_impl`` (conv probes per block or as grouped convolutions) and ``torch_compile`` (a compiled
+variant is compared with the plain step compiled in the same mode, timed in the same rounds; its
+first steps, which compile, fall in the warm-up rounds).
 
 Time: one process holds the plain model and every variant (same initial weights, same synthetic
 batch) and runs them round-robin: each round times ``probe_every`` consecutive steps of every
@@ -25,7 +27,8 @@ Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--wri
 ``--profile FILE`` instead profiles the plain and the default P3B step with torch.profiler: the top
 operators of each and the P3B step per region of ``Loop.train_step`` (``p3b.forward``, ``.backward``,
 ``.taylor``, ``.optimizer``, ``.probes``). ``--count-ops`` counts the aten operators one step of each
-dispatches (on CUDA, nearly one kernel launch each).
+dispatches (on CUDA, nearly one kernel launch each). ``--timing-only`` skips the memory workers
+(each compiled variant compiles once more in its own process).
 """
 
 from __future__ import annotations
