@@ -28,7 +28,7 @@ Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--wri
 operators of each and the P3B step per region of ``Loop.train_step`` (``p3b.forward``, ``.backward``,
 ``.taylor``, ``.optimizer``, ``.probes``). ``--count-ops`` counts the aten operators one step of each
 dispatches (on CUDA, nearly one kernel launch each). ``--timing-only`` skips the memory workers
-(each compiled variant compiles once more in its own process).
+(each compiled variant would compile once more in its own process): a table of the timing rows.
 """
 
 from __future__ import annotations
@@ -496,12 +496,12 @@ def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, dic
           p3b: dict[str, dict[str, Any]]) -> str:  # fmt: skip
     """The markdown table: one column per plain step (eager, then each compile mode) and per P3B
     variant. A variant's ratios are to the plain step run the same way (eager or compiled in the
-    same mode); a compiled variant also gives its time ratio to the eager plain step."""
+    same mode); a compiled variant also gives its time ratio to the eager plain step. With empty
+    ``plain`` and ``p3b`` (``--timing-only``) the table has the timing rows only."""
     cpu_mem = "peak RSS over the pre-model baseline (MiB)"
     mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else cpu_mem
-    kinds = list(p3b)
-    modes = list(plain)
     t, tp = timing["variants"], timing["plains"]
+    kinds, modes = list(t), list(tp)
 
     def own(k: str) -> dict[str, Any]:
         return plain[VARIANTS[k][5]]
@@ -521,6 +521,10 @@ def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, dic
         "| per-round ratio, min - max | " + " | ".join("1" for _ in modes) + " | "
         + " | ".join(f"{t[k]['ratio_min']:.2f} - {t[k]['ratio_max']:.2f}" for k in kinds)
         + " |",
+    ]  # fmt: skip
+    if not plain or not p3b:
+        return "\n".join(rows)
+    rows += [
         f"| {mem} | " + " | ".join(f"{plain[m]['peak_mib']:.0f}" for m in modes) + " | "
         + " | ".join(
             f"{p3b[k]['peak_mib']:.0f} ({p3b[k]['peak_mib'] / max(own(k)['peak_mib'], 1e-9):.2f}x)"
@@ -585,7 +589,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timing-only",
         action="store_true",
-        help="time the steps only (no memory workers, which compile once more per variant)",
+        help="time the steps only: no memory workers (each compiled variant would compile once more "
+        "in its own process); the table has the timing rows only",
     )
     p.add_argument("--worker", choices=("plain", "p3b", "timing"), help=argparse.SUPPRESS)
     return p
@@ -615,10 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     timing = _run_worker("timing", argv)
     print("timing:", json.dumps(timing), flush=True)  # kept even if a memory worker is cut off
-    if args.timing_only:
-        return 0
-    plain = {mode: _run_worker("plain", [*argv, "--torch-compile", mode]) for mode in _modes(args)}
-    p3b = {label: _run_worker("p3b", [*argv, *_variant_flags(label)]) for label in _selected(args)}
+    plain: dict[str, dict[str, Any]] = {}
+    p3b: dict[str, dict[str, Any]] = {}
+    if not args.timing_only:
+        plain = {mode: _run_worker("plain", [*argv, "--torch-compile", mode]) for mode in _modes(args)}
+        p3b = {label: _run_worker("p3b", [*argv, *_variant_flags(label)]) for label in _selected(args)}
     text = table(args, timing, plain, p3b)
     print(text)
     if args.write:
@@ -630,7 +636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"device {args.device}, {args.threads} thread(s).\n"
             f"Model: timm ViT {args.model_kwargs}; batch {args.batch_size}; "
             f"timing: {args.rounds} round-robin rounds after {args.warmup} warm-up rounds in one process; "
-            "memory: each variant in its own process.\n\n"
+            + (
+                "memory: not measured (--timing-only).\n\n"
+                if args.timing_only
+                else "memory: each variant in its own process.\n\n"
+            )
         )
         write_doc(Path(args.write), head + text)
     return 0
