@@ -1,8 +1,10 @@
 """Other ViT-family models in timm: either slim == masked exactly, or a clear project error.
 
-Fail-closed groups are allowed (and expected: SwiGLU's chunk, rotary embeddings' indexing, a
-per-head bias the slim graph cannot resize); a silently wrong graph is not. BEiT's table and
-vit_relpos's bias MLP are followed back from the attention bias, so their heads are pruned.
+Fail-closed groups are allowed (and expected: rotary embeddings' indexing, a per-head bias the
+slim graph cannot resize); a silently wrong graph is not. BEiT's table and vit_relpos's bias MLP
+are followed back from the attention bias, so their heads are pruned; EVA-02's SwiGLU (a chunked
+fc1) prunes its hidden neurons in pairs. And ``--torch-compile`` compiles each family's masked
+model whole (``fullgraph``): no graph break.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import timm
 import torch
 
 import p3b_fx
-from p3b_fx import KeepPlan
+from p3b_fx import KeepPlan, train
 from p3b_fx.errors import P3BError
 from p3b_fx.export.jetpack import jetpack
 from p3b_fx.export.onnx import export_onnx
@@ -53,6 +55,26 @@ def test_slim_equals_masked_or_fails_clearly(name: str) -> None:
         assert torch.equal(gm(x), model(x))
         torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
                                    atol=1e-5, rtol=0)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", *FAMILY])
+def test_the_masked_model_has_no_graph_break(name: str) -> None:
+    """What ``--torch-compile`` needs (``train.compiled`` with ``fullgraph=True``): the masked, tapped
+    and folded model of every family traces into one graph with gates scoring and taps recording."""
+    try:
+        model = timm.create_model(name, pretrained=False, depth=1, img_size=64).train()
+    except (TypeError, ValueError):  # models without a depth argument
+        model = timm.create_model(name, pretrained=False, img_size=64).train()
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
+    taps = train.tap(masked, groups)
+    p3b_fx.fold_masks(masked)
+    bank.scoring(True)
+    taps.recording = True
+    explained = torch._dynamo.explain(masked)(torch.randn(2, 3, 64, 64))
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
 
 
 @pytest.mark.parametrize("name", ["vit_relpos_small_patch16_224", "vit_relpos_medium_patch16_cls_224"])
