@@ -502,9 +502,8 @@ def train_plain(
     if checkpoint is not None and cfg.resume and checkpoint.is_file():
         accs = _load_plain_checkpoint(checkpoint, model, opt, scaler, loaders=loaders, cfg=cfg)
         start, step = len(accs), len(accs) * steps
-    net = distributed.wrap(model, device)
     # a pruning hook changes the model's shapes as it trains: that model stays eager
-    net = net if hook is not None else compiled(net, cfg, device)
+    net = distributed.wrap(model if hook is not None else compiled(model, cfg, device), device)
     for epoch in range(start, epochs):
         if stop_after is not None and epoch >= stop_after:
             break
@@ -914,13 +913,13 @@ class Loop:
 
     def __post_init__(self) -> None:
         # under torchrun: DDP around the masked model and around the probes (their own gradients)
-        self.net = compiled(distributed.wrap(self.masked, self.device), self.cfg, self.device, fullgraph=True)
+        # compiled inside DDP: DDP's own forward does not trace whole (fullgraph), the module does
+        self.net = distributed.wrap(compiled(self.masked, self.cfg, self.device, fullgraph=True), self.device)
         if isinstance(self.pruner.probes, BenefitProbes):  # one stream layout: grouping applies
             self.pruner.probes.grouped = probe_grouped(self.cfg, self.device)
-        self.probe_net = compiled(
-            distributed.wrap(self.pruner.probes, self.device), self.cfg, self.device, cudagraphs=False,
-            fullgraph=True,
-        )  # fmt: skip
+        self.probe_net = distributed.wrap(
+            compiled(self.pruner.probes, self.cfg, self.device, cudagraphs=False, fullgraph=True), self.device
+        )
         self.opt = make_optimizer(self.masked, self.cfg)
         self.probe_opt = torch.optim.AdamW(self.pruner.probes.parameters(), lr=self.cfg.scaled_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.amp and self.device.type == "cuda")

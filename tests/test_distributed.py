@@ -446,3 +446,59 @@ def test_grouped_probes_train_under_ddp(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", DDP_PROBES_WORKER], env=env, capture_output=True,
                           text=True, timeout=WORKER_TIMEOUT_S, check=False, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+DDP_COMPILE_WORKER = textwrap.dedent(
+    """
+    import copy, tempfile
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+    import p3b_fx
+    from p3b_fx import distributed, train
+    from p3b_fx.config import PruneConfig
+
+    store = dist.FileStore(tempfile.mktemp(), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    torch.manual_seed(0)
+    kwargs = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 7}
+    cfg = PruneConfig(model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits", num_classes=7,
+                      device="cpu", torch_compile="default")
+    model = train.build_model(cfg).train()
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 7
+    grads = []
+    for mode in ("off", "default"):
+        gm = p3b_fx.trace(copy.deepcopy(model))
+        groups = p3b_fx.find_groups(gm)
+        masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
+        taps = train.tap(masked, groups)
+        p3b_fx.fold_masks(masked)
+        bank.scoring(True)
+        net = distributed.wrap(train.compiled(masked, cfg.replace(torch_compile=mode), torch.device("cpu"),
+                                              fullgraph=True), torch.device("cpu"))  # as train.Loop does
+        assert isinstance(net, DistributedDataParallel), type(net)
+        with train.compile_errors("the masked model"):
+            F.cross_entropy(net(x), y).backward()
+        assert len(taps.take()) == taps.count  # the taps recorded through the compiled graph
+        grads.append({**{n: p.grad for n, p in masked.named_parameters()},
+                      **{n: g.grad for n, g in bank.gates().items()}})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert g is not None and grads[1][n] is not None, n
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4, msg=n)
+    dist.destroy_process_group()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_masked_model_under_ddp(tmp_path: Path) -> None:
+    """--torch-compile under torchrun: DDP around the masked model compiled whole (fullgraph; DDP's
+    own forward would break the graph): its gradients, gates' included, equal eager DDP's (a gloo
+    group of one rank, in a subprocess)."""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", DDP_COMPILE_WORKER], env=env, capture_output=True,
+                          text=True, timeout=WORKER_TIMEOUT_S, check=False, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
