@@ -418,17 +418,20 @@ def compiled(
 
 
 @contextmanager
-def compile_errors(what: str) -> Iterator[None]:
-    """A ``torch.compile`` failure inside (a graph break under ``fullgraph``, a backend error) as a
-    :class:`TrainingError` that names ``what`` and the way out; eager code raises none."""
+def compile_errors(what: str, whole: bool = True) -> Iterator[None]:
+    """A ``torch.compile`` failure inside (a graph break under ``fullgraph``, a backend error, in a
+    forward or a lazily compiled backward) as a :class:`TrainingError` that names ``what`` and the
+    way out; eager code raises none. ``whole``: ``what`` is compiled with ``fullgraph``, and the
+    message says why."""
     try:
         yield
     except torch._dynamo.exc.TorchDynamoException as exc:
         lines = str(exc).strip().splitlines()
+        why = (" P3B compiles the masked model and the probes whole, without graph breaks (a break "
+               "inside them cost gates their gradients under torch 2.11);") if whole else ""  # fmt: skip
         raise TrainingError(
-            f"--torch-compile could not compile {what}: {lines[0] if lines else type(exc).__name__}. "
-            "P3B compiles the masked model and the probes whole, without graph breaks (a break inside "
-            "them cost gates their gradients under torch 2.11); run with --torch-compile off"
+            f"--torch-compile could not compile {what}: {lines[0] if lines else type(exc).__name__}."
+            f"{why} run with --torch-compile off"
         ) from exc
 
 
@@ -511,10 +514,11 @@ def train_plain(
         distributed.set_epoch(loaders[0], first_epoch + epoch)
         bar = progress(limited(loaders[0], steps), steps, f"{desc} {epoch + 1}/{epochs}")
         for x, y in bar:
-            with autocast(device, cfg.amp):
+            with autocast(device, cfg.amp), compile_errors(f"the model ({desc})", whole=False):
                 loss = F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            with compile_errors(f"the model's backward ({desc})", whole=False):
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             if hook is not None:
                 hook(step)
                 opt = _refresh_optimizer(opt, model, cfg)
@@ -989,7 +993,7 @@ class Loop:
         ):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-        with record_function("p3b.backward"):
+        with record_function("p3b.backward"), compile_errors("the masked model's backward"):
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         if pruning:
@@ -1004,7 +1008,8 @@ class Loop:
                 with probe_autocast(self.device, self.cfg.probe_dtype), compile_errors("the probes"):
                     probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
                 self.probe_opt.zero_grad(set_to_none=True)
-                probe_out.loss.backward()
+                with compile_errors("the probes' backward"):
+                    probe_out.loss.backward()
                 if pruning:
                     self.pruner.benefit.add(probe_out)
                 self.probe_opt.step()

@@ -687,6 +687,18 @@ def test_a_graph_break_in_the_compiled_masked_model_is_a_clear_error(
         loop.train_step(x, y)
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_compile_errors_name_what_failed_and_the_way_out(whole: bool) -> None:
+    """Any torch.compile failure (dynamo's exceptions) becomes a TrainingError naming the module and
+    --torch-compile off; only a fullgraph module's message explains the fullgraph rule."""
+    expected = r"could not compile the thing: boom\..*--torch-compile off"
+    with pytest.raises(TrainingError, match=expected) as err, train.compile_errors("the thing", whole=whole):
+        raise torch._dynamo.exc.TorchDynamoException("boom\nmore detail")
+    assert ("without graph breaks" in str(err.value)) == whole
+    with pytest.raises(ValueError, match="not a compile error"), train.compile_errors("x"):
+        raise ValueError("not a compile error")
+
+
 def test_torch_compile_end_to_end_and_bad_modes(tmp_path: Path) -> None:
     """A compiled P3B run (linear probes) with a compiled slim fine-tune meets its budget; CUDA
     graphs on the CPU and unknown modes are refused."""
