@@ -396,25 +396,34 @@ def compiled(
 
     ``fullgraph=True`` (the masked model and the probes) makes a graph break an error
     (:func:`compile_errors` words it) instead of a silent split: under torch 2.11 a split inside the
-    masked Linears cost the heads gates their gradients. No family of the sweep breaks the graph.
+    masked Linears cost the heads gates their gradients. ``tests/test_vit_family.py`` checks that
+    no family's masked model breaks the graph.
     """
-    mode = cfg.torch_compile
-    if mode == "reduce-overhead" and not cudagraphs:
-        mode = "default"
+    check_torch_compile(cfg, device)
+    mode = "default" if cfg.torch_compile == "reduce-overhead" and not cudagraphs else cfg.torch_compile
     if mode == "off":
         return module
-    if mode == "reduce-overhead" and device.type != "cuda":
+    return torch.compile(module, mode=mode, fullgraph=fullgraph)  # type: ignore[return-value]
+
+
+def check_torch_compile(cfg: PruneConfig, device: torch.device) -> None:
+    """Refuse a ``torch_compile`` mode this device cannot run (:func:`prepare` checks it before
+    ``--out`` is touched, so a refused run replaces nothing)."""
+    if cfg.torch_compile == "reduce-overhead" and device.type != "cuda":
         raise ConfigError(
             f"--torch-compile reduce-overhead captures CUDA graphs, but the run is on {device}; "
             "use --torch-compile default on the CPU"
         )
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++")):
+    if (
+        cfg.torch_compile != "off"
+        and device.type == "cpu"
+        and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++"))
+    ):
         raise ConfigError(
             "--torch-compile on the CPU needs a C++ compiler (inductor builds its kernels with one), "
             "and none of c++, g++, clang++ is on PATH; install one (apt-get install g++) or use "
             "--torch-compile off"
         )
-    return torch.compile(module, mode=mode, fullgraph=fullgraph)  # type: ignore[return-value]
 
 
 @contextmanager
@@ -1199,6 +1208,7 @@ def prepare(cfg: PruneConfig, model: nn.Module | None, loaders: Loaders | None) 
     """Seed, model, data, class check and the traced graph with its groups."""
     seed_everything(cfg.seed)
     device = pick_device(cfg)
+    check_torch_compile(cfg, device)
     model = build_model(cfg) if model is None else model
     if loaders is None:
         loaders, n_data = build_data(cfg, model)

@@ -527,6 +527,8 @@ def test_force_keeps_the_old_run_when_the_new_one_fails_its_checks(tmp_path: Pat
         (out / name).write_text("old")
     with pytest.raises(CheckpointError, match="does not exist"):
         train.run(tiny_config(out, force=True, checkpoint=str(tmp_path / "missing.pt")))
+    with pytest.raises(ConfigError, match="reduce-overhead captures CUDA graphs"):  # CPU run
+        train.run(tiny_config(out, force=True, torch_compile="reduce-overhead"))
     assert all(
         (out / name).read_text() == "old"
         for name in ("run.json", "report.json", "slim.pt", "keep_ratios.png")

@@ -215,15 +215,14 @@ def _steps(step: Callable[[torch.Tensor, torch.Tensor], None], n: int, x: torch.
     return (time.perf_counter() - t0) / n
 
 
-def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
-    kind, share, every, dtype, impl, mode = VARIANTS[label]
-    return argparse.Namespace(**{**vars(args), "probe": kind, "hidden_share": share, "every": every,
-                                 "probe_dtype": dtype, "probe_impl": impl,
-                                 "torch_compile": mode})  # fmt: skip
-
-
 def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
+    kind, share, every, dtype, impl, mode = VARIANTS[label]
+    return _with(args, probe=kind, hidden_share=share, every=every, probe_dtype=dtype, probe_impl=impl,
+                 torch_compile=mode)  # fmt: skip
 
 
 def _variant_flags(label: str) -> list[str]:
