@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +43,7 @@ _ZERO_KEEPING_FUNCTIONS = {
     operator.neg,
 }
 _OTHER_UNARY_FUNCTIONS = {torch.sigmoid, F.sigmoid, torch.exp, F.softplus}
-_ZERO_KEEPING_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach",
+_ZERO_KEEPING_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "detach",
                          "relu", "tanh", "neg"}  # fmt: skip
 _OTHER_UNARY_METHODS = {"sigmoid", "exp"}
 _MUL = {operator.mul, torch.mul, "mul"}
@@ -183,6 +183,64 @@ def chunk(node: fx.Node, t: Tracker) -> tuple[State, ...]:
     return tuple(rest for _ in range(n))
 
 
+def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))  # type: ignore[no-untyped-call]
+
+
+def _joined(node: fx.Node, t: Tracker) -> tuple[list[fx.Node], State, int]:
+    """The tensors ``cat`` / ``stack`` join, their state where they meet as in an add (for ``cat``
+    the joined axis is left out of that: its labels are marked, it carries none), and the dim."""
+    tensors = _dim(node, 0, "tensors")
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(x, fx.Node) for x in tensors):
+        raise Unsupported("joins something other than a list of tensors")
+    rank = len(tensors[0].meta[meta.SHAPE])
+    concat = node.target not in ("stack", torch.stack)
+    dim = int(_dim(node, 1, "dim", 0)) % (rank + int(not concat))
+    state: State = ((),) * rank
+    known: tuple[int, ...] = (1,) * rank
+    for x in tensors:
+        if x not in t.states:
+            continue
+        own, size = t.states[x], tuple(x.meta[meta.SHAPE])
+        if concat:
+            if own[dim]:
+                t.labels.mark((own[dim],), f"concatenated along at node '{node.name}'")
+            own, size = (*own[:dim], (), *own[dim + 1 :]), (*size[:dim], 1, *size[dim + 1 :])
+        state = t.unify(node, state, own, rank, (known, size))
+        known = _broadcast(known, size)
+    for x in tensors:
+        if x not in t.states:
+            _untracked_operand(t, state, x, mark_at=node)
+    return list(tensors), state, dim
+
+
+def cat(node: fx.Node, t: Tracker) -> State:
+    """``cat(tensors, dim)``: the other axes of every input meet as in an add; along ``dim`` the
+    inputs' elements are laid end to end, so a group axis there would need its slices told apart:
+    it is marked (fixed), and no group runs along the joined axis (rotary embeddings' ``cat`` of the
+    rotated halves of the head dims, or of prefix and patch tokens)."""
+    tensors, state, _ = _joined(node, t)
+    t.zero[node] = all(x in t.states and t.zero.get(x, False) for x in tensors)
+    return state
+
+
+def stack(node: fx.Node, t: Tracker) -> State:
+    """``stack(tensors, dim)``: the inputs meet as in an add and a new axis, no group's, is inserted."""
+    tensors, state, dim = _joined(node, t)
+    t.zero[node] = all(x in t.states and t.zero.get(x, False) for x in tensors)
+    return (*state[:dim], (), *state[dim:])
+
+
+def cast(node: fx.Node, t: Tracker) -> State:
+    """``x.type_as(y)`` / ``x.to(y)``: ``y`` is read for its dtype (and device) only."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src not in t.states:
+        raise Unsupported("the tracked value is not the tensor cast")
+    t.zero[node] = t.zero.get(src, False)
+    state: State = t.states[src]
+    return state
+
+
 def getitem(node: fx.Node, t: Tracker) -> Any:
     src, idx = node.args[0], node.args[1]
     assert isinstance(src, fx.Node)
@@ -212,7 +270,14 @@ def _index_tensor(node: fx.Node, t: Tracker, state: State, idx: Any) -> State:
             out.append(())
             continue
         if state[axis] and it != slice(None):
-            raise Unsupported("indexes into a group axis")
+            if not isinstance(it, (int, slice)):
+                raise Unsupported("indexes into a group axis with a tensor or a list")
+            # a slice or an element of a group axis: exact only while the axis keeps every element
+            t.labels.mark((state[axis],), f"sliced or indexed at node '{node.name}'")
+            if isinstance(it, slice):
+                out.append(())
+            axis += 1
+            continue
         if not isinstance(it, int):
             out.append(state[axis])
         axis += 1
@@ -224,16 +289,25 @@ def _index_tensor(node: fx.Node, t: Tracker, state: State, idx: Any) -> State:
 
 
 def shape_access(node: fx.Node, t: Tracker) -> None:
-    """``x.shape`` / ``x.size()`` of a tracked tensor: allowed when sizes of group axes only feed
-    reshape arguments (the rewrite replaces those); anything else would bake a dense size."""
+    """``x.shape`` / ``x.size()`` of a tracked tensor: free when sizes of group axes only feed reshape
+    arguments (the rewrite replaces those) or the whole shape feeds a reshape (its value is the slim
+    one at run time); a group axis whose size is read for anything else would bake a dense size, so
+    that axis is marked (fixed), and the other axes stay free (rotary ``x.shape[-1] // 2``)."""
     state = first_state(node, t)
     for user in node.users:
         pos = user.args[1] if user.target is operator.getitem else None
         if isinstance(pos, int) and state[pos] and not all(_is_reshape(u) for u in user.users):
-            raise Unsupported(f"the size of a group axis feeds '{next(iter(user.users)).name}'")
-    sized = node.op == "call_method" and len(node.args) > 1 and state[int(node.args[1])]  # type: ignore[arg-type]
-    if sized and not all(_is_reshape(u) for u in node.users):  # x.size(d) of a group axis
-        raise Unsupported("the size of a group axis is used outside a reshape")
+            reader = next(iter(user.users), user)
+            t.labels.mark((state[pos],), f"its size feeds '{reader.name}' at node '{node.name}'")
+        elif pos is None and not _is_reshape(user) and node.op == "call_function" and node.args[1] == "shape":
+            t.labels.mark(state, f"the whole shape feeds '{user.name}' at node '{node.name}'")
+    if node.op == "call_method" and len(node.args) > 1:  # x.size(d)
+        axis = state[int(node.args[1])]  # type: ignore[arg-type]
+        if axis and not all(_is_reshape(u) for u in node.users):
+            t.labels.mark((axis,), f"its size is read at node '{node.name}'")
+    elif node.op == "call_method" and any(not _is_reshape(u) and u.target is not operator.getitem
+                                          for u in node.users):  # fmt: skip
+        t.labels.mark(state, f"the whole size feeds a node at '{node.name}'")
 
 
 def _is_reshape(node: fx.Node) -> bool:
@@ -248,7 +322,9 @@ def binary(node: fx.Node, t: Tracker) -> State:
     tb = isinstance(b, fx.Node) and b in t.states
     if ta and tb:
         assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
-        state = t.unify(node, t.states[a], t.states[b], len(out_shape))
+        state = t.unify(
+            node, t.states[a], t.states[b], len(out_shape), (a.meta[meta.SHAPE], b.meta[meta.SHAPE])
+        )
         za, zb = t.zero.get(a, False), t.zero.get(b, False)
         t.zero[node] = (za or zb) if kind == "mul" else (za and zb) if kind == "add" else False
         return state
@@ -265,7 +341,7 @@ def _binary_one_tracked(  # noqa: PLR0917 - private helper of binary()
     state = t.states[a]
     pad = len(out_shape) - len(state)
     state = ((),) * pad + tuple(state)
-    _untracked_operand(t, state, b)
+    _untracked_operand(t, state, b, mark_at=node)
     t.zero[node] = t.zero.get(a, False) and (kind in ("mul", "div") or b == 0)
     return state
 
@@ -409,7 +485,8 @@ def matmul(node: fx.Node, t: Tracker) -> State:
         raise Unsupported("matmul of a vector")
     k = t.unify_axis(node, sa[-1], sb[-2], a.meta[meta.SHAPE][-1], b.meta[meta.SHAPE][-2])
     t.contract(node, k, (a, b))
-    batch = t.unify(node, sa[:-2], sb[:-2], len(node.meta[meta.SHAPE]) - 2)
+    shape_a, shape_b = a.meta[meta.SHAPE][:-2], b.meta[meta.SHAPE][:-2]
+    batch = t.unify(node, sa[:-2], sb[:-2], len(node.meta[meta.SHAPE]) - 2, (shape_a, shape_b))
     for axis in batch:
         for label in axis:
             t.labels.roles.setdefault(label, Role.HEADS)
@@ -436,7 +513,9 @@ def sdpa(node: fx.Node, t: Tracker) -> State:
             float(scale) if scale is not None else 1.0 / math.sqrt(q.meta[meta.SHAPE][-1])
         )
     rank = len(node.meta[meta.SHAPE])
-    batch = t.unify(node, t.unify(node, sq[:-2], sk[:-2], rank - 2), sv[:-2], rank - 2)
+    shape_q, shape_k, shape_v = (n.meta[meta.SHAPE][:-2] for n in (q, k, v))
+    qk = t.unify(node, sq[:-2], sk[:-2], rank - 2, (shape_q, shape_k))
+    batch = t.unify(node, qk, sv[:-2], rank - 2, (_broadcast(shape_q, shape_k), shape_v))
     for axis in batch:
         for label in axis:
             t.labels.roles.setdefault(label, Role.HEADS)
@@ -458,6 +537,7 @@ def build_rules() -> dict[Any, Rule]:
                   "permute": permute, torch.permute: permute, "transpose": transpose,
                   torch.transpose: transpose, "swapaxes": transpose, "unbind": unbind, torch.unbind: unbind,
                   "chunk": chunk, torch.chunk: chunk, "split": chunk, torch.split: chunk,
+                  torch.cat: cat, torch.concat: cat, torch.stack: stack, "type_as": cast, "to": cast,
                   operator.getitem: getitem, getattr: shape_access, "size": shape_access,
                   operator.matmul: matmul, torch.matmul: matmul, "matmul": matmul, torch.bmm: matmul,
                   F.scaled_dot_product_attention: sdpa})  # fmt: skip

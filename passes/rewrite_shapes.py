@@ -52,6 +52,8 @@ def _rewrite_reshape(node: fx.Node, sizes: list[int | None]) -> bool:
     if is_reshape:
         packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
         old = list(node.args[1]) if packed else list(node.args[1:])  # type: ignore[arg-type]
+        if len(old) != len(sizes):  # the whole shape of another tensor (``x.shape``): slim at run time
+            return False
         new = _replace(old, sizes)
         if new != old:
             node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)

@@ -9,6 +9,7 @@ through the graph finds them for any model built from these ops, and fails close
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from p3b_fx.core import meta
 from p3b_fx.core.groups import Role
 from passes.axis_labels import Labels, State, Unsupported
 from passes.axis_rules import Rule, build_rules, consumes, node_key, shape_access
+from passes.find_blocks import is_linear
 
 _RULES: dict[Any, Rule] | None = None
 
@@ -65,13 +67,23 @@ class Tracker:
             return a
         raise Unsupported("two different index spaces meet on one axis")
 
-    def unify(self, node: fx.Node, a: State, b: State, rank: int) -> State:
+    def unify(
+        self, node: fx.Node, a: State, b: State, rank: int, sizes: tuple[Sequence[int], Sequence[int]]
+    ) -> State:
+        """The state of an elementwise combination of ``a`` and ``b`` (tensor sizes ``sizes``, right-
+        aligned by broadcasting). Two different labels on one axis are Unsupported. A label against an
+        axis no label runs along is exact only where that axis broadcasts (size 1); otherwise the other
+        operand keeps every element of the axis, so the label is marked (fixed), not dropped."""
         a = ((),) * (rank - len(a)) + tuple(a)
         b = ((),) * (rank - len(b)) + tuple(b)
+        size_a = (1,) * (rank - len(sizes[0])) + tuple(sizes[0])
+        size_b = (1,) * (rank - len(sizes[1])) + tuple(sizes[1])
         out = []
-        for x, y in zip(a, b, strict=True):
+        for x, y, sx, sy in zip(a, b, size_a, size_b, strict=True):
             if x != y and x and y:
                 raise Unsupported("two different index spaces meet on one axis")
+            if (x and not y and sy != 1) or (y and not x and sx != 1):
+                self.labels.mark((x or y,), f"meets an axis no group runs along at node '{node.name}'")
             out.append(x or y)
         return tuple(out)
 
@@ -85,12 +97,20 @@ class Tracker:
             )
 
     def run(self, nodes: list[fx.Node], read: fx.Node, write: fx.Node) -> None:
+        """Track from ``read``, the block's first linear, to ``write``, its last. Linears that read
+        the same input with as many outputs (separate q, k and v projections; a SwiGLU's gate and
+        value) start on the same label: sharing a label only couples more, and where their outputs
+        meet (q · k, gate * value) they must agree element by element anyway."""
         first = self.labels.new(int(read.meta[meta.SHAPE][-1]))
-        self.states[read] = ((),) * (len(read.meta[meta.SHAPE]) - 1) + ((first,),)
-        self.zero[read] = True
-        self.record_param(f"{read.target}.weight", 0, (first,))
-        if f"{read.target}.bias" in dict(self.gm.named_parameters()):
-            self.record_param(f"{read.target}.bias", 0, (first,))
+        params = dict(self.gm.named_parameters())
+        for node in nodes[nodes.index(read) :]:
+            sibling = is_linear(self.gm, node) and node.args[0] is read.args[0] and node is not write
+            if node is read or (sibling and node.meta[meta.SHAPE][-1] == read.meta[meta.SHAPE][-1]):
+                self.states[node] = ((),) * (len(node.meta[meta.SHAPE]) - 1) + ((first,),)
+                self.zero[node] = True
+                self.record_param(f"{node.target}.weight", 0, (first,))
+                if f"{node.target}.bias" in params:
+                    self.record_param(f"{node.target}.bias", 0, (first,))
         for node in nodes[nodes.index(read) + 1 :]:
             if node is not write and any(i in self.states for i in node.all_input_nodes):
                 self._step(node)

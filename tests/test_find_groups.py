@@ -160,3 +160,51 @@ def test_a_bias_axis_is_followed_back_to_its_parameter(variant: str, expected: o
     else:
         assert isinstance(source, str) and str(expected) in source
     assert _param_source(bias, 0) == "'unsqueeze' creates the axis"
+
+
+class _RotateHalfMlp(nn.Module):
+    """An MLP whose hidden activations are rotated the way a rotary embedding rotates head dims."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.register_buffer("cos", torch.randn(2 * d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        half = h.shape[-1] // 2
+        rotated = torch.cat([-h[..., half:], h[..., :half]], dim=-1)
+        return self.fc2((h * self.cos + rotated).type_as(x))
+
+
+def test_a_sliced_axis_is_fixed_and_the_others_stay_free() -> None:
+    """Reading the size of a group axis for arithmetic, slicing it, or concatenating along it fixes
+    that axis only (with the node that did it); the block's reads and writes stay prunable, and the
+    slim model still equals the masked one."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _RotateHalfMlp(48)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    hidden = groups.group("blocks.0.mlp:hidden")
+    assert not hidden.prunable and "its size feeds 'floordiv'" in hidden.reason
+    assert groups.group("blocks.0.mlp:read").prunable and groups.group("blocks.0.mlp:write").prunable
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_a_label_meeting_an_unlabelled_axis_is_fixed_unless_that_axis_broadcasts() -> None:
+    from passes.axis_labels import Labels  # noqa: PLC0415
+    from passes.track_axes import Tracker  # noqa: PLC0415
+
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    node = next(iter(gm.graph.nodes))
+    tracker = Tracker(gm, Labels("b"))
+    label = tracker.labels.new(8)
+    state = ((), (label,))
+    assert tracker.unify(node, state, ((), ()), 2, ((4, 8), (4, 1))) == state  # broadcast: free
+    assert tracker.labels.reason(label) == ""
+    assert tracker.unify(node, ((), ()), state, 2, ((4, 8), (4, 8))) == state  # all 8 elements: fixed
+    assert "meets an axis no group runs along" in tracker.labels.reason(label)

@@ -120,9 +120,9 @@ def test_p3b_prunes_beit_attention_end_to_end(tmp_path: Path, granularity: str) 
         assert any(len(keep.get(f"blocks.{i}.attn:heads", range(4))) < 4 for i in (0, 1))
 
 
-def test_p3b_deploy_prunes_eva02_swiglu_hidden_end_to_end(tmp_path: Path) -> None:
-    """Deploy granularity on EVA-02 (heads fixed by the rotary embedding): P3B meets the budget by
-    pruning SwiGLU hidden neurons, and the slim model equals the hard-masked one."""
+def test_p3b_deploy_prunes_eva02_heads_and_swiglu_hidden_end_to_end(tmp_path: Path) -> None:
+    """Deploy granularity on EVA-02 (whole heads, head_dim fixed by the rotary embedding, and SwiGLU
+    hidden neurons in pairs): P3B meets the budget, and the slim model equals the hard-masked one."""
     kwargs = {"img_size": 16, "patch_size": 4, "depth": 1}
     cfg = PruneConfig(model="eva02_tiny_patch14_224", model_kwargs=kwargs, data="digits", num_classes=10,
                       epochs=2, batch_size=32, lr=4e-3, probe="patch_linear", max_steps_per_epoch=5,
@@ -132,6 +132,7 @@ def test_p3b_deploy_prunes_eva02_swiglu_hidden_end_to_end(tmp_path: Path) -> Non
     assert report["budget_met"] and report["slim_max_abs_diff"] <= 1e-5
     keep = KeepPlan.load(report["plan"]).as_dict()
     assert len(keep["blocks.0.mlp:hidden"]) < 512
+    assert "blocks.0.attn:heads" in keep and "blocks.0.attn:head_dim" not in keep
 
 
 def _graph(bias_parts: int, dim: int = 0) -> fx.GraphModule:
@@ -164,7 +165,7 @@ def test_the_rewrite_computes_the_same(dim: int) -> None:
 
 
 def test_eva02_attention_is_a_block_and_slims_exactly() -> None:
-    """EVA-02 builds qkv the same way, with rotary embeddings after it (heads stay whole there). Its
+    """EVA-02 builds qkv the same way, with rotary embeddings after it (tests/test_vit_family.py). Its
     SwiGLU MLP (timm's GluMlp: fc1's output chunked into value and gate) prunes hidden neuron i of
     both halves together: fc1 keeps 2 × the kept neurons, fc2 the kept neurons."""
     model = _randomise(tiny_vit(name="eva02_tiny_patch14_224", img_size=28, patch_size=14, depth=2))

@@ -1,10 +1,11 @@
 """Other ViT-family models in timm: either slim == masked exactly, or a clear project error.
 
-Fail-closed groups are allowed (and expected: rotary embeddings' indexing, a per-head bias the
-slim graph cannot resize); a silently wrong graph is not. BEiT's table and vit_relpos's bias MLP
-are followed back from the attention bias, so their heads are pruned; EVA-02's SwiGLU (a chunked
-fc1) prunes its hidden neurons in pairs. And ``--torch-compile`` compiles each family's masked
-model whole (``fullgraph``): no graph break.
+Fail-closed groups are allowed (and expected: the head dims a rotary embedding slices and rotates,
+a per-head bias the slim graph cannot resize); a silently wrong graph is not. BEiT's table and
+vit_relpos's bias MLP are followed back from the attention bias, so their heads are pruned; the
+rotary models (EVA-02, RoPE ViT, DINOv3, Perception Encoder) prune whole heads with head_dim fixed;
+EVA-02's SwiGLU (a chunked fc1) prunes its hidden neurons in pairs. And ``--torch-compile`` compiles
+each family's masked model whole (``fullgraph``): no graph break.
 """
 
 from __future__ import annotations
@@ -104,3 +105,46 @@ def test_relpos_heads_are_pruned_with_their_bias_mlp(name: str, tmp_path: Path) 
     assert (out - dense).abs().max() > 1e-3
     report = export_onnx(slim, x, tmp_path / "relpos.onnx", jetpack=jetpack("6.1"))
     assert report.parity_max_abs_diff <= 1e-4
+
+
+ROTARY = [
+    "eva02_tiny_patch14_224",  # rotate every other dim: x[..., 1::2], stack, reshape(x.shape)
+    "vit_small_patch16_rope_224",
+    "vit_small_patch16_dinov3",  # rotate half: chunk, cat; embedding computed at run time
+    "vit_pe_core_tiny_patch16_384",
+    "eva02_base_patch14_224",  # separate q, k and v projections
+]
+
+
+@pytest.mark.parametrize("name", ROTARY)
+def test_rotary_attention_prunes_whole_heads(name: str, tmp_path: Path) -> None:
+    """A rotary embedding slices and rotates the head dims of q and k (prefix tokens cut off and
+    joined back along the tokens): head_dim is fixed with the node that slices it, the heads stay
+    free, and the slim model (qkv, or q, k and v, and proj without the dropped heads) equals the
+    hard-masked one, also in ONNX."""
+    model = timm.create_model(name, pretrained=False, depth=1, img_size=32, patch_size=8, embed_dim=64,
+                              num_heads=4).eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large weights (and layer scales), so a wrong slice would show
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    heads, head_dim = groups.group("blocks.0.attn:heads"), groups.group("blocks.0.attn:head_dim")
+    assert heads.prunable, heads.reason
+    assert not head_dim.prunable and "at node '" in head_dim.reason
+    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn:heads": [1, 2]})
+    slim = p3b_fx.slim(gm, plan, groups)
+    attn = slim.get_submodule("blocks.0.attn")
+    linears = [getattr(attn, n, None) for n in ("qkv", "q_proj", "k_proj", "v_proj")]
+    qkv = sum(m.out_features for m in linears if m is not None)
+    assert (qkv, attn.proj.in_features) == (3 * 2 * 16, 2 * 16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    scale = float(dense.abs().max())  # up to a few hundred (the Perception Encoder's pooled output)
+    assert (out - dense).abs().max() > 1e-2 * scale
+    atol = 1e-6 * max(scale, 100.0)
+    report = export_onnx(slim, x, tmp_path / "rotary.onnx", jetpack=jetpack("6.1"), atol=atol)
+    assert report.parity_max_abs_diff <= atol

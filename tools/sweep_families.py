@@ -7,8 +7,8 @@ release. Each run is a subprocess of its own. Reported per run: the exit code an
 vs hard-masked difference and whether the budget was met, the ONNX parity, or the error line the
 user would see. This is a coverage check, not an accuracy benchmark: a few steps on random weights.
 
-Usage: ``python tools/sweep_families.py [--models ...] [--methods p3b uniform global-taylor]
-[--out runs/sweep-families.md]``
+Usage: ``python tools/sweep_families.py [--models ...] [--methods p3b p3b-deploy uniform global-taylor]
+[--out runs/sweep-families.md]`` (``p3b-deploy``: P3B with ``--granularity deploy``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ MODELS: dict[str, list[str]] = {
     "deit3_small_patch16_224": ["--model-kwargs", SMALL],
     "beit_base_patch16_224": ["--model-kwargs", SMALL],
     "eva02_tiny_patch14_224": ["--model-kwargs", SMALL],
+    "eva02_base_patch14_224": ["--model-kwargs", SMALL],
     "vit_small_patch16_rope_224": ["--model-kwargs", SMALL],
+    "vit_small_patch16_dinov3": ["--model-kwargs", SMALL],
+    "vit_pe_core_tiny_patch16_384": ["--model-kwargs", SMALL],
     "vit_relpos_small_patch16_224": ["--model-kwargs", SMALL],
     "vit_small_patch14_reg4_dinov2": ["--model-kwargs", SMALL],
     "vit_base_patch16_clip_224": ["--model-kwargs", SMALL],
@@ -49,6 +52,10 @@ MODELS: dict[str, list[str]] = {
 }
 """timm name → the flags that make it small (models without a depth argument run at 64 px)."""
 
+METHODS = {"p3b-deploy": ["--method", "p3b", "--granularity", "deploy"]}
+"""Sweep columns that are not a ``--method`` of their own: P3B at the deploy granularity (whole heads
+and hidden neurons, what TensorRT's fused attention wants)."""
+
 COMMON = ["--data", "digits", "--num-classes", "10", "--epochs", "2", "--finetune-epochs", "1",
           "--max-steps-per-epoch", "4", "--batch-size", "16"]  # fmt: skip
 
@@ -60,14 +67,25 @@ def _run(cmd: Sequence[str]) -> tuple[int, str]:
 
 
 def prune(model: str, method: str, ratio: float, out: Path) -> str:
-    flags = [*MODELS.get(model, []), *COMMON, "--method", method, "--prune-ratio", str(ratio)]
+    how = METHODS.get(method, ["--method", method])
+    flags = [*MODELS.get(model, []), *COMMON, *how, "--prune-ratio", str(ratio)]
     rc, last = _run([str(TOOLS / "prune.py"), "--model", model, *flags, "--out", str(out)])
     if rc != 0:
         return f"exit {rc}: {last}"
     report = json.loads((out / "report.json").read_text())
     diff = report.get("slim_max_abs_diff")
     diff_text = "" if diff is None else f", slim vs masked {diff:.1e}"
-    return f"ok{diff_text}, budget met {report.get('budget_met')}"
+    return f"ok{diff_text}, budget met {report.get('budget_met')}{_roles(out / 'plan.json')}"
+
+
+def _roles(plan: Path) -> str:
+    """The kinds of group the run could prune (the roles its plan lists), e.g. ", prunes heads+hidden"."""
+    if not plan.is_file():
+        return ""
+    keep = json.loads(plan.read_text()).get("keep", {})
+    order = ["read", "heads", "head_dim", "hidden", "inner", "write"]
+    roles = {name.rsplit(":", 1)[-1].rstrip("'") for name in keep}
+    return ", prunes " + "+".join(sorted(roles, key=lambda r: (order.index(r) if r in order else 99, r)))
 
 
 def export(model: str, slim: Path, jetpack: str, out: Path) -> str:
@@ -86,7 +104,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", nargs="+", default=list(MODELS), help="timm names (default: the families above)"
     )
-    p.add_argument("--methods", nargs="+", default=["p3b", "uniform", "global-taylor"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["p3b", "p3b-deploy", "uniform", "global-taylor"],
+        help="--method values of tools/prune.py, and p3b-deploy (P3B with --granularity deploy)",
+    )
     p.add_argument("--ratio", type=float, default=0.3, help="parameter prune ratio")
     p.add_argument("--jetpacks", nargs="+", default=["6.1", "4.6"])
     p.add_argument("--out", default="runs/sweep-families.md", help="Markdown table")
