@@ -100,6 +100,39 @@ def layer_norm_module(node: fx.Node, t: Tracker) -> State:
     return _norm_over_last(node, t, len(getattr(mod, "normalized_shape", (1,))))
 
 
+def normalize(node: fx.Node, t: Tracker) -> State:
+    """``F.normalize(x, p, dim)``: the norm is taken over ``dim``, so a label there is fixed (its
+    statistics would change); zeros stay zeros. XCiT normalises q and k over the tokens."""
+    state = first_state(node, t)
+    dim = int(_dim(node, 2, "dim", 1))
+    t.labels.mark((state[dim],), f"normalised over (its statistics would change) at node '{node.name}'")
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    t.zero[node] = t.zero.get(src, False)
+    return state
+
+
+def unsqueeze(node: fx.Node, t: Tracker) -> State:
+    state = unary(True)(node, t)
+    dim = int(_dim(node, 1, "dim")) % (len(state) + 1)
+    return (*state[:dim], (), *state[dim:])
+
+
+def squeeze(node: fx.Node, t: Tracker) -> State:
+    state = unary(True)(node, t)
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    shape = tuple(src.meta[meta.SHAPE])
+    dims = _dim(node, 1, "dim")
+    if dims is None:
+        dims = [d for d, size in enumerate(shape) if size == 1]
+    dropped = {int(d) % len(shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    dropped = {d for d in dropped if shape[d] == 1}
+    if any(state[d] for d in dropped):
+        raise Unsupported("squeezes a group axis")
+    return tuple(axis for d, axis in enumerate(state) if d not in dropped)
+
+
 def softmax(node: fx.Node, t: Tracker) -> State:
     state = first_state(node, t)
     dim = _dim(node, 1, "dim")
@@ -538,6 +571,8 @@ def build_rules() -> dict[Any, Rule]:
                   torch.transpose: transpose, "swapaxes": transpose, "unbind": unbind, torch.unbind: unbind,
                   "chunk": chunk, torch.chunk: chunk, "split": chunk, torch.split: chunk,
                   torch.cat: cat, torch.concat: cat, torch.stack: stack, "type_as": cast, "to": cast,
+                  F.normalize: normalize, "unsqueeze": unsqueeze, torch.unsqueeze: unsqueeze,
+                  "squeeze": squeeze, torch.squeeze: squeeze,
                   operator.getitem: getitem, getattr: shape_access, "size": shape_access,
                   operator.matmul: matmul, torch.matmul: matmul, "matmul": matmul, torch.bmm: matmul,
                   F.scaled_dot_product_attention: sdpa})  # fmt: skip

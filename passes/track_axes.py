@@ -9,6 +9,7 @@ through the graph finds them for any model built from these ops, and fails close
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,13 +99,15 @@ class Tracker:
 
     def run(self, nodes: list[fx.Node], read: fx.Node, write: fx.Node) -> None:
         """Track from ``read``, the block's first linear, to ``write``, its last. Linears that read
-        the same input with as many outputs (separate q, k and v projections; a SwiGLU's gate and
-        value) start on the same label: sharing a label only couples more, and where their outputs
-        meet (q · k, gate * value) they must agree element by element anyway."""
+        the same input (or tokens of it: CaiT's class attention takes q from ``x[:, 0]``) with as
+        many outputs (separate q, k and v projections; a SwiGLU's gate and value) start on the same
+        label: sharing a label only couples more, and where their outputs meet (q · k, gate * value)
+        they must agree element by element anyway."""
         first = self.labels.new(int(read.meta[meta.SHAPE][-1]))
         params = dict(self.gm.named_parameters())
+        root = _unindexed(read.args[0])
         for node in nodes[nodes.index(read) :]:
-            sibling = is_linear(self.gm, node) and node.args[0] is read.args[0] and node is not write
+            sibling = is_linear(self.gm, node) and _unindexed(node.args[0]) is root and node is not write
             if node is read or (sibling and node.meta[meta.SHAPE][-1] == read.meta[meta.SHAPE][-1]):
                 self.states[node] = ((),) * (len(node.meta[meta.SHAPE]) - 1) + ((first,),)
                 self.zero[node] = True
@@ -158,3 +161,10 @@ class Tracker:
                     self.labels.mark_all(
                         f"'{node.name}' leaves the block through '{user.name}', not its last linear"
                     )
+
+
+def _unindexed(node: Any) -> Any:
+    """``x`` for ``x[...]`` (tokens picked from the block input), else ``node`` itself."""
+    if isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return node

@@ -208,3 +208,26 @@ def test_a_label_meeting_an_unlabelled_axis_is_fixed_unless_that_axis_broadcasts
     assert tracker.labels.reason(label) == ""
     assert tracker.unify(node, ((), ()), state, 2, ((4, 8), (4, 8))) == state  # all 8 elements: fixed
     assert "meets an axis no group runs along" in tracker.labels.reason(label)
+
+
+class _SqueezeMlp(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.unsqueeze(self.fc1(x), 0).unsqueeze(-2)  # (1, B, N, 1, hidden)
+        return self.fc2(torch.squeeze(h.squeeze(-2), 0))
+
+
+def test_unsqueeze_and_squeeze_keep_the_group_axis() -> None:
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _SqueezeMlp(48)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert groups.group("blocks.0.mlp:hidden").prunable, groups.group("blocks.0.mlp:hidden").reason
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
+                                   atol=1e-5, rtol=0)  # fmt: skip

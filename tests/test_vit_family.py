@@ -148,3 +148,38 @@ def test_rotary_attention_prunes_whole_heads(name: str, tmp_path: Path) -> None:
     atol = 1e-6 * max(scale, 100.0)
     report = export_onnx(slim, x, tmp_path / "rotary.onnx", jetpack=jetpack("6.1"), atol=atol)
     assert report.parity_max_abs_diff <= atol
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "free"),
+    [
+        ("cait_xxs24_224", {"img_size": 32, "patch_size": 8},
+         ["blocks.0.attn:head_dim", "blocks_token_only.0.attn:heads", "blocks_token_only.0.attn:head_dim"]),
+        ("xcit_nano_12_p16_224", {"img_size": 64},
+         ["blocks.0.attn:heads", "cls_attn_blocks.0.attn:heads", "cls_attn_blocks.0.attn:head_dim"]),
+    ],
+)  # fmt: skip
+def test_class_attention_and_cross_covariance_heads_prune_exactly(
+    name: str, kwargs: dict[str, int], free: list[str]
+) -> None:
+    """CaiT's and XCiT's class attention takes q from the class token (``q(x[:, 0]).unsqueeze(1)``)
+    and k, v from every token: the three projections share their heads and head dims. XCiT's
+    cross-covariance attention normalises q and k over the tokens (heads free, head_dim fixed by
+    the softmax over it); CaiT's talking heads mix the heads (fixed), not the head dims (free).
+    Random weights, so a wrong slice would show."""
+    model = timm.create_model(name, pretrained=False, depth=1, **kwargs).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    for group in free:
+        assert groups.group(group).prunable, groups.group(group).reason
+    x = torch.randn(2, *gm.meta["p3b.input_shape"][1:])
+    for seed in range(2):
+        plan = KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            out, dense = p3b_fx.slim(gm, plan, groups)(x), gm(x)
+            torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+        assert (out - dense).abs().max() > 1e-2
