@@ -327,11 +327,14 @@ def shape_access(node: fx.Node, t: Tracker) -> None:
     one at run time); a group axis whose size is read for anything else would bake a dense size, so
     that axis is marked (fixed), and the other axes stay free (rotary ``x.shape[-1] // 2``)."""
     state = first_state(node, t)
+    if node.op == "call_function" and node.args[1] not in _METADATA:
+        raise Unsupported(f"reads the attribute '{node.args[1]}'")  # x.T, x.mT: a tensor, untracked
     for user in node.users:
         pos = user.args[1] if user.target is operator.getitem else None
-        if isinstance(pos, int) and state[pos] and not all(_is_reshape(u) for u in user.users):
+        axes = [state[pos]] if isinstance(pos, int) else state[pos] if isinstance(pos, slice) else ()
+        if any(axes) and not all(_is_reshape(u) for u in user.users):
             reader = next(iter(user.users), user)
-            t.labels.mark((state[pos],), f"its size feeds '{reader.name}' at node '{node.name}'")
+            t.labels.mark(tuple(axes), f"its size feeds '{reader.name}' at node '{node.name}'")
         elif pos is None and not _is_reshape(user) and node.op == "call_function" and node.args[1] == "shape":
             t.labels.mark(state, f"the whole shape feeds '{user.name}' at node '{node.name}'")
     if node.op == "call_method" and len(node.args) > 1:  # x.size(d)
@@ -341,6 +344,10 @@ def shape_access(node: fx.Node, t: Tracker) -> None:
     elif node.op == "call_method" and any(not _is_reshape(u) and u.target is not operator.getitem
                                           for u in node.users):  # fmt: skip
         t.labels.mark(state, f"the whole size feeds a node at '{node.name}'")
+
+
+_METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+"""Attributes of a tensor that are not tensors: reading them leaves the value's labels alone."""
 
 
 def _is_reshape(node: fx.Node) -> bool:

@@ -231,3 +231,21 @@ def test_unsqueeze_and_squeeze_keep_the_group_axis() -> None:
     with torch.no_grad():
         torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
                                    atol=1e-5, rtol=0)  # fmt: skip
+
+
+class _AttributeMlp(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * h.mT.mT)  # a tensor read as an attribute: not a shape
+
+
+def test_a_tensor_read_as_an_attribute_fixes_the_group() -> None:
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _AttributeMlp(48)
+    groups = p3b_fx.find_groups(p3b_fx.trace(model))
+    hidden = groups.group("blocks.0.mlp:hidden")
+    assert not hidden.prunable and "reads the attribute 'mT'" in hidden.reason
