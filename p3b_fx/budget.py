@@ -240,8 +240,8 @@ def _check_inputs(
         raise ConfigError(f"the keep-ratio floor must be in [0, 1), got {floor}")
 
 
-def _check_feasible(
-    target: float, cost: FloatArray, nonblock: float, keep_ratio: float, floor: float
+def _check_feasible(  # noqa: PLR0917 - private helper of keep_ratios()
+    target: float, cost: FloatArray, nonblock: float, keep_ratio: float, floor: float, least: FloatArray
 ) -> None:
     if target <= 0.0:
         share = nonblock / (nonblock + float(cost.sum()))
@@ -250,15 +250,21 @@ def _check_feasible(
             f"{share:.1%} of the model; raise keep_ratio above {share:.3f} or budget the blocks only"
         )
     if target < floor * float(cost.sum()) * (1 - 1e-12):
-        least = target / float(cost.sum())
+        share = target / float(cost.sum())
         raise ConfigError(
             f"keep-ratio floor {floor} keeps more than keep_ratio {keep_ratio} allows (the blocks may keep "
-            f"{least:.3f} of their cost on average); lower the floor or raise keep_ratio"
+            f"{share:.3f} of their cost on average); lower the floor or raise keep_ratio"
+        )
+    if target < float((np.maximum(least, floor) * cost).sum()) * (1 - 1e-12):
+        raise ConfigError(
+            f"keep_ratio {keep_ratio} cannot be met: the blocks' unprunable groups and least gates keep "
+            f"{float((least * cost).sum()) / float(cost.sum()):.1%} of their cost; raise keep_ratio or "
+            "pick a granularity that prunes more groups"
         )
 
 
-def _water_level(importance: FloatArray, cost: FloatArray, target: float, floor: float) -> float:
-    """The scalar c with Σ clip(c·I_i, floor, 1)·P_i == target (exact, piecewise linear in c); I > 0."""
+def _water_level(importance: FloatArray, cost: FloatArray, target: float, floor: FloatArray) -> float:
+    """The scalar c with Σ clip(c·I_i, floor_i, 1)·P_i == target (exact, piecewise linear in c); I > 0."""
     knots = np.unique(np.concatenate([floor / importance, 1.0 / importance]))
     filled = (np.clip(np.outer(knots, importance), floor, 1.0) * cost).sum(axis=1)
     j = int(np.searchsorted(filled, target, side="left"))
@@ -278,26 +284,34 @@ def keep_ratios(
     *,
     blocks_only: bool = False,
     floor: float = 0.0,
+    least: npt.ArrayLike | None = None,
 ) -> FloatArray:
-    """Goal keep ratios κ_i = clip(c·I_i, floor, 1) with Σ κ_i·P_i == budget_target exactly.
+    """Goal keep ratios κ_i = clip(c·I_i, max(floor, least_i), 1) with Σ κ_i·P_i == budget_target exactly.
 
     This is the fixed point of the reference's water-filling ("fix blocks >= 1 at 1, rescale the
     rest"), solved exactly on the sorted breakpoints instead of by at most 20 rounds: with a floor,
-    fixing both sides in the same round can miss the budget.
+    fixing both sides in the same round can miss the budget. ``least`` is each block's smallest
+    reachable keep ratio (its unprunable groups and least gates; 1 where nothing of it is prunable
+    at the granularity): the reference assumes every block can reach any κ, and where one cannot,
+    the cost it must keep is taken from the blocks that can shed it, so the budget is still met.
     Raises ConfigError when no plan meets the budget.
     """
     imp = np.asarray(importance, dtype=np.float64)
     cost = np.asarray(dense_cost, dtype=np.float64)
     nonblock = 0.0 if blocks_only else float(nonblock_cost)
     _check_inputs(imp, cost, nonblock, keep_ratio, floor)
+    low = np.zeros_like(cost) if least is None else np.clip(np.asarray(least, dtype=np.float64), 0.0, 1.0)
+    if low.shape != cost.shape:
+        raise ConfigError(f"least keep ratios {low.shape} must have one entry per block, like {cost.shape}")
     target = budget_target(cost, nonblock, keep_ratio, blocks_only)
-    _check_feasible(target, cost, nonblock, keep_ratio, floor)
+    _check_feasible(target, cost, nonblock, keep_ratio, floor, low)
+    low = np.maximum(low, floor)
     if not np.any(imp > 0):
         log.warning("no block has a positive importance; keep ratios fall back to uniform")
         imp = np.ones_like(imp)
     imp = np.maximum(imp / float(imp.max()), 1e-12)  # scale-free (no overflow); every block can fill to 1
-    level = _water_level(imp, cost, min(target, float(cost.sum())), floor)
-    return np.asarray(np.clip(level * imp, floor, 1.0), dtype=np.float64)
+    level = _water_level(imp, cost, min(target, float(cost.sum())), low)
+    return np.asarray(np.clip(level * imp, low, 1.0), dtype=np.float64)
 
 
 def ramp(step: int, start: int, sparse: int) -> float:

@@ -658,6 +658,7 @@ class Pruner:
     probes: Probes
     costs: budget_mod.GroupCostModel = field(init=False)
     specs: dict[str, list[GateSpec]] = field(init=False)
+    least: np.ndarray = field(init=False)
     taylor: TaylorAccumulator = field(init=False)
     benefit: BenefitAccumulator = field(init=False)
     tracker: ImportanceTracker = field(default_factory=ImportanceTracker)
@@ -668,6 +669,7 @@ class Pruner:
     def __post_init__(self) -> None:
         self.costs = budget_mod.cost_model_from_groups(self.groups, budget_mod.BudgetUnit(self.cfg.budget))
         self.specs = gate_specs(self.groups, self.cfg.granularity, self.cfg.round_to)
+        self.least = least_keep(self.groups, self.specs, self.costs)
         self.taylor = TaylorAccumulator({g: gate.numel() for g, gate in self.bank.gates().items()})
         self.benefit = BenefitAccumulator.for_probes(self.probes)
         self.kept = {g.name: g.size for g in self.groups}
@@ -680,7 +682,7 @@ class Pruner:
     def goal(self, importance: np.ndarray) -> np.ndarray:
         return budget_mod.keep_ratios(
             importance, self.dense, self.costs.nonblock, self.cfg.keep_ratio,
-            blocks_only=self.cfg.blocks_only, floor=self.cfg.floor,
+            blocks_only=self.cfg.blocks_only, floor=self.cfg.floor, least=self.least,
         )  # fmt: skip
 
     def kept_costs(self) -> np.ndarray:
@@ -1342,14 +1344,23 @@ def _most_removable(
     cfg: PruneConfig, groups: GroupSet, costs: budget_mod.GroupCostModel, dense: np.ndarray, granularity: str
 ) -> tuple[float, float]:
     """(the least cost the blocks can reach at ``granularity``, the largest prune ratio that gives)."""
-    specs = gate_specs(groups, granularity, cfg.round_to)
-    least = sum(
+    least = float((least_keep(groups, gate_specs(groups, granularity, cfg.round_to), costs) * dense).sum())
+    nonblock = 0.0 if cfg.blocks_only else costs.nonblock
+    return least, 1 - (least + nonblock) / (float(dense.sum()) + nonblock)
+
+
+def least_keep(
+    groups: GroupSet, specs: Mapping[str, Sequence[GateSpec]], costs: budget_mod.CostModel
+) -> np.ndarray:
+    """Each block's smallest reachable keep ratio (of its cost): 0 where its removal is exact, else
+    what its unprunable groups and ``min_keep`` of every gate keep (1 with no gate at all)."""
+    dense = budget_mod.dense_costs(costs)
+    least = [
         0.0 if specs[b.name] and groups.block_removable(b)
         else costs.block_cost(b.name, {g.name: g.min_keep for g in specs[b.name]})
         for b in groups.blocks
-    )  # fmt: skip
-    nonblock = 0.0 if cfg.blocks_only else costs.nonblock
-    return least, 1 - (least + nonblock) / (float(dense.sum()) + nonblock)
+    ]  # fmt: skip
+    return np.minimum(np.asarray(least, dtype=np.float64) / np.maximum(dense, 1e-12), 1.0)
 
 
 def check_stream(cfg: PruneConfig, prep: Prepared) -> None:

@@ -86,6 +86,47 @@ def test_water_filling_meets_the_budget_exactly(
     assert np.all(np.diff(kappa[order]) >= -1e-12)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(st.floats(0.0, 100.0), st.floats(1.0, 1e6), st.sampled_from([0.0, 0.0, 0.3, 0.9, 1.0])),
+        min_size=1, max_size=20,
+    ),
+    nonblock=st.floats(0.0, 1e5),
+    keep=st.floats(0.01, 1.0),
+    floor=st.sampled_from([0.0, 0.2]),
+)  # fmt: skip
+def test_blocks_that_cannot_shed_their_share_leave_it_to_the_others(
+    data: list[tuple[float, float, float]], nonblock: float, keep: float, floor: float
+) -> None:
+    """A block whose unprunable groups keep ``least`` of its cost (1: nothing prunable at the
+    granularity) stays at or above it, and the other blocks shed the rest: the budget is still met
+    exactly, or ConfigError says that the blocks cannot shed enough."""
+    importance = np.array([i for i, _, _ in data])
+    cost = np.array([c for _, c, _ in data])
+    least = np.array([m for _, _, m in data])
+    target = budget_target(cost, nonblock, keep, False)
+    low = np.maximum(least, floor)
+    if target <= 0 or target < float(low @ cost) * (1 - 1e-12):
+        with pytest.raises(ConfigError):
+            keep_ratios(importance, cost, nonblock, keep, floor=floor, least=least)
+        return
+    kappa = keep_ratios(importance, cost, nonblock, keep, floor=floor, least=least)
+    assert float(kappa @ cost) == pytest.approx(min(target, float(cost.sum())), rel=1e-6)
+    assert np.all(kappa >= low - 1e-12) and np.all(kappa <= 1.0)
+    free = (kappa > low + 1e-9) & (kappa < 1.0 - 1e-9)  # neither clamp binds: κ = c · I
+    order = np.argsort(importance[free], kind="stable")
+    assert np.all(np.diff(kappa[free][order]) >= -1e-9)
+
+
+def test_the_unreachable_share_goes_to_the_prunable_blocks() -> None:
+    # three equal blocks, half of the cost must go; the middle one can shed nothing
+    kappa = keep_ratios([1.0, 1.0, 1.0], [10.0, 10.0, 10.0], 0.0, 0.5, least=[0.0, 1.0, 0.0])
+    np.testing.assert_allclose(kappa, [0.25, 1.0, 0.25])
+    with pytest.raises(ConfigError, match=r"unprunable groups and least gates keep 66\.7%"):
+        keep_ratios([1.0, 1.0, 1.0], [10.0, 10.0, 10.0], 0.0, 0.5, least=[0.0, 1.0, 1.0])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

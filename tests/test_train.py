@@ -441,6 +441,22 @@ def test_torch_pruning_on_an_architecture_it_cannot_follow_fails_before_training
     assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
 
 
+@pytest.mark.parametrize("method", ["p3b", "uniform"])
+def test_blocks_with_nothing_prunable_leave_the_budget_to_the_others(tmp_path: Path, method: str) -> None:
+    """EVA-02 base normalises its SwiGLU hidden units (a LayerNorm before fc2), so at the deploy
+    granularity its MLP blocks have no gate: the attention blocks (whole heads) shed the whole budget,
+    which is met; the MLPs stay dense. Before, water-filling gave the MLPs their share of the
+    budget anyway and the run ended with it missed."""
+    kwargs = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 4}
+    cfg = tiny_config(tmp_path / "run", model="eva02_base_patch14_224", granularity="deploy",
+                      model_kwargs=kwargs, prune_ratio=0.2, method=method)  # fmt: skip
+    report = train.run(cfg)
+    assert report["budget_met"], report["params_slim"]
+    assert report["keep_ratios"]["blocks.0.mlp"] == report["keep_ratios"]["blocks.1.mlp"] == 1.0
+    assert max(report["keep_ratios"]["blocks.0.attn"], report["keep_ratios"]["blocks.1.attn"]) < 0.8
+    assert report["slim_max_abs_diff"] <= 1e-5
+
+
 def test_a_granularity_with_nothing_prunable_points_to_the_one_that_has(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
