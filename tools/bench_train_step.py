@@ -73,6 +73,7 @@ VARIANTS: dict[str, tuple[str, float, int, str, str, str]] = {
     "conv, hidden dim/4, grouped, torch.compile": ("patch_conv", 0.25, 1, "float32", "grouped", "default"),
     "conv, hidden dim/4, grouped, torch.compile + CUDA graphs": (
         "patch_conv", 0.25, 1, "float32", "grouped", "reduce-overhead"),
+    "conv, hidden dim/8": ("patch_conv", 0.125, 1, "float32", "per-block", "off"),
 }  # fmt: skip
 """label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype,
 probe_impl, torch_compile mode). The default's conv probes run per block on the CPU and grouped on
