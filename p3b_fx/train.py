@@ -92,10 +92,20 @@ _GRANULARITY_ROLES: Mapping[str, frozenset[Role]] = {
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename: a crash never leaves half a file."""
+    """``torch.save`` through a temporary file and a rename: a crash never leaves half a file. A
+    failed write (a full disk: torch raises ``RuntimeError: ... PytorchStreamWriter failed writing
+    file``) removes the temporary file, keeps the previous ``path``, and says what to do."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is kept" if path.exists() else "nothing was written"
+        raise CheckpointError(
+            f"cannot write {path} ({kept}): {str(exc).strip().splitlines()[-1][:200]}; free some disk space "
+            "(or choose another --out) and rerun with --resume"
+        ) from exc
 
 
 PLOT_FILES = ("accuracy.png", "block_benefit.png", "keep_ratios.png")

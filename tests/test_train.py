@@ -731,3 +731,25 @@ def test_torch_compile_end_to_end_and_bad_modes(tmp_path: Path) -> None:
         tiny_config(tmp_path / "x", torch_compile="max-speed")
     saved = PruneConfig(torch_compile="off").to_dict()
     train.check_resume_config(saved, PruneConfig(torch_compile="default"), tmp_path)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk makes ``torch.save`` raise a bare RuntimeError from its stream writer; the user
+    gets a CheckpointError naming the file, the old checkpoint survives, no temporary file is left."""
+    path = tmp_path / "checkpoint.pt"
+    train.atomic_save({"step": 1}, path)
+
+    def full_disk(_obj: Any, f: Any) -> None:
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
+                           "PytorchStreamWriter failed writing file data/0: file write failed")  # fmt: skip
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"cannot write .*checkpoint\.pt \(the previous one is kept\).*"
+                                              r"file write failed; free some disk space"):  # fmt: skip
+        train.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
