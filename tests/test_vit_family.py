@@ -29,6 +29,8 @@ FAMILY = [
     "pit_ti_224",  # pooling stages
     "vit_relpos_small_patch16_224",  # per-head relative position bias
     "vit_small_patch16_rope_224",  # rotary embeddings
+    "vit_small_patch16_dinov3",  # rotary embeddings computed at run time, rotate-half
+    "vit_pe_core_tiny_patch16_384",  # rotary embeddings, attention pooling
     "xcit_nano_12_p16_224",  # cross-covariance attention, local patch interaction
     "levit_128s",  # BatchNorm linears
     "vit_small_patch16_18x2_224",  # parallel blocks
