@@ -1359,6 +1359,30 @@ def _most_removable(
     return least, 1 - (least + nonblock) / (float(dense.sum()) + nonblock)
 
 
+def describe_model(cfg: PruneConfig) -> str:
+    """What ``cfg``'s model offers to prune: its blocks and groups (each prunable, or fixed with the
+    reason and the node), and per granularity the most of its ``cfg.budget`` the gates can remove.
+    Builds the model (``--model``, ``--checkpoint``, ``--model-kwargs``, ``--img-size``), not the
+    data; trains nothing and writes nothing (``tools/prune.py --describe``)."""
+    model = build_model(cfg).eval()
+    if cfg.num_classes is not None and hasattr(model, "reset_classifier"):
+        model.reset_classifier(cfg.num_classes)  # type: ignore[operator]  # only the head's size counts
+    side = model_input(model, cfg)[0]
+    known = default_input_shape(model)
+    gm = p3b_fx.trace(model, input_shape=(1, int(known[1]) if known else 3, side, side))
+    groups = p3b_fx.find_groups(gm)
+    costs = budget_mod.cost_model_from_groups(groups, budget_mod.BudgetUnit(cfg.budget))
+    dense = budget_mod.dense_costs(costs)
+    lines = [f"{cfg.model} at {side} px: {groups.params_total:,} parameters", groups.describe(), ""]
+    for granularity in _GRANULARITY_ROLES:
+        share = _most_removable(cfg, groups, costs, dense, granularity)[1]
+        order = [Role.READ, Role.HEADS, Role.HEAD_DIM, Role.HIDDEN, Role.WRITE]
+        roles = "+".join(str(r) for r in order if r in _GRANULARITY_ROLES[granularity])
+        lines.append(f"--granularity {granularity} ({roles}): --prune-ratio up to {max(share, 0.0):.1%} "
+                     f"of the {cfg.budget}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def least_keep(
     groups: GroupSet, specs: Mapping[str, Sequence[GateSpec]], costs: budget_mod.CostModel
 ) -> np.ndarray:

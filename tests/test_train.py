@@ -753,3 +753,19 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file_and_says_why(
     monkeypatch.undo()
     assert torch.load(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_describe_prints_the_groups_and_the_reachable_ratios_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kwargs = json.dumps({"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 64, "num_heads": 4})
+    out = tmp_path / "run"
+    argv = ["--model", "vit_small_patch16_dinov3", "--model-kwargs", kwargs, "--out", str(out), "--describe"]
+    assert prune_cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "blocks.0.attn" in text and "heads    size 4      prunable" in text
+    assert "head_dim" in text and "fixed: concatenated along at node" in text
+    assert "--granularity deploy (heads+hidden): --prune-ratio up to" in text
+    assert not out.exists()
+    assert prune_cli.main(["--model", "resnet18", "--describe"]) != 0
+    assert "CNNs such as ResNet are not supported" in capsys.readouterr().err

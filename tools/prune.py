@@ -43,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
         prog="prune.py", description="Prune a Vision Transformer with P3B (Pruning by Block Benefit)."
     )
     p.add_argument("--config", help="TOML file with options (flags override it)")
+    p.add_argument(
+        "--describe",
+        action="store_true",
+        help="print what can be pruned in --model (each group, or why it is fixed) and the "
+        "largest --prune-ratio per granularity, then exit: no data, no training, no files",
+    )
     p.add_argument("--model", help="timm model name, or 'source' for the shipped Fashion-MNIST ViT (default)")
     p.add_argument("--model-kwargs", type=json_object, help="JSON object of timm constructor arguments")
     p.add_argument("--checkpoint", help="weights to start from (safetensors or torch state_dict)")
@@ -108,12 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
     fmt = "%(levelname)s %(message)s" if rank is None else f"[rank {rank}] %(levelname)s %(message)s"
     logging.basicConfig(level=level if is_rank0() else max(level, logging.WARNING), format=fmt)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "verbose", "describe")}
     out: str | None = None
     try:
         from p3b_fx.train import run  # noqa: PLC0415 - keeps --help fast
 
         config = PruneConfig.from_sources(args.config, overrides)
+        if args.describe:
+            from p3b_fx.train import describe_model  # noqa: PLC0415
+
+            print(describe_model(config))
+            return 0
         out = config.out
         report = run(config)
     except P3BError as exc:
