@@ -38,17 +38,19 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(*, describe: bool = True) -> argparse.ArgumentParser:
+    """The flags; ``describe=False`` leaves out ``--describe`` (prune_and_compile.py shares the rest)."""
     p = argparse.ArgumentParser(
         prog="prune.py", description="Prune a Vision Transformer with P3B (Pruning by Block Benefit)."
     )
     p.add_argument("--config", help="TOML file with options (flags override it)")
-    p.add_argument(
-        "--describe",
-        action="store_true",
-        help="print what can be pruned in --model (each group, or why it is fixed) and the "
-        "largest --prune-ratio per granularity, then exit: no data, no training, no files",
-    )
+    if describe:
+        p.add_argument(
+            "--describe",
+            action="store_true",
+            help="print what can be pruned in --model (each group, or why it is fixed) and the "
+            "largest --prune-ratio per granularity, then exit: no data, no training, no files",
+        )
     p.add_argument("--model", help="timm model name, or 'source' for the shipped Fashion-MNIST ViT (default)")
     p.add_argument("--model-kwargs", type=json_object, help="JSON object of timm constructor arguments")
     p.add_argument("--checkpoint", help="weights to start from (safetensors or torch state_dict)")

@@ -27,7 +27,7 @@ JETPACKS = ("4.6", "5.1", "6.0", "6.1", "6.2", "7.0", "7.2")
 
 
 def parser() -> object:
-    p = prune_parser()
+    p = prune_parser(describe=False)
     p.prog, p.description = "prune_and_compile.py", __doc__
     p.add_argument(
         "--target",
