@@ -92,25 +92,27 @@ class Tracker:
         for label in axis:
             self.labels.contracted.add(label)
             self.labels.roles[label] = Role.HEAD_DIM
-        if axis and not all(self.zero.get(op, False) for op in operands):
-            self.labels.mark(
-                (axis,), f"contracted at node '{node.name}' after an op that does not keep zeros"
-            )
+        # Σ_l a_l·b_l over a pruned l drops out when either operand is 0 there (the first linear's
+        # output is masked; k from a separate projection is not, but q·k only needs q's zeros)
+        if axis and not any(self.zero.get(op, False) for op in operands):
+            self.labels.mark((axis,), f"contracted at node '{node.name}' after ops that do not keep zeros")
 
     def run(self, nodes: list[fx.Node], read: fx.Node, write: fx.Node) -> None:
         """Track from ``read``, the block's first linear, to ``write``, its last. Linears that read
         the same input (or tokens of it: CaiT's class attention takes q from ``x[:, 0]``) with as
         many outputs (separate q, k and v projections; a SwiGLU's gate and value) start on the same
         label: sharing a label only couples more, and where their outputs meet (q · k, gate * value)
-        they must agree element by element anyway."""
+        they must agree element by element anyway. Only the first linear's output is masked (the
+        hard-masked model zeroes pruned elements there), so only it keeps zeros."""
         first = self.labels.new(int(read.meta[meta.SHAPE][-1]))
         params = dict(self.gm.named_parameters())
         root = _unindexed(read.args[0])
         for node in nodes[nodes.index(read) :]:
-            sibling = is_linear(self.gm, node) and _unindexed(node.args[0]) is root and node is not write
+            reads = node.args[0] if node.args else None
+            sibling = is_linear(self.gm, node) and _unindexed(reads) is root and node is not write
             if node is read or (sibling and node.meta[meta.SHAPE][-1] == read.meta[meta.SHAPE][-1]):
                 self.states[node] = ((),) * (len(node.meta[meta.SHAPE]) - 1) + ((first,),)
-                self.zero[node] = True
+                self.zero[node] = node is read
                 self.record_param(f"{node.target}.weight", 0, (first,))
                 if f"{node.target}.bias" in params:
                     self.record_param(f"{node.target}.bias", 0, (first,))

@@ -249,3 +249,35 @@ def test_a_tensor_read_as_an_attribute_fixes_the_group() -> None:
     groups = p3b_fx.find_groups(p3b_fx.trace(model))
     hidden = groups.group("blocks.0.mlp:hidden")
     assert not hidden.prunable and "reads the attribute 'mT'" in hidden.reason
+
+
+class _ShiftedKeyAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        k = k + 1.0  # the keys no longer keep zeros
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_a_contraction_needs_zeros_on_one_side_only() -> None:
+    """q · k over a pruned head dim drops out when q is 0 there (the first linear's output is masked),
+    whatever happened to k: head_dim stays prunable, and slim still equals masked."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].attn = _ShiftedKeyAttention(48, 4)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    head_dim = groups.group("blocks.0.attn:head_dim")
+    assert head_dim.prunable, head_dim.reason
+    x = torch.randn(2, 3, 32, 32)
+    for seed in range(3):
+        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
+        torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
