@@ -45,7 +45,7 @@ from p3b_fx import distributed
 from p3b_fx.allocate import GateSpec, GateType, allocate_block
 from p3b_fx.benefit import BenefitAccumulator, BenefitProbes, BlockLayout, BlockwiseProbes
 from p3b_fx.config import SOURCE_MODEL, PruneConfig
-from p3b_fx.core.groups import Block, BlockKind, GroupSet, Role
+from p3b_fx.core.groups import ROLE_ORDER, Block, BlockKind, GroupSet, Role
 from p3b_fx.core.io import atomic_write_text
 from p3b_fx.core.masks import MaskBank
 from p3b_fx.core.meta import INPUT_SHAPE
@@ -1229,13 +1229,19 @@ def prepare(cfg: PruneConfig, model: nn.Module | None, loaders: Loaders | None) 
     loaders = distributed.shard_loaders(loaders, cfg.seed)  # unchanged without torchrun
     fit_head(model, n_data, cfg)
     model.to(device)
+    gm, groups = trace_groups(model, cfg)
+    return Prepared(model, gm, groups, loaders, n_data, device)
+
+
+def trace_groups(model: nn.Module, cfg: PruneConfig) -> tuple[fx.GraphModule, GroupSet]:
+    """``model`` traced at the input size it expects, and its groups."""
     side = model_input(model, cfg)[0]
     known = default_input_shape(model)  # channels; a hybrid's patch projection reads CNN features
     gm = p3b_fx.trace(model, input_shape=(1, int(known[1]) if known else 3, side, side))
     groups = p3b_fx.find_groups(gm)
     if not groups.blocks:
         raise ConfigError(f"{type(model).__name__}: no residual blocks found; P3B prunes transformer blocks")
-    return Prepared(model, gm, groups, loaders, n_data, device)
+    return gm, groups
 
 
 def run(
@@ -1367,17 +1373,14 @@ def describe_model(cfg: PruneConfig) -> str:
     model = build_model(cfg).eval()
     if cfg.num_classes is not None and hasattr(model, "reset_classifier"):
         model.reset_classifier(cfg.num_classes)  # type: ignore[operator]  # only the head's size counts
-    side = model_input(model, cfg)[0]
-    known = default_input_shape(model)
-    gm = p3b_fx.trace(model, input_shape=(1, int(known[1]) if known else 3, side, side))
-    groups = p3b_fx.find_groups(gm)
+    gm, groups = trace_groups(model, cfg)
     costs = budget_mod.cost_model_from_groups(groups, budget_mod.BudgetUnit(cfg.budget))
     dense = budget_mod.dense_costs(costs)
+    side = gm.meta[INPUT_SHAPE][-1]
     lines = [f"{cfg.model} at {side} px: {groups.params_total:,} parameters", groups.describe(), ""]
     for granularity in _GRANULARITY_ROLES:
         share = _most_removable(cfg, groups, costs, dense, granularity)[1]
-        order = [Role.READ, Role.HEADS, Role.HEAD_DIM, Role.HIDDEN, Role.WRITE]
-        roles = "+".join(str(r) for r in order if r in _GRANULARITY_ROLES[granularity])
+        roles = "+".join(str(r) for r in ROLE_ORDER if r in _GRANULARITY_ROLES[granularity])
         lines.append(f"--granularity {granularity} ({roles}): --prune-ratio up to {max(share, 0.0):.1%} "
                      f"of the {cfg.budget}")  # fmt: skip
     return "\n".join(lines)

@@ -222,7 +222,8 @@ def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
 
 def _joined(node: fx.Node, t: Tracker) -> tuple[list[fx.Node], State, int]:
     """The tensors ``cat`` / ``stack`` join, their state where they meet as in an add (for ``cat``
-    the joined axis is left out of that: its labels are marked, it carries none), and the dim."""
+    the joined axis is left out of that: its labels are marked, it carries none), and the dim; the
+    result keeps zeros when every input is tracked and keeps them."""
     tensors = _dim(node, 0, "tensors")
     if not isinstance(tensors, (list, tuple)) or not all(isinstance(x, fx.Node) for x in tensors):
         raise Unsupported("joins something other than a list of tensors")
@@ -244,6 +245,7 @@ def _joined(node: fx.Node, t: Tracker) -> tuple[list[fx.Node], State, int]:
     for x in tensors:
         if x not in t.states:
             _untracked_operand(t, state, x, mark_at=node)
+    t.zero[node] = all(x in t.states and t.zero.get(x, False) for x in tensors)
     return list(tensors), state, dim
 
 
@@ -252,15 +254,12 @@ def cat(node: fx.Node, t: Tracker) -> State:
     inputs' elements are laid end to end, so a group axis there would need its slices told apart:
     it is marked (fixed), and no group runs along the joined axis (rotary embeddings' ``cat`` of the
     rotated halves of the head dims, or of prefix and patch tokens)."""
-    tensors, state, _ = _joined(node, t)
-    t.zero[node] = all(x in t.states and t.zero.get(x, False) for x in tensors)
-    return state
+    return _joined(node, t)[1]
 
 
 def stack(node: fx.Node, t: Tracker) -> State:
     """``stack(tensors, dim)``: the inputs meet as in an add and a new axis, no group's, is inserted."""
-    tensors, state, dim = _joined(node, t)
-    t.zero[node] = all(x in t.states and t.zero.get(x, False) for x in tensors)
+    _, state, dim = _joined(node, t)
     return (*state[:dim], (), *state[dim:])
 
 

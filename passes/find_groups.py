@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from p3b_fx.core import meta
 from p3b_fx.core.groups import (
+    ROLE_ORDER,
     Block,
     BlockKind,
     Factor,
@@ -39,8 +40,7 @@ from passes.find_blocks import Branch, find_blocks, is_attention_op, is_linear
 from passes.track_axes import Tracker, describe
 
 _CHANNEL_MODULES = (nn.Dropout, nn.Identity, DropPath)
-_ROLE_ORDER = {Role.READ: 0, Role.HEADS: 1, Role.HEAD_DIM: 2, Role.HIDDEN: 3, Role.INNER: 4, Role.SELECT: 5,
-               Role.WRITE: 6}  # fmt: skip
+_ROLE_ORDER = {role: i for i, role in enumerate(ROLE_ORDER)}
 
 
 def ensure_shapes(gm: fx.GraphModule) -> None:

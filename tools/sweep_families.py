@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from p3b_fx.core.groups import ROLE_ORDER
 from p3b_fx.core.io import atomic_write_text
 from p3b_fx.machine import describe
 
@@ -83,9 +84,8 @@ def _roles(plan: Path) -> str:
     if not plan.is_file():
         return ""
     keep = json.loads(plan.read_text()).get("keep", {})
-    order = ["read", "heads", "head_dim", "hidden", "inner", "write"]
     roles = {name.rsplit(":", 1)[-1].rstrip("'") for name in keep}
-    return ", prunes " + "+".join(sorted(roles, key=lambda r: (order.index(r) if r in order else 99, r)))
+    return ", prunes " + "+".join(str(r) for r in ROLE_ORDER if r in roles)
 
 
 def export(model: str, slim: Path, jetpack: str, out: Path) -> str:

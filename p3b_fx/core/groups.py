@@ -29,6 +29,11 @@ class Role(StrEnum):
     SELECT = "select"  # an axis the block indexes (e.g. the q/k/v selector): never prunable
 
 
+ROLE_ORDER: tuple[Role, ...] = (Role.READ, Role.HEADS, Role.HEAD_DIM, Role.HIDDEN, Role.INNER, Role.SELECT,
+                                Role.WRITE)  # fmt: skip
+"""The order a block's groups are listed in (``describe()``, plans, reports): from read to write."""
+
+
 class BlockKind(StrEnum):
     ATTENTION = "attention"
     MLP = "mlp"
