@@ -334,6 +334,20 @@ def test_train_step_doc_keeps_the_hand_written_notes(tmp_path: Path) -> None:
     assert fresh.read_text() == "# new\n" and not list(tmp_path.glob("*.tmp"))
 
 
+def test_train_step_probe_flop_share_orders_the_probes() -> None:
+    """The FLOP row the GPU analysis rests on: wider conv probes cost more, the linear probe almost
+    nothing, and the share depends neither on the precision nor on the compile mode."""
+    import bench_train_step as b  # noqa: PLC0415
+
+    args = b.parser().parse_args([])
+    share = {k: b.probe_flop_share(args, k) for k in b.VARIANTS}
+    full, quarter, eighth = share["conv, hidden = dim"], share["conv, hidden dim/4 (default)"], share[
+        "conv, hidden dim/8"]  # fmt: skip
+    assert full > quarter > eighth > 20 * share["linear"] > 0
+    same = "conv, hidden dim/4, grouped, bf16 probes, torch.compile + CUDA graphs"
+    assert share[same] == pytest.approx(quarter)
+
+
 def test_bench_cli_checks_its_output_before_measuring(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

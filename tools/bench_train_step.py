@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import p3b_fx
 from p3b_fx import train
@@ -74,6 +75,14 @@ VARIANTS: dict[str, tuple[str, float, int, str, str, str]] = {
     "conv, hidden dim/4, grouped, torch.compile + CUDA graphs": (
         "patch_conv", 0.25, 1, "float32", "grouped", "reduce-overhead"),
     "conv, hidden dim/8": ("patch_conv", 0.125, 1, "float32", "per-block", "off"),
+    "linear, torch.compile + CUDA graphs": (
+        "patch_linear", 1.0, 1, "float32", "per-block", "reduce-overhead"),
+    "conv, hidden dim/4, grouped, every 4th step, torch.compile + CUDA graphs": (
+        "patch_conv", 0.25, 4, "float32", "grouped", "reduce-overhead"),
+    "conv, hidden dim/4, torch.compile + CUDA graphs": (
+        "patch_conv", 0.25, 1, "float32", "per-block", "reduce-overhead"),
+    "conv, hidden dim/4, grouped, bf16 probes, torch.compile + CUDA graphs": (
+        "patch_conv", 0.25, 1, "bfloat16", "grouped", "reduce-overhead"),
 }  # fmt: skip
 """label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype,
 probe_impl, torch_compile mode). The default's conv probes run per block on the CPU and grouped on
@@ -181,6 +190,31 @@ def _p3b_step(model: nn.Module, cfg: PruneConfig, device: torch.device, out: Pat
         loop.step += 1
 
     return step, loop
+
+
+def probe_flop_share(args: argparse.Namespace, label: str) -> float:
+    """FLOPs of the probes' forward and backward on one probed step, as a share of the plain step's
+    forward and backward (torch's FLOP counter, on the CPU with a batch of 2: the share does not
+    depend on the device, the batch or the precision)."""
+    small = _with(_variant_args(args, label), batch_size=2, device="cpu", torch_compile="off")
+    device = torch.device("cpu")
+    x, y = _batch(small, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config(small, tmp)
+        model = train.build_model(cfg).train()
+        with FlopCounterMode(display=False) as plain:
+            F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
+        gm = p3b_fx.trace(model)
+        groups = p3b_fx.find_groups(gm)
+        masked, _ = p3b_fx.insert_masks(gm, groups, share_parameters=True)
+        taps = train.tap(masked, groups)
+        taps.recording = True
+        with torch.no_grad():
+            masked(x)
+        probes = train.make_probes(model, groups, 10, cfg, gm)
+        with FlopCounterMode(display=False) as probe:
+            probes([f.detach().float() for f in taps.take()], y).loss.backward()
+    return float(probe.get_total_flops()) / max(float(plain.get_total_flops()), 1.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -493,11 +527,12 @@ MODE_LABELS = {"default": "torch.compile", "reduce-overhead": "torch.compile + C
 
 
 def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, dict[str, Any]],
-          p3b: dict[str, dict[str, Any]]) -> str:  # fmt: skip
+          p3b: dict[str, dict[str, Any]], flops: dict[str, float] | None = None) -> str:  # fmt: skip
     """The markdown table: one column per plain step (eager, then each compile mode) and per P3B
     variant. A variant's ratios are to the plain step run the same way (eager or compiled in the
     same mode); a compiled variant also gives its time ratio to the eager plain step. With empty
-    ``plain`` and ``p3b`` (``--timing-only``) the table has the timing rows only."""
+    ``plain`` and ``p3b`` (``--timing-only``) the table has the timing rows (and ``flops``: each
+    variant's :func:`probe_flop_share`) only."""
     cpu_mem = "peak RSS over the pre-model baseline (MiB)"
     mem = "peak CUDA memory (MiB)" if args.device.startswith("cuda") else cpu_mem
     t, tp = timing["variants"], timing["plains"]
@@ -522,6 +557,11 @@ def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, dic
         + " | ".join(f"{t[k]['ratio_min']:.2f} - {t[k]['ratio_max']:.2f}" for k in kinds)
         + " |",
     ]  # fmt: skip
+    if flops:
+        rows.append(
+            "| probe FLOPs of a probed step (share of the plain step's, forward + backward) | "
+            + " | ".join("-" for _ in modes) + " | " + " | ".join(f"{flops[k]:.2f}" for k in kinds) + " |"
+        )  # fmt: skip
     if not plain or not p3b:
         return "\n".join(rows)
     rows += [
@@ -625,7 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.timing_only:
         plain = {mode: _run_worker("plain", [*argv, "--torch-compile", mode]) for mode in _modes(args)}
         p3b = {label: _run_worker("p3b", [*argv, *_variant_flags(label)]) for label in _selected(args)}
-    text = table(args, timing, plain, p3b)
+    flops = {label: probe_flop_share(args, label) for label in timing["variants"]}
+    text = table(args, timing, plain, p3b, flops)
     print(text)
     if args.write:
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
