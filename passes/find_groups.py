@@ -32,6 +32,7 @@ from p3b_fx.core.groups import (
     NodeInfo,
     ParamSpec,
     Role,
+    lane_name,
 )  # fmt: skip
 from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
@@ -81,24 +82,77 @@ def _analyse(
     gm: fx.GraphModule, br: Branch, names: dict[str, fx.Node]
 ) -> tuple[Block, list[Group], dict[str, NodeInfo]]:
     nodes = [names[n] for n in br.nodes]
-    read, write = names[br.linears[0]], names[br.linears[-1]]
-    tracker = Tracker(gm, Labels(prefix=br.name))
-    tracker.run(nodes, read, write)
-    inner, leaf_group = _inner_groups(br, tracker)
-    read_g = _read_group(gm, br, read, nodes)
-    write_g = _write_group(gm, br, write, names[br.branch_input])
-    groups = sorted([read_g, *inner, write_g], key=lambda g: _ROLE_ORDER[g.role])
-    dims = _param_dims(tracker, leaf_group, read_g, write_g)
+    lanes = _lanes(br, names)
+    trackers: list[Tracker] = []
+    inner: list[Group] = []
+    leaf_group: dict[str, str] = {}
+    reads: list[Group] = []
+    for k, (read, write) in enumerate(lanes):
+        tracker = Tracker(gm, Labels(prefix=lane_name(br.name, k).replace("'", "~")))
+        tracker.run(nodes, read, write)
+        lane_groups, lane_leaves = _inner_groups(br, tracker, write, set(leaf_group.values()))
+        trackers.append(tracker)
+        inner += lane_groups
+        leaf_group.update(lane_leaves)
+        reads.append(_read_group(gm, br, read, k))
+    write_g = _write_group(gm, br, [w for _, w in lanes], names[br.branch_input])
+    groups = sorted([*reads, *inner, write_g], key=lambda g: _ROLE_ORDER[g.role])
+    dims = _param_dims(trackers, leaf_group, [*reads, write_g])
     params = _param_specs(gm, nodes, dims)
-    flops = _flop_terms(gm, nodes, tracker, leaf_group, dims)
+    flops = _flop_terms(gm, nodes, trackers, leaf_group, dims)
     infos = {
-        n.name: NodeInfo(axes=_axes(tracker, s, leaf_group), sdpa_scale=tracker.sdpa_scales.get(n.name))
-        for n, s in tracker.states.items()
+        n.name: NodeInfo(axes=_axes(t, s, leaf_group), sdpa_scale=t.sdpa_scales.get(n.name))
+        for t in trackers
+        for n, s in t.states.items()
         if _is_state(s)
     }
+    (read, write), *more = lanes
     block = Block(br.name, br.kind, tuple(g.name for g in groups), params, flops, br.input_node, br.add_node,
-                  read.name, write.name, br.branch_input)  # fmt: skip
+                  read.name, write.name, br.branch_input,
+                  tuple((r.name, w.name) for r, w in more))  # fmt: skip
     return block, groups, infos
+
+
+def _lanes(br: Branch, names: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """(first linear, last linear) of each parallel lane of ``br``: the linears that read one input
+    (siblings, as in ``Tracker.run``) and every linear downstream of them. One lane, the branch's
+    first and last linear, unless two or more inputs are read and no linear is downstream of two
+    lanes (timm's ParallelThingsBlock: ``stack([attn_0(x), attn_1(x)]).sum(0)``)."""
+    linears = [names[n] for n in br.linears]
+    single = [(linears[0], linears[-1])]
+    inside = set(linears)
+    body = {names[n] for n in br.nodes}
+    upstream: dict[fx.Node, set[fx.Node]] = {}  # the linears each linear depends on, in the branch
+    for lin in linears:
+        seen: set[fx.Node] = set()
+        stack = [i for i in lin.all_input_nodes if i in body]
+        while stack:
+            n = stack.pop()
+            if n not in seen:
+                seen.add(n)
+                stack += [i for i in n.all_input_nodes if i in body]
+        upstream[lin] = seen & inside
+    firsts = [lin for lin in linears if not upstream[lin]]
+    roots = list(dict.fromkeys(_unindexed(lin.args[0]) for lin in firsts))
+    if len(roots) < 2:
+        return single
+    lanes: list[tuple[fx.Node, fx.Node]] = []
+    claimed: set[fx.Node] = set()
+    for root in roots:
+        heads = {lin for lin in firsts if _unindexed(lin.args[0]) is root}
+        mine = [lin for lin in linears if lin in heads or upstream[lin] & heads]
+        if claimed & set(mine):
+            return single
+        claimed |= set(mine)
+        lanes.append((mine[0], mine[-1]))
+    return lanes if claimed == inside else single
+
+
+def _unindexed(node: Any) -> Any:
+    """``x`` for ``x[...]``, else ``node`` (the reading rule of ``Tracker.run``)."""
+    if isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return node
 
 
 def _is_state(s: Any) -> bool:
@@ -109,10 +163,12 @@ def _axes(t: Tracker, state: Any, leaf_group: dict[str, str]) -> tuple[tuple[str
     return tuple(tuple(leaf_group[leaf] for leaf in t.labels.axis_leaves(axis)) for axis in state)
 
 
-def _inner_groups(br: Branch, t: Tracker) -> tuple[list[Group], dict[str, str]]:
+def _inner_groups(
+    br: Branch, t: Tracker, write: fx.Node, taken: set[str]
+) -> tuple[list[Group], dict[str, str]]:
     first = next(iter(t.labels.sizes))
     leaves = t.labels.leaves(first)
-    reaching = set(t.labels.axis_leaves(t.params.get((f"{_target(t, br.linears[-1])}.weight", 1), ())))
+    reaching = set(t.labels.axis_leaves(t.params.get((f"{write.target}.weight", 1), ())))
     groups: list[Group] = []
     leaf_group: dict[str, str] = {}
     for leaf in leaves:
@@ -121,7 +177,7 @@ def _inner_groups(br: Branch, t: Tracker) -> tuple[list[Group], dict[str, str]]:
             "" if leaf in reaching else "does not reach the block's last linear"
         )
         name = f"{br.name}:{role}"
-        while name in leaf_group.values():
+        while name in leaf_group.values() or name in taken:
             name += "'"
         leaf_group[leaf] = name
         groups.append(Group(name, br.name, role, t.labels.sizes[leaf], (), not reason, reason))
@@ -156,32 +212,86 @@ def _with_members(g: Group, members: tuple[Member, ...]) -> Group:
     return Group(g.name, g.block, g.role, g.size, members, g.prunable, g.reason)
 
 
-def _read_group(gm: fx.GraphModule, br: Branch, read: fx.Node, nodes: list[fx.Node]) -> Group:
+def _read_group(gm: fx.GraphModule, br: Branch, read: fx.Node, lane: int) -> Group:
     point = read.args[0]
     assert isinstance(point, fx.Node)
     size = int(point.meta[meta.SHAPE][-1])
     readers = [u for u in point.users if is_linear(gm, u) and u.args[0] is point]
     members = tuple(Member(f"{u.target}.weight", 1, (size,), 0) for u in readers)
-    return Group(f"{br.name}:read", br.name, Role.READ, size, members, True)
+    return Group(lane_name(f"{br.name}:read", lane), br.name, Role.READ, size, members, True)
 
 
-def _write_group(gm: fx.GraphModule, br: Branch, write: fx.Node, out: fx.Node) -> Group:
-    size = int(write.meta[meta.SHAPE][-1])
-    members = [Member(f"{write.target}.weight", 0, (size,), 0)]
-    if getattr(gm.get_submodule(str(write.target)), "bias", None) is not None:
-        members.append(Member(f"{write.target}.bias", 0, (size,), 0))
-    reason, node = "", write
-    while node is not out and not reason:
+def _write_group(gm: fx.GraphModule, br: Branch, writes: list[fx.Node], out: fx.Node) -> Group:
+    """Output rows of each lane's last linear and the per-channel parameters after it, up to the
+    residual add. Several lanes must meet in one ``stack(...).sum(0)`` (or one ``a + b``) first."""
+    size = int(writes[0].meta[meta.SHAPE][-1])
+    members: list[Member] = []
+    ends: list[fx.Node] = []
+    reason = ""
+    for write in writes:
+        members.append(Member(f"{write.target}.weight", 0, (size,), 0))
+        if getattr(gm.get_submodule(str(write.target)), "bias", None) is not None:
+            members.append(Member(f"{write.target}.bias", 0, (size,), 0))
+        end, why = _channel_path(gm, write, out if len(writes) == 1 else None, size, members)
+        reason = reason or why
+        ends.append(end)
+    if len(writes) > 1 and not reason:
+        join, reason = _join(ends, size)
+        if join is not None:
+            _, reason = _channel_path(gm, join, out, size, members)
+    return Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(members), not reason, reason)
+
+
+def _channel_path(
+    gm: fx.GraphModule, node: fx.Node, out: fx.Node | None, size: int, members: list[Member]
+) -> tuple[fx.Node, str]:
+    """Follow ``node``'s single users through per-channel ops (their parameters into ``members``)
+    to ``out``, or (``out`` None) to the first op joining lanes. Returns (the last node reached,
+    why the channels cannot be pruned: empty when they can)."""
+    while node is not out:
         users = list(node.users)
         if len(users) != 1:
-            reason = f"'{node.name}' has {len(users)} users between the last linear and the residual add"
-            break
-        node, found = users[0], _channel_param(gm, users[0], node, size)
+            return node, f"'{node.name}' has {len(users)} users between the last linear and the residual add"
+        user = users[0]
+        if out is None and _joins(user):
+            return node, ""
+        found = _channel_param(gm, user, node, size)
         if found is None:
-            reason = f"no channel rule for '{node.name}' ({describe(gm, node)}) after the block's last linear"
-        elif found:
+            why = f"no channel rule for '{user.name}' ({describe(gm, user)}) after the block's last linear"
+            return node, why
+        if found:
             members.append(Member(found[0], found[1], (size,), 0))
-    return Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(members), not reason, reason)
+        node = user
+    return node, ""
+
+
+def _joins(node: fx.Node) -> bool:
+    return node.target in (torch.stack, operator.add, torch.add)
+
+
+def _join(ends: list[fx.Node], size: int) -> tuple[fx.Node | None, str]:
+    """The node where the lanes ``ends`` meet: ``stack(ends).sum(0)`` (returns the sum) or ``a + b``
+    of two lanes, each end ``size`` channels wide; else (None, why)."""
+    joins = {next(iter(e.users)) for e in ends}
+    if len(joins) != 1:
+        return None, "the parallel lanes meet in more than one op before the residual add"
+    (join,) = joins
+    shapes = {tuple(e.meta[meta.SHAPE]) for e in ends}
+    if len(shapes) != 1 or next(iter(shapes))[-1] != size:
+        return None, f"the parallel lanes reach '{join.name}' with different shapes"
+    if join.target in (operator.add, torch.add) and set(join.args[:2]) == set(ends) and len(ends) == 2:
+        return join, ""
+    stacked = join.args[0] if join.args else None
+    dim = join.kwargs.get("dim", join.args[1] if len(join.args) > 1 else 0)
+    users = list(join.users)
+    lanes_in = list(stacked) if isinstance(stacked, (list, tuple)) else None
+    if join.target is torch.stack and lanes_in == ends and dim == 0 and len(users) == 1:
+        total = users[0]
+        total_dim = total.kwargs.get("dim", total.args[1] if len(total.args) > 1 else None)
+        is_sum = total.target in ("sum", torch.sum) and total_dim in (0, (0,), [0])
+        if is_sum and not total.kwargs.get("keepdim", False) and total.kwargs.get("dtype") is None:
+            return total, ""
+    return None, f"no channel rule for how the parallel lanes meet at '{join.name}'"
 
 
 def _channel_param(
@@ -207,13 +317,14 @@ def _channel_param(
 
 
 def _param_dims(
-    t: Tracker, leaf_group: dict[str, str], read_g: Group, write_g: Group
+    trackers: list[Tracker], leaf_group: dict[str, str], channel_groups: list[Group]
 ) -> dict[tuple[str, int], tuple[Factor, ...]]:
     dims: dict[tuple[str, int], tuple[Factor, ...]] = {}
-    for (param, dim), axis in t.params.items():
-        leaves = t.labels.axis_leaves(axis)
-        dims[(param, dim)] = tuple((t.labels.sizes[leaf], leaf_group[leaf]) for leaf in leaves)
-    for g in (read_g, write_g):
+    for t in trackers:
+        for (param, dim), axis in t.params.items():
+            leaves = t.labels.axis_leaves(axis)
+            dims[(param, dim)] = tuple((t.labels.sizes[leaf], leaf_group[leaf]) for leaf in leaves)
+    for g in channel_groups:
         for m in g.members:
             dims[(m.param, m.dim)] = ((g.size, g.name),)
     return dims
@@ -238,7 +349,7 @@ def _param_specs(
     return tuple(specs)
 
 
-def _flop_terms(gm: fx.GraphModule, nodes: list[fx.Node], t: Tracker, leaf_group: dict[str, str],
+def _flop_terms(gm: fx.GraphModule, nodes: list[fx.Node], trackers: list[Tracker], leaf_group: dict[str, str],
                 dims: dict[tuple[str, int], tuple[Factor, ...]]) -> tuple[FlopTerm, ...]:  # fmt: skip
     terms = []
     for n in nodes:
@@ -254,7 +365,8 @@ def _flop_terms(gm: fx.GraphModule, nodes: list[fx.Node], t: Tracker, leaf_group
             ]
             terms.append(FlopTerm(tokens, tuple(factors)))
         elif is_attention_op(n):
-            terms.extend(_attention_flops(n, t, leaf_group))
+            lane = next((t for t in trackers if n.args[0] in t.states), trackers[0])
+            terms.extend(_attention_flops(n, lane, leaf_group))
     return tuple(terms)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from p3b_fx.core import meta
-from p3b_fx.core.groups import Factor, GroupSet, Role
+from p3b_fx.core.groups import Factor, GroupSet, Role, lane_name
 from p3b_fx.core.masks import MASK_MODULE, MaskBank
 from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device
 
@@ -41,31 +41,23 @@ class InsertMasksPass(GraphPass):
         bank = MaskBank(sizes, {}).to(module_device(gm))  # gates beside the weights they mask
         gm.add_submodule(MASK_MODULE, bank)
         for b in self.groups.blocks:
-            read, write = names[b.read_node], names[b.write_node]
             roles = {self.groups.group(g).role for g in b.groups if self.groups.group(g).prunable}
-            point = read.args[0]
-            assert isinstance(point, fx.Node)
-            readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
-            self._before(
-                gm,
-                readers,
-                point,
-                f"{b.name}:read",
-                ((sizes.get(f"{b.name}:read", 1), f"{b.name}:read"),),
-                sites,
-            )
-            if Role.HEAD_DIM in roles:
-                self._after(
-                    gm, read, f"{b.name}:first_out", _dims(self.groups, f"{read.target}.weight", 0), sites
-                )
-            win = write.args[0]
-            assert isinstance(win, fx.Node)
-            self._before(
-                gm, [write], win, f"{b.name}:last_in", _dims(self.groups, f"{write.target}.weight", 1), sites
-            )
-            self._after(
-                gm, write, f"{b.name}:write", ((sizes.get(f"{b.name}:write", 1), f"{b.name}:write"),), sites
-            )
+            write_g = f"{b.name}:write"
+            for lane, (read_name, write_name) in enumerate(b.all_lanes()):
+                read, write = names[read_name], names[write_name]
+                read_g = lane_name(f"{b.name}:read", lane)
+                point = read.args[0]
+                assert isinstance(point, fx.Node)
+                readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
+                self._before(gm, readers, point, read_g, ((sizes.get(read_g, 1), read_g),), sites)
+                if Role.HEAD_DIM in roles:
+                    self._after(gm, read, lane_name(f"{b.name}:first_out", lane),
+                                _dims(self.groups, f"{read.target}.weight", 0), sites)  # fmt: skip
+                win = write.args[0]
+                assert isinstance(win, fx.Node)
+                self._before(gm, [write], win, lane_name(f"{b.name}:last_in", lane),
+                             _dims(self.groups, f"{write.target}.weight", 1), sites)  # fmt: skip
+                self._after(gm, write, lane_name(write_g, lane), ((sizes.get(write_g, 1), write_g),), sites)
         bank.sites.update(sites)
         return PassResult(gm, True)
 

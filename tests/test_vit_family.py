@@ -185,3 +185,108 @@ def test_class_attention_and_cross_covariance_heads_prune_exactly(
             out, dense = p3b_fx.slim(gm, plan, groups)(x), gm(x)
             torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
         assert (out - dense).abs().max() > 1e-2
+
+
+def _parallel_vit(num_parallel: int = 2) -> torch.nn.Module:
+    """A small timm ViT of ParallelThingsBlocks (vit_small_patch16_18x2_224's block), with layer
+    scales, and large random weights so a wrong slice would show."""
+    from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer  # noqa: PLC0415
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5,
+                              init_values=0.5, block_fn=ParallelThingsBlock).eval()  # fmt: skip
+    if num_parallel != 2:
+        for block in model.blocks:
+            block.__init__(48, 4, num_parallel=num_parallel, init_values=0.5, qkv_bias=True)  # type: ignore[misc]
+        model.eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("num_parallel", [2, 3])
+def test_parallel_blocks_prune_each_lane(num_parallel: int, tmp_path: Path) -> None:
+    """timm's ParallelThingsBlock sums parallel attentions (and MLPs) into one residual add,
+    ``x + stack([attn_0(x), attn_1(x)]).sum(0)``. Each lane has its own heads, head dims, hidden
+    neurons and read channels; the channels written are one group over every lane's projection
+    and layer scale. One block for P3B (one benefit per residual add), sliced lane by lane."""
+    model = _parallel_vit(num_parallel)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    attn, mlp = groups.block("blocks.0.attns"), groups.block("blocks.0.ffns")
+    assert len(attn.all_lanes()) == len(mlp.all_lanes()) == num_parallel
+    lanes = ["'" * k for k in range(num_parallel)]
+    for name in [f"blocks.0.attns:{r}{q}" for r in ("read", "heads", "head_dim") for q in lanes] + [
+        f"blocks.0.ffns:{r}{q}" for r in ("read", "hidden") for q in lanes
+    ] + ["blocks.0.attns:write", "blocks.0.ffns:write"]:  # fmt: skip
+        assert groups.group(name).prunable, (name, groups.group(name).reason)
+    write = {m.param for m in groups.group("blocks.0.attns:write").members}
+    for k in range(num_parallel):
+        assert {f"blocks.0.attns.{k}.attn.proj.weight", f"blocks.0.attns.{k}.ls.gamma"} <= write
+    heads = {m.param for m in groups.group("blocks.0.attns:heads'").members}
+    assert heads == {f"blocks.0.attns.1.attn.{p}" for p in ("qkv.weight", "qkv.bias", "proj.weight")}
+    x = torch.randn(3, 3, 32, 32)
+    plan = KeepPlan.from_mapping(groups, {
+        "blocks.0.attns:heads'": [0, 3], "blocks.0.attns:head_dim": list(range(0, 12, 2)),
+        "blocks.0.ffns:hidden": list(range(50)), "blocks.0.ffns:read'": list(range(1, 48, 3)),
+        "blocks.0.attns:write": list(range(30)), "blocks.1.ffns:write": list(range(10, 40)),
+    })  # fmt: skip
+    slim = p3b_fx.slim(gm, plan, groups)
+    assert slim.get_submodule("blocks.0.attns.1.attn.qkv").out_features == 3 * 2 * 12
+    assert slim.get_submodule("blocks.0.attns.0.attn.qkv").out_features == 3 * 4 * 6
+    assert slim.get_submodule("blocks.0.ffns.0.mlp.fc1").out_features == 50
+    assert slim.get_submodule("blocks.0.ffns.1.mlp.fc1").in_features == 16
+    assert slim.get_submodule(f"blocks.0.attns.{num_parallel - 1}.attn.proj").out_features == 30
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+        assert (out - dense).abs().max() > 1e-2
+        for seed in range(3):  # every group at once, at random
+            rand = KeepPlan.random(groups, 0.5, seed=seed)
+            slim_out, masked_out = p3b_fx.slim(gm, rand, groups)(x), p3b_fx.apply_masks(gm, rand, groups)(x)
+            torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    report = export_onnx(slim, x, tmp_path / "parallel.onnx", jetpack=jetpack("6.1"))
+    assert report.parity_max_abs_diff <= 1e-4
+
+
+class _SummedLanes(torch.nn.Module):
+    """Two MLP lanes joined by ``+`` (or by ``join``) before the residual add."""
+
+    def __init__(self, join: str = "add") -> None:
+        super().__init__()
+        self.join = join
+        self.n0, self.n1 = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+        self.a0, self.b0 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.a1, self.b1 = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y0 = self.b0(torch.relu(self.a0(self.n0(x))))
+        y1 = self.b1(torch.relu(self.a1(self.n1(x))))
+        both = y0 + y1 if self.join == "add" else torch.stack([y0, y1]).mean(0)
+        return self.head(x + both)
+
+
+def test_parallel_lanes_joined_by_add_or_an_unknown_op() -> None:
+    """``x + (lane_0 + lane_1)`` is a join too; a join without a channel rule (``stack(...).mean(0)``)
+    keeps the written channels whole, with its reason, and the lanes' hidden neurons prunable."""
+    x = torch.randn(2, 5, 8)
+    for join in ("add", "mean"):
+        model = _SummedLanes(join).eval()
+        gm = p3b_fx.trace(model, input_shape=(2, 5, 8))
+        groups = p3b_fx.find_groups(gm)
+        (block,) = groups.blocks
+        assert len(block.all_lanes()) == 2
+        assert all(groups.group(f"{block.name}:hidden{q}").prunable for q in ("", "'"))
+        write = groups.group(f"{block.name}:write")
+        assert write.prunable == (join == "add"), write.reason
+        if join == "mean":
+            assert "parallel lanes meet" in write.reason
+        for seed in range(2):
+            plan = KeepPlan.random(groups, 0.5, seed=seed)
+            with torch.no_grad():
+                slim_out = p3b_fx.slim(gm, plan, groups)(x)
+                masked_out = p3b_fx.apply_masks(gm, plan, groups)(x)
+            torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)

@@ -93,6 +93,19 @@ class Block:
     read_node: str  # the block's first linear (call_module node)
     write_node: str  # the block's last linear (call_module node)
     output_node: str = ""  # the branch output: the operand of the residual add that is not the stream
+    # parallel lanes after the first (read_node, write_node): (first linear, last linear) of each
+    # further branch whose outputs are summed into the same residual add (timm's ParallelThingsBlock)
+    lanes: tuple[tuple[str, str], ...] = ()
+
+    def all_lanes(self) -> tuple[tuple[str, str], ...]:
+        """(first linear, last linear) of every lane, the block's own first."""
+        return ((self.read_node, self.write_node), *self.lanes)
+
+
+def lane_name(name: str, lane: int) -> str:
+    """The per-lane name of a group or mask site: ``name`` for the first lane, then ``name'``,
+    ``name''``, … (the read group, the first-out and last-in sites, the write site of lane ``lane``)."""
+    return name + "'" * lane
 
 
 def _product(factors: tuple[Factor, ...], kept: Mapping[str, int]) -> int:
