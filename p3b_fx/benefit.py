@@ -400,16 +400,30 @@ class BlockLayout:
 
     ``grid`` None: the block carries no patch tokens (CaiT's class-attention blocks read the class
     token alone), so it gets no patch probe. ``has_class_token``: token 0 is the class token.
+    ``spatial``: the stream is (batch, h, w, dim) instead, the grid without prefix tokens (Swin's
+    stages); the probes read it as its h·w tokens.
     """
 
     dim: int
     num_prefix_tokens: int
     grid: tuple[int, int] | None
     has_class_token: bool
+    spatial: bool = False
 
     @property
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + (0 if self.grid is None else self.grid[0] * self.grid[1])
+
+    @property
+    def stream_shape(self) -> tuple[int, ...]:
+        """The stream's shape after the batch axis."""
+        if self.spatial and self.grid is not None:
+            return (*self.grid, self.dim)
+        return (self.num_tokens, self.dim)
+
+    def tokens(self, f: torch.Tensor) -> torch.Tensor:
+        """``f`` as (batch, tokens, dim)."""
+        return f.flatten(1, 2) if self.spatial else f
 
 
 class BlockwiseProbes(nn.Module):
@@ -481,10 +495,11 @@ class BlockwiseProbes(nn.Module):
             )
         for i, (lay, (a, b)) in enumerate(zip(self.layouts, self.pairs, strict=True)):
             for f in (features[a], features[b]):
-                if f.dim() != 3 or f.shape[1:] != (lay.num_tokens, lay.dim):
+                if tuple(f.shape[1:]) != lay.stream_shape:
+                    want = ", ".join(map(str, lay.stream_shape))
                     raise TrainingError(
-                        f"BlockwiseProbes: block {i} expects (batch, {lay.num_tokens}, {lay.dim}) maps, got "
-                        f"{tuple(f.shape)}; the probes were built for another input size"
+                        f"BlockwiseProbes: block {i} expects (batch, {want}) maps, got {tuple(f.shape)}; "
+                        "the probes were built for another input size"
                     )
         if labels.shape[0] != features[0].shape[0] or labels.dim() not in (1, 2):
             raise TrainingError(
@@ -511,11 +526,12 @@ class BlockwiseProbes(nn.Module):
         losses: list[torch.Tensor] = []
         for i, (lay, (a, b)) in enumerate(zip(self.layouts, self.pairs, strict=True)):
             heads: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+            f_in, f_out = lay.tokens(feats[a]), lay.tokens(feats[b])
             if lay.has_class_token:
-                heads.append(("cls", self.cls[i](feats[a][:, 0]), self.cls[i](feats[b][:, 0])))
+                heads.append(("cls", self.cls[i](f_in[:, 0]), self.cls[i](f_out[:, 0])))
             if lay.grid is not None:
-                heads.append(("patch", self._patch_logits(self.patch[i], lay, feats[a]),
-                              self._patch_logits(self.patch[i], lay, feats[b])))  # fmt: skip
+                heads.append(("patch", self._patch_logits(self.patch[i], lay, f_in),
+                              self._patch_logits(self.patch[i], lay, f_out)))  # fmt: skip
             for kind, logits_in, logits_out in heads:
                 ce_in, ce_out = _block_ce(logits_in[None], logits_out[None], labels, self.label_smoothing)
                 losses += [ce_in.sum(), ce_out.sum()]

@@ -825,7 +825,8 @@ def make_probes(
     widths = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)  # multi-stage models: one per stage
     if cfg.method == "p3b" and gm is not None:
         layouts, pairs = block_layouts(cfg, model, gm, groups)
-        if pairs != [(i, i + 1) for i in range(len(pairs))] or len(set(layouts)) > 1:
+        chained = pairs == [(i, i + 1) for i in range(len(pairs))]
+        if not chained or len(set(layouts)) > 1 or layouts[0].spatial:
             return BlockwiseProbes(layouts, pairs, num_classes, **common)
         one = layouts[0]  # one chained stream of one layout: the batched probes
         return BenefitProbes(
@@ -880,20 +881,24 @@ def block_layouts(
 ) -> tuple[list[BlockLayout], list[tuple[int, int]]]:
     """Per block: the token layout of the stream it reads and writes, and its (input, output) taps.
 
-    Raises ConfigError, before any training, where a block's stream is not (batch, tokens, dim) or
-    its tokens cannot be split into prefix tokens and a patch grid.
+    Raises ConfigError, before any training, where a block's stream is neither (batch, tokens, dim)
+    nor (batch, h, w, dim), or its tokens cannot be split into prefix tokens and a patch grid.
     """
     names = {n.name: n for n in gm.graph.nodes}
     _, pairs = tap_points(groups)
     layouts: list[BlockLayout] = []
     for block in groups.blocks:
         shape = known_shape(names.get(block.input_node))
-        if shape is None or len(shape) != 3:
+        if shape is None or len(shape) not in (3, 4):
             raise ConfigError(
-                f"P3B's probes read (batch, tokens, dim) streams, but block '{block.name}' of {cfg.model} "
-                f"reads {'an unknown shape' if shape is None else tuple(shape)}; use --method uniform, "
-                "which needs no block-benefit probes"
+                f"P3B's probes read (batch, tokens, dim) or (batch, h, w, dim) streams, but block "
+                f"'{block.name}' of {cfg.model} reads "
+                f"{'an unknown shape' if shape is None else tuple(shape)}; use --method uniform, which needs "
+                "no block-benefit probes"
             )
+        if len(shape) == 4:  # a spatial stream (Swin): the grid, no prefix tokens
+            layouts.append(BlockLayout(int(shape[3]), 0, (int(shape[1]), int(shape[2])), False, spatial=True))
+            continue
         layout = _token_layout(model, int(shape[1]), int(shape[2]))
         if layout is None:
             raise ConfigError(
@@ -1295,7 +1300,8 @@ def _run(
 
         cuda = [prep.device] if prep.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # a check must not move the run's random stream
-            baselines.check_prunable(prep.model, baselines.example_input(prep), config.model)
+            example = baselines.example_input(prep)
+            baselines.check_prunable(prep.model, example, config.model, config.prune_ratio)
     # only now: a run that fails on bad input leaves the directory (and a run --force would replace) as it was
     out = distributed.on_main(lambda: clear_out_dir(config, replaced), "preparing --out") or Path(config.out)
     if not config.resume:

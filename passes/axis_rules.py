@@ -134,8 +134,16 @@ def squeeze(node: fx.Node, t: Tracker) -> State:
 
 
 def softmax(node: fx.Node, t: Tracker) -> State:
+    return _softmax_over(node, t, _dim(node, 1, "dim"))
+
+
+def softmax_module(node: fx.Node, t: Tracker) -> State:
+    """``nn.Softmax(dim)`` (Swin's attention): as ``softmax`` over the module's ``dim``."""
+    return _softmax_over(node, t, getattr(t.gm.get_submodule(str(node.target)), "dim", None))
+
+
+def _softmax_over(node: fx.Node, t: Tracker, dim: Any) -> State:
     state = first_state(node, t)
-    dim = _dim(node, 1, "dim")
     if dim is None:
         raise Unsupported("softmax without an explicit dim")
     t.labels.mark((state[dim],), f"softmax over it at node '{node.name}'")
@@ -571,7 +579,8 @@ def build_rules() -> dict[Any, Rule]:
     for key in (*_MUL, *_DIV, *_ADD):
         rules[key] = binary
     rules.update({F.layer_norm: layer_norm_fn, nn.LayerNorm: layer_norm_module, F.softmax: softmax,
-                  torch.softmax: softmax, "softmax": softmax, "reshape": reshape, "view": reshape,
+                  nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
+                  "reshape": reshape, "view": reshape,
                   torch.reshape: reshape, "flatten": reshape, torch.flatten: reshape, "unflatten": reshape,
                   "permute": permute, torch.permute: permute, "transpose": transpose,
                   torch.transpose: transpose, "swapaxes": transpose, "unbind": unbind, torch.unbind: unbind,

@@ -185,6 +185,21 @@ def test_p3b_runs_on_class_attention_blocks_with_their_own_probes(tmp_path: Path
     assert (tmp_path / "run" / "block_benefit.png").is_file()
 
 
+def test_p3b_runs_on_swin_spatial_streams(tmp_path: Path) -> None:
+    """Swin's blocks read (batch, h, w, dim) streams, and patch merging halves the grid between
+    stages: each block gets a patch probe over its own grid (no class token), every block has a
+    benefit, and the run ends like any other (budget met, slim equal to hard-masked)."""
+    swin = {"img_size": 56, "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2]}
+    cfg = tiny_config(tmp_path / "run", model="swin_tiny_patch4_window7_224", model_kwargs=swin,
+                      probe="patch_conv", prune_ratio=0.3, finetune_epochs=1)  # fmt: skip
+    report = train.run(cfg)
+    assert report["budget_met"] and report["slim_max_abs_diff"] <= train.SLIM_TOLERANCE
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    update = next(e for e in events if e["event"] == "update")
+    assert len(update["benefit_patch"]) == 8 and all(b is not None for b in update["benefit_patch"])
+    assert update["benefit_cls"] is None
+
+
 def test_a_stream_p3b_cannot_read_is_refused_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -444,6 +459,40 @@ def test_torch_pruning_on_an_architecture_it_cannot_follow_fails_before_training
     with pytest.raises(ConfigError, match=message):
         train.run(cfg)
     assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
+
+
+def test_torch_pruning_is_dry_run_at_the_runs_own_sparsity(tmp_path: Path) -> None:
+    """Swin's graph breaks in Torch-Pruning only above a channel ratio of 0.3 (a LayerNorm pruned
+    apart from the channels it normalises): the dry run at the prune ratio refuses it before
+    training, where one small step passed and the run crashed mid-training with a RuntimeError."""
+    swin = {"img_size": 56, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}
+    cfg = tiny_config(tmp_path / "run", model="swin_tiny_patch4_window7_224", model_kwargs=swin,
+                      method="global-magnitude", prune_ratio=0.5)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"Torch-Pruning cannot prune swin_tiny_patch4_window7_224"):
+        train.run(cfg)
+    assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
+
+
+def test_a_torch_pruning_step_that_breaks_the_model_stops_the_run_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the dry run, a global step that leaves the model unable to run is a TrainingError that
+    names the step and the way out, not a RuntimeError from the next forward pass."""
+    from p3b_fx import baselines  # noqa: PLC0415
+
+    real = baselines.prune_to
+
+    def breaking(model: torch.nn.Module, example: torch.Tensor, method: str, ratio: float) -> torch.nn.Module:
+        real(model, example, method, ratio)
+        model.head = torch.nn.Linear(3, 7)  # a width the features do not have
+        return model
+
+    monkeypatch.setattr(baselines, "check_prunable", lambda *_args: None)
+    monkeypatch.setattr(baselines, "prune_to", breaking)
+    cfg = tiny_config(tmp_path / "run", method="global-magnitude", prune_ratio=0.3)
+    message = r"global step at step \d+ left vit_tiny_patch16_224 unable to run"
+    with pytest.raises(TrainingError, match=message):
+        train.run(cfg)
 
 
 @pytest.mark.parametrize("method", ["p3b", "uniform"])

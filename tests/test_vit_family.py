@@ -290,3 +290,38 @@ def test_parallel_lanes_joined_by_add_or_an_unknown_op() -> None:
                 slim_out = p3b_fx.slim(gm, plan, groups)(x)
                 masked_out = p3b_fx.apply_masks(gm, plan, groups)(x)
             torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)
+
+
+def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
+    """Swin's window attention takes its softmax as an ``nn.Softmax`` module, adds a per-head bias
+    gathered from a table and (in shifted blocks) a window mask: the heads and head dims are free,
+    and a slim Swin equals the hard-masked one. Random weights, so a wrong slice would show."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
+                              depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    for block in ("layers.0.blocks.0.attn", "layers.0.blocks.1.attn", "layers.1.blocks.1.attn"):
+        for role in ("heads", "head_dim"):
+            assert groups.group(f"{block}:{role}").prunable, groups.group(f"{block}:{role}").reason
+    table = "layers.0.blocks.1.attn.relative_position_bias_table"
+    assert (table, 1) in {(m.param, m.dim) for m in groups.group("layers.0.blocks.1.attn:heads").members}
+    x = torch.randn(2, 3, 56, 56)
+    plan = KeepPlan.from_mapping(
+        groups, {"layers.0.blocks.1.attn:heads": [1], "layers.1.blocks.0.attn:heads": [0, 3]}
+    )
+    slim = p3b_fx.slim(gm, plan, groups)
+    assert slim.get_submodule("layers.0.blocks.1.attn.qkv").out_features == 3 * 16
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+        assert (out - dense).abs().max() > 1e-2
+        for seed in range(2):
+            rand = KeepPlan.random(groups, 0.5, seed=seed)
+            slim_out, masked_out = p3b_fx.slim(gm, rand, groups)(x), p3b_fx.apply_masks(gm, rand, groups)(x)
+            torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)
+    report = export_onnx(slim, x, tmp_path / "swin.onnx", jetpack=jetpack("6.1"))
+    assert report.parity_max_abs_diff <= 1e-4

@@ -50,8 +50,11 @@ MODELS: dict[str, list[str]] = {
     "xcit_nano_12_p16_224": ["--img-size", "64"],
     "pit_ti_224": ["--img-size", "64"],
     "levit_128s": ["--img-size", "64"],
-}
-"""timm name → the flags that make it small (models without a depth argument run at 64 px)."""
+    "swin_tiny_patch4_window7_224": [
+        "--model-kwargs", '{"img_size": 56, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}'],
+}  # fmt: skip
+"""timm name → the flags that make it small (models without a depth argument run at 64 px; Swin
+with two small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids)."""
 
 METHODS = {"p3b-deploy": ["--method", "p3b", "--granularity", "deploy"]}
 """Sweep columns that are not a ``--method`` of their own: P3B at the deploy granularity (whole heads
