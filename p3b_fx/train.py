@@ -491,6 +491,15 @@ def progress(items: Iterator[Batch], total: int, desc: str) -> Any:
     return tqdm(items, total=total, desc=desc, disable=None if distributed.is_main_process() else True)
 
 
+def _run_hook(hook: Callable[[int], None], loss: torch.Tensor, step: int, desc: str) -> None:
+    """``hook(step)`` after a finite loss only: the global baselines rank channels by this step's
+    gradients, so a NaN step stops the run before it prunes (one more host sync, on a path that
+    syncs anyway: the hook counts parameters)."""
+    if not math.isfinite(loss.item()):
+        check_loss(loss, step, desc)
+    hook(step)
+
+
 def train_plain(
     model: nn.Module, loaders: Loaders, cfg: PruneConfig, device: torch.device, epochs: int, *,
     hook: Callable[[int], None] | None = None, desc: str = "fine-tune", first_epoch: int = 0,
@@ -539,7 +548,7 @@ def train_plain(
             with compile_errors(f"the model's backward ({desc})", whole=False):
                 scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             if hook is not None:
-                hook(step)
+                _run_hook(hook, loss, step, desc)
                 opt = _refresh_optimizer(opt, model, cfg)
             if step >= decay_start:
                 for group in opt.param_groups:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import p3b_fx
 from p3b_fx import benefit, train
@@ -493,6 +494,33 @@ def test_a_torch_pruning_step_that_breaks_the_model_stops_the_run_clearly(
     message = r"global step at step \d+ left vit_tiny_patch16_224 unable to run"
     with pytest.raises(TrainingError, match=message):
         train.run(cfg)
+
+
+def test_a_nan_loss_stops_a_global_baseline_before_it_prunes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loss that turns NaN on a pruning step stops the run before Torch-Pruning ranks channels by
+    NaN gradients (it used to prune first and report the NaN after)."""
+    from p3b_fx import baselines  # noqa: PLC0415
+
+    cfg = tiny_config(tmp_path / "run", method="global-taylor", prune_ratio=0.3)
+    first = min(baselines.prune_targets(cfg, 1000, int(cfg.max_steps_per_epoch or 0)))
+    pruned: list[float] = []
+    monkeypatch.setattr(baselines, "prune_to", lambda *a: pruned.append(a[3]) or a[0])
+    real, steps = F.cross_entropy, [0]
+
+    def nan_from_first_target(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = real(*args, **kwargs)
+        if loss.requires_grad:
+            steps[0] += 1
+            if steps[0] > first:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", nan_from_first_target)
+    with pytest.raises(TrainingError, match=rf"loss became nan at step {first}"):
+        train.run(cfg)
+    assert pruned == [0.1, 0.3]  # the dry run's two copies only
 
 
 @pytest.mark.parametrize("method", ["p3b", "uniform"])

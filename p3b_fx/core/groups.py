@@ -212,6 +212,7 @@ class GroupSet:
             for gname in b.groups:
                 g = self.group(gname)
                 state = "prunable" if g.prunable else f"fixed: {g.reason}"
-                lines.append(f"    {g.role:<8} size {g.size:<6} {state}")
+                lane = "'" * (len(gname) - len(gname.rstrip("'")))  # a parallel lane's group: heads'
+                lines.append(f"    {str(g.role) + lane:<8} size {g.size:<6} {state}")
         lines.extend(f"  unsupported: {u}" for u in self.unsupported)
         return "\n".join(lines)
