@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import sys
 from pathlib import Path
 
@@ -208,3 +209,35 @@ def test_simplified_model_is_checked_again(version: str, tmp_path: Path) -> None
     assert report.simplified and report.opset == jp.opset
     assert report.parity_max_abs_diff <= 1e-4
     assert "Shape" not in report.ops  # static shapes fold away
+
+
+class WindowPad(nn.Module):
+    """Swin's window padding: ``(ws - H % ws) % ws`` rows and columns, computed from the input's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        pad_h, pad_w = (7 - h % 7) % 7, (7 - w % 7) % 7
+        y = F.pad(x, (0, pad_w, 0, pad_h)) * self.scale
+        return y.reshape(x.shape[0], -1, 7 * 7).mean(-1)
+
+
+def test_static_shape_arithmetic_is_folded_so_tensorrt_8_parses_it(tmp_path: Path) -> None:
+    """With a static input, ``H % 7`` is a literal: no ``Mod`` for TensorRT 8.0 (JetPack 4.6) to
+    refuse. With a dynamic batch the arithmetic stays, and is still exact on another batch size."""
+    from p3b_fx.tracing import copy_graph_module  # noqa: PLC0415
+    from passes.fold_static_shapes import FoldStaticShapesPass  # noqa: PLC0415
+
+    gm = p3b_fx.trace(WindowPad(), input_shape=(2, 3, 10, 12))
+    x = torch.randn(2, 3, 10, 12)
+    folded = FoldStaticShapesPass((2, 3, 10, 12))(copy_graph_module(gm)).graph_module
+    assert not any(n.target is operator.mod for n in folded.graph.nodes)
+    assert any(n.target is operator.mod for n in gm.graph.nodes)
+    torch.testing.assert_close(folded(x), gm(x), atol=0, rtol=0)
+    report = export_onnx(gm, x, tmp_path / "pad46.onnx", jetpack=jetpack("4.6"))
+    assert "Mod" not in report.ops and report.parity_max_abs_diff <= 1e-6
+    dynamic = export_onnx(gm, x, tmp_path / "pad.onnx", jetpack=jetpack("6.1"), dynamic_batch=True)
+    assert dynamic.parity_max_abs_diff <= 1e-6

@@ -323,5 +323,6 @@ def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
             rand = KeepPlan.random(groups, 0.5, seed=seed)
             slim_out, masked_out = p3b_fx.slim(gm, rand, groups)(x), p3b_fx.apply_masks(gm, rand, groups)(x)
             torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)
-    report = export_onnx(slim, x, tmp_path / "swin.onnx", jetpack=jetpack("6.1"))
-    assert report.parity_max_abs_diff <= 1e-4
+    for version in ("6.1", "4.6"):  # 4.6: the window padding's H % 7 folded, TensorRT 8.0 has no Mod
+        report = export_onnx(slim, x, tmp_path / f"swin{version}.onnx", jetpack=jetpack(version))
+        assert report.parity_max_abs_diff <= 1e-4

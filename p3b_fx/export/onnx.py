@@ -41,6 +41,7 @@ from p3b_fx.export.jetpack import JetPack, tensorrt_onnx_ops
 from p3b_fx.tracing import copy_graph_module, trace
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.decompose_sdpa import DecomposeSdpaPass
+from passes.fold_static_shapes import FoldStaticShapesPass
 from passes.lower_index_add import LowerIndexAddPass, is_index_add
 from passes.transpose_gathers import TransposeGathersPass
 
@@ -82,7 +83,7 @@ def export_onnx(
     repeats every check on its output. No file is left at ``path`` unless every check passed.
     """
     target = _writable_target(Path(path))
-    gm = _prepare_graph(model, example, jetpack)
+    gm = _prepare_graph(model, example, jetpack, dynamic_batch)
     examples = _parity_inputs(example, dynamic_batch)
     references = [_run_torch(model, x) for x in examples]
     output_names = _output_names(len(references[0]))
@@ -138,8 +139,11 @@ def _temporary_file(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _prepare_graph(model: nn.Module, example: torch.Tensor, jp: JetPack) -> fx.GraphModule:
-    """A traced copy in eval mode, rewritten into ops the exporter and TensorRT both take."""
+def _prepare_graph(
+    model: nn.Module, example: torch.Tensor, jp: JetPack, dynamic_batch: bool
+) -> fx.GraphModule:
+    """A traced copy in eval mode, rewritten into ops the exporter and TensorRT both take (with a
+    static input, its shape arithmetic folded into literals)."""
     try:
         gm = (
             copy_graph_module(model)
@@ -155,6 +159,8 @@ def _prepare_graph(model: nn.Module, example: torch.Tensor, jp: JetPack) -> fx.G
                        TransposeGathersPass()]  # fmt: skip
         if not jp.sdpa_export:
             passes.append(DecomposeSdpaPass())
+        if not dynamic_batch:  # last: the passes above may probe other batch sizes
+            passes.append(FoldStaticShapesPass(tuple(example.shape)))
         return PassManager(passes).run(gm).graph_module
     except P3BError as exc:
         raise ExportError(
