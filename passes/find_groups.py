@@ -95,7 +95,7 @@ def _analyse(
         inner += lane_groups
         leaf_group.update(lane_leaves)
         reads.append(_read_group(gm, br, read, k))
-    write_g = _write_group(gm, br, [w for _, w in lanes], names[br.branch_input])
+    write_g, reshapes = _write_group(gm, br, [w for _, w in lanes], names[br.branch_input])
     groups = sorted([*reads, *inner, write_g], key=lambda g: _ROLE_ORDER[g.role])
     dims = _param_dims(trackers, leaf_group, [*reads, write_g])
     params = _param_specs(gm, nodes, dims)
@@ -106,6 +106,9 @@ def _analyse(
         for n, s in t.states.items()
         if _is_state(s)
     }
+    for node in reshapes if write_g.prunable else ():  # their channel size follows the write group
+        rank = len(node.meta[meta.SHAPE])
+        infos[node.name] = NodeInfo(axes=((),) * (rank - 1) + ((write_g.name,),))
     (read, write), *more = lanes
     block = Block(br.name, br.kind, tuple(g.name for g in groups), params, flops, br.input_node, br.add_node,
                   read.name, write.name, br.branch_input,
@@ -221,33 +224,39 @@ def _read_group(gm: fx.GraphModule, br: Branch, read: fx.Node, lane: int) -> Gro
     return Group(lane_name(f"{br.name}:read", lane), br.name, Role.READ, size, members, True)
 
 
-def _write_group(gm: fx.GraphModule, br: Branch, writes: list[fx.Node], out: fx.Node) -> Group:
+def _write_group(
+    gm: fx.GraphModule, br: Branch, writes: list[fx.Node], out: fx.Node
+) -> tuple[Group, list[fx.Node]]:
     """Output rows of each lane's last linear and the per-channel parameters after it, up to the
     residual add. Several lanes must meet in one ``stack(...).sum(0)`` (or one ``a + b``) first."""
     size = int(writes[0].meta[meta.SHAPE][-1])
     members: list[Member] = []
+    reshapes: list[fx.Node] = []
     ends: list[fx.Node] = []
     reason = ""
     for write in writes:
         members.append(Member(f"{write.target}.weight", 0, (size,), 0))
         if getattr(gm.get_submodule(str(write.target)), "bias", None) is not None:
             members.append(Member(f"{write.target}.bias", 0, (size,), 0))
-        end, why = _channel_path(gm, write, out if len(writes) == 1 else None, size, members)
+        end, why = _channel_path(gm, write, out if len(writes) == 1 else None, size, members, reshapes)
         reason = reason or why
         ends.append(end)
     if len(writes) > 1 and not reason:
         join, reason = _join(ends, size)
         if join is not None:
-            _, reason = _channel_path(gm, join, out, size, members)
-    return Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(members), not reason, reason)
+            _, reason = _channel_path(gm, join, out, size, members, reshapes)
+    group = Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(members), not reason, reason)
+    return group, reshapes
 
 
-def _channel_path(
-    gm: fx.GraphModule, node: fx.Node, out: fx.Node | None, size: int, members: list[Member]
-) -> tuple[fx.Node, str]:
+def _channel_path(  # noqa: PLR0917 - private helper
+    gm: fx.GraphModule, node: fx.Node, out: fx.Node | None, size: int, members: list[Member],
+    reshapes: list[fx.Node],
+) -> tuple[fx.Node, str]:  # fmt: skip
     """Follow ``node``'s single users through per-channel ops (their parameters into ``members``)
-    to ``out``, or (``out`` None) to the first op joining lanes. Returns (the last node reached,
-    why the channels cannot be pruned: empty when they can)."""
+    and layout ops (the reshapes among them into ``reshapes``, whose channel size the slim rewrite
+    resizes) to ``out``, or (``out`` None) to the first op joining lanes. Returns (the last node
+    reached, why the channels cannot be pruned: empty when they can)."""
     while node is not out:
         users = list(node.users)
         if len(users) != 1:
@@ -255,6 +264,11 @@ def _channel_path(
         user = users[0]
         if out is None and _joins(user):
             return node, ""
+        if _layout_op(user, node, size):
+            if _is_reshape(user):
+                reshapes.append(user)
+            node = user
+            continue
         found = _channel_param(gm, user, node, size)
         if found is None:
             why = f"no channel rule for '{user.name}' ({describe(gm, user)}) after the block's last linear"
@@ -263,6 +277,44 @@ def _channel_path(
             members.append(Member(found[0], found[1], (size,), 0))
         node = user
     return node, ""
+
+
+_WINDOW_FUNCTIONS = {("timm.models.swin_transformer", "window_reverse"),
+                     ("timm.models.swin_transformer_v2", "window_reverse")}  # fmt: skip
+"""Layout functions that move positions only and read the channel count off their input."""
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("view", "reshape")) or node.target is torch.reshape
+
+
+def _layout_op(node: fx.Node, src: fx.Node, size: int) -> bool:
+    """Whether ``node`` moves, crops or regroups positions of ``src`` and keeps its ``size``
+    channels whole on the last axis: a reshape with that last axis on both sides (row-major, so
+    channel c stays channel c), ``contiguous``, ``roll`` over other axes, an index that leaves the
+    last axis alone, Swin's window reverse. Zeros stay zeros and a narrower last axis passes."""
+    shape_in, shape_out = src.meta.get(meta.SHAPE), node.meta.get(meta.SHAPE)
+    if not shape_in or not shape_out or shape_in[-1] != size or shape_out[-1] != size:
+        return False
+    if not node.args or node.args[0] is not src:
+        return False
+    if _is_reshape(node) or (node.op == "call_method" and node.target == "contiguous"):
+        return True
+    if node.target is torch.roll:
+        dims = node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
+        dims = (dims,) if isinstance(dims, int) else dims
+        rank = len(shape_in)
+        return isinstance(dims, (tuple, list)) and all(
+            isinstance(d, int) and d % rank != rank - 1 for d in dims
+        )
+    if node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        picks = [i for i in index if i is not None]
+        if not all(isinstance(i, (int, slice)) for i in picks) or len(picks) > len(shape_in):
+            return False
+        return len(picks) < len(shape_in) or picks[-1] == slice(None)
+    key = (getattr(node.target, "__module__", ""), getattr(node.target, "__name__", ""))
+    return node.op == "call_function" and key in _WINDOW_FUNCTIONS
 
 
 def _joins(node: fx.Node) -> bool:

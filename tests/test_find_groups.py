@@ -281,3 +281,44 @@ def test_a_contraction_needs_zeros_on_one_side_only() -> None:
         with torch.no_grad():
             slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
         torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
+
+
+class _LayoutAfterMlp(nn.Module):
+    """An MLP whose output is rearranged before the residual add."""
+
+    def __init__(self, d: int, after: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.after = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(torch.relu(self.fc1(x)))  # (B, 17, d)
+        b, n, d = x.shape
+        if self.after == "grid":  # move positions only: the written channels stay free
+            flat = torch.roll(y.reshape(b * n, d), shifts=3, dims=0).contiguous()
+            return flat.view(b, n, d)[:, ::1]
+        if self.after == "roll-channels":
+            return torch.roll(y, shifts=1, dims=-1)
+        if self.after == "crop-channels":
+            return torch.nn.functional.pad(y[..., 1:], (0, 1))
+        return y.reshape(b, n * 2, d // 2).reshape(b, n, d)  # splits the channel axis
+
+
+@pytest.mark.parametrize("after", ["grid", "roll-channels", "crop-channels", "split"])
+def test_layout_ops_after_the_last_linear_keep_the_written_channels_only_if_they_keep_the_channel_axis(
+    after: str,
+) -> None:
+    """Reshapes that keep the channel axis last and whole, rolls over other axes and crops of other
+    axes pass the written channels through; a roll, crop or reshape of the channel axis fixes them."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _LayoutAfterMlp(48, after)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    write = groups.group("blocks.0.mlp:write")
+    assert write.prunable == (after == "grid"), write.reason
+    x = torch.randn(2, 3, 32, 32)
+    for seed in range(2):
+        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            slim_out = p3b_fx.slim(gm, plan, groups)(x)
+            masked_out = p3b_fx.apply_masks(gm, plan, groups)(x)
+        torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)

@@ -294,8 +294,10 @@ def test_parallel_lanes_joined_by_add_or_an_unknown_op() -> None:
 
 def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
     """Swin's window attention takes its softmax as an ``nn.Softmax`` module, adds a per-head bias
-    gathered from a table and (in shifted blocks) a window mask: the heads and head dims are free,
-    and a slim Swin equals the hard-masked one. Random weights, so a wrong slice would show."""
+    gathered from a table and (in shifted blocks) a window mask: the heads and head dims are free.
+    Its output goes back through a view, the window reverse, a crop and a roll: the written channels
+    are free too (the view's channel size is resized). A slim Swin equals the hard-masked one.
+    Random weights, so a wrong slice would show."""
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
                               depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()  # fmt: skip
     gen = torch.Generator().manual_seed(0)
@@ -310,11 +312,13 @@ def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
     table = "layers.0.blocks.1.attn.relative_position_bias_table"
     assert (table, 1) in {(m.param, m.dim) for m in groups.group("layers.0.blocks.1.attn:heads").members}
     x = torch.randn(2, 3, 56, 56)
-    plan = KeepPlan.from_mapping(
-        groups, {"layers.0.blocks.1.attn:heads": [1], "layers.1.blocks.0.attn:heads": [0, 3]}
-    )
+    plan = KeepPlan.from_mapping(groups, {
+        "layers.0.blocks.1.attn:heads": [1], "layers.1.blocks.0.attn:heads": [0, 3],
+        "layers.0.blocks.1.attn:write": list(range(0, 32, 3)), "layers.1.blocks.1.attn:write": [5, 9],
+    })  # fmt: skip
     slim = p3b_fx.slim(gm, plan, groups)
     assert slim.get_submodule("layers.0.blocks.1.attn.qkv").out_features == 3 * 16
+    assert slim.get_submodule("layers.0.blocks.1.attn.proj").out_features == 11
     with torch.no_grad():
         out, dense = slim(x), gm(x)
         torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
