@@ -422,6 +422,14 @@ def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None
 
 
 _SAME_AXES_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach"}
+_ELEMENTWISE_FUNCTIONS = {
+    *_ZERO_KEEPING_FUNCTIONS, *_OTHER_UNARY_FUNCTIONS, torch.clamp, torch.clip, torch.log, *_MUL, *_DIV,
+    *_ADD,
+} - {"mul", "div", "add", "sub"}  # fmt: skip
+_ELEMENTWISE_METHODS = {*_ZERO_KEEPING_METHODS, *_OTHER_UNARY_METHODS, "clamp", "clip", "log", "mul", "div",
+                        "add", "sub"}  # fmt: skip
+"""Elementwise ops a bias chain may pass when their other operands are numbers (SwinV2's per-head
+``clamp(logit_scale).exp()`` and ``16 * sigmoid(bias)``)."""
 Source = tuple[list[tuple[str, int]], list[tuple[fx.Node, int]]]
 """Parameters (name, dim) an operand axis is read from, and the (node, axis) chain from them to it."""
 
@@ -449,6 +457,8 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
             params += [(f"{node.target}.bias", 0)] if linear.bias is not None else []
             return params, [*path, (node, axis)]
         src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) and len(node.all_input_nodes) == 1:  # ``16 * x``: the tensor operand
+            src = node.all_input_nodes[0]
         shape = node.meta.get(meta.SHAPE)
         if not isinstance(src, fx.Node) or not isinstance(shape, tuple):
             return f"'{node.name}' reads no tensor of known shape"
@@ -485,6 +495,10 @@ def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
         _module(node), _ZERO_KEEPING_MODULES + _OTHER_UNARY_MODULES
     ):
         return axis  # an elementwise module
+    if len(node.all_input_nodes) == 1 and (
+        target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ELEMENTWISE_METHODS)
+    ):
+        return axis  # elementwise, any other operand a number: slicing commutes with it
     if target in ("view", "reshape", torch.reshape):
         return _reshaped_axis(node, src, axis)
     if target is F.pad:  # pads the last len(pad) // 2 axes

@@ -126,8 +126,10 @@ class _BiasChain(torch.nn.Module):
         rows = self.table[self.index]  # (9, 4)
         if self.variant == "literal":
             grid = rows.view(3, 3, 4)
-        elif self.variant == "scaled":
-            grid = (rows * 2.0).view(3, 3, -1)
+        elif self.variant == "scaled":  # elementwise with a number (SwinV2: 16 * sigmoid(bias))
+            grid = torch.sigmoid(rows * 2.0).view(3, 3, -1)
+        elif self.variant == "mixed":  # mixes the heads: no exact slice
+            grid = rows.cumsum(1).view(3, 3, -1)
         else:
             grid = rows.view(3, 3, -1)
         return x + grid.permute(2, 0, 1).contiguous().unsqueeze(0)
@@ -138,7 +140,8 @@ class _BiasChain(torch.nn.Module):
     [
         ("beit", ("table", 1)),
         ("literal", ("table", 1)),
-        ("scaled", "lies between it and a parameter"),
+        ("scaled", ("table", 1)),
+        ("mixed", "lies between it and a parameter"),
     ],
 )
 def test_a_bias_axis_is_followed_back_to_its_parameter(variant: str, expected: object) -> None:
@@ -156,7 +159,8 @@ def test_a_bias_axis_is_followed_back_to_its_parameter(variant: str, expected: o
         params, path = source
         assert params == [expected]
         # every node between the table and the bias carries the head axis (for the rewrite)
-        assert [n.name for n, _ in path] == ["unsqueeze", "contiguous", "permute", "view", "getitem"]
+        scaled = ["sigmoid", "mul"] if variant == "scaled" else []
+        assert [n.name for n, _ in path] == ["unsqueeze", "contiguous", "permute", "view", *scaled, "getitem"]
     else:
         assert isinstance(source, str) and str(expected) in source
     assert _param_source(bias, 0) == "'unsqueeze' creates the axis"

@@ -330,3 +330,33 @@ def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
     for version in ("6.1", "4.6"):  # 4.6: the window padding's H % 7 folded, TensorRT 8.0 has no Mod
         report = export_onnx(slim, x, tmp_path / f"swin{version}.onnx", jetpack=jetpack(version))
         assert report.parity_max_abs_diff <= 1e-4
+
+
+def test_swin_v2_heads_follow_their_logit_scale_and_position_bias_mlp() -> None:
+    """SwinV2's cosine attention scales each head by ``clamp(logit_scale).exp()`` and adds
+    ``16 * sigmoid(cpb_mlp(coords))``: elementwise ops on a parameter chain, so the heads take the
+    logit scale's rows and the bias MLP's last Linear with them. head_dim stays fixed (q and k are
+    normalised over it), and the post-norm blocks keep their written channels."""
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64, embed_dim=32,
+                              depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    heads = groups.group("layers.1.blocks.1.attn:heads")
+    assert heads.prunable, heads.reason
+    params = {(m.param, m.dim) for m in heads.members}
+    assert {
+        ("layers.1.blocks.1.attn.logit_scale", 0),
+        ("layers.1.blocks.1.attn.cpb_mlp.2.weight", 0),
+    } <= params
+    assert not groups.group("layers.1.blocks.1.attn:head_dim").prunable
+    x = torch.randn(2, 3, 64, 64)
+    for seed in range(2):
+        plan = KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            out, dense = p3b_fx.slim(gm, plan, groups)(x), gm(x)
+            torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+        assert (out - dense).abs().max() > 1e-2

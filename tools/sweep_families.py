@@ -52,9 +52,12 @@ MODELS: dict[str, list[str]] = {
     "levit_128s": ["--img-size", "64"],
     "swin_tiny_patch4_window7_224": [
         "--model-kwargs", '{"img_size": 56, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}'],
+    "swinv2_tiny_window8_256": [
+        "--model-kwargs", '{"img_size": 64, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}'],
 }  # fmt: skip
 """timm name → the flags that make it small (models without a depth argument run at 64 px; Swin
-with two small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids)."""
+with two small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids; SwinV2's 8 × 8
+windows at 64 px)."""
 
 METHODS = {"p3b-deploy": ["--method", "p3b", "--granularity", "deploy"]}
 """Sweep columns that are not a ``--method`` of their own: P3B at the deploy granularity (whole heads
