@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from p3b_fx.core import meta
@@ -30,6 +30,31 @@ def _shape_of(val: Any) -> Any:
     return None
 
 
+def _tensor_state(gm: fx.GraphModule) -> dict[tuple[str, str], Any]:
+    """Every module's buffers and plain tensor attributes, by (module path, name)."""
+    state: dict[tuple[str, str], Any] = {}
+    for path, module in gm.named_modules():
+        state.update({(path, k): v for k, v in module._buffers.items()})
+        state.update({(path, k): v for k, v in vars(module).items() if isinstance(v, torch.Tensor)})
+    return state
+
+
+def _restore(gm: fx.GraphModule, state: dict[tuple[str, str], Any]) -> None:
+    """Undo what a module's forward stored in itself while running on fake tensors (ConViT caches
+    ``self.rel_indices = self.get_rel_indices(N)``: a fake tensor there broke every later real run)."""
+    for (path, name), value in state.items():
+        module = gm.get_submodule(path)
+        if name in module._buffers:
+            if module._buffers[name] is not value:
+                module._buffers[name] = value
+        elif getattr(module, name, None) is not value:
+            setattr(module, name, value)
+    for path, module in gm.named_modules():  # fake tensors stored under new names
+        for store in (module._buffers, vars(module)):
+            for name in [k for k, v in store.items() if isinstance(v, FakeTensor) and (path, k) not in state]:
+                del store[name]
+
+
 @dataclass(frozen=True)
 class AnnotateShapesPass(GraphPass):
     input_shape: tuple[int, ...]
@@ -39,6 +64,7 @@ class AnnotateShapesPass(GraphPass):
         shape = (self.batch, *self.input_shape[1:])
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         example = mode.from_tensor(torch.empty(shape, device=module_device(gm)))  # where the model lives
+        state = _tensor_state(gm)
         try:
             with torch.no_grad():
                 FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
@@ -47,6 +73,8 @@ class AnnotateShapesPass(GraphPass):
                 f"shape propagation with an input of shape {shape} failed: {type(exc).__name__}: {exc}. "
                 "Pass the model's real input shape to p3b_fx.trace(model, input_shape=...)"
             ) from exc
+        finally:
+            _restore(gm, state)
         modified = False
         for node in gm.graph.nodes:
             new = _shape_of(node.meta.pop("val", None))

@@ -61,21 +61,64 @@ def find_groups(gm: fx.GraphModule) -> GroupSet:
     groups: list[Group] = []
     infos: dict[str, NodeInfo] = {}
     names = {n.name: n for n in gm.graph.nodes}
+    owner: dict[str, str] = {}  # parameter → the first block that uses it
+    shared: dict[str, str] = {}  # a block whose module is called again → where
+    unsupported = list(search.unsupported)
+    in_blocks: set[str] = set()
     for branch in search.branches:
         block, block_groups, block_infos = _analyse(gm, branch, names)
+        first = next((owner[spec.name] for spec in block.params if spec.name in owner), None)
+        if first is not None:  # CoaT's parallel blocks call one MLP at three scales
+            shared.setdefault(first, branch.add_node)
+            unsupported.append(
+                f"residual add '{branch.add_node}': calls the module of block '{first}' again (shared "
+                "parameters); both are kept whole"
+            )
+            continue
+        owner.update({spec.name: block.name for spec in block.params})
         blocks.append(block)
         groups.extend(block_groups)
         infos.update(block_infos)
+        in_blocks.update(branch.nodes)
+    for node, name in _params_read_outside(gm, in_blocks):  # weights tied to code outside the blocks
+        if name in owner:
+            shared.setdefault(owner[name], node)
+    groups = [_shared_fixed(g, shared) for g in groups]
     if not blocks:
         detail = "; ".join(search.unsupported[:3]) or "no residual add found"
         raise UnsupportedModelError(
             f"{gm.__class__.__name__}: no residual sub-block with a first and a last nn.Linear ({detail}). "
             "p3b-fx prunes transformer blocks (Attention / MLP); CNNs such as ResNet are not supported"
         )
-    in_blocks = {n for b in search.branches for n in b.nodes}
     params_total = sum(p.numel() for p in gm.parameters())
     return GroupSet(tuple(groups), tuple(blocks), params_total, _nonblock_flops(gm, in_blocks), infos,
-                    search.unsupported)  # fmt: skip
+                    tuple(unsupported))  # fmt: skip
+
+
+def _params_read_outside(gm: fx.GraphModule, in_blocks: set[str]) -> list[tuple[str, str]]:
+    """(node, parameter) for every parameter a node outside the blocks reads."""
+    found: list[tuple[str, str]] = []
+    for n in gm.graph.nodes:
+        if n.name in in_blocks:
+            continue
+        if n.op == "call_module":
+            found += [
+                (n.name, f"{n.target}.{k}") for k, _ in gm.get_submodule(str(n.target)).named_parameters()
+            ]
+        elif n.op == "get_attr":
+            found.append((n.name, str(n.target)))
+    return found
+
+
+def _shared_fixed(g: Group, shared: dict[str, str]) -> Group:
+    """``g``, fixed when its block's parameters are read elsewhere too (its module called again,
+    a tied weight): slicing them would change that other use, which no gather or scatter of this
+    block follows."""
+    again = shared.get(g.block)
+    if again is None or not g.prunable:
+        return g
+    reason = f"the block's parameters are also read at '{again}' (a module called again, or tied weights)"
+    return Group(g.name, g.block, g.role, g.size, g.members, False, reason)
 
 
 def _analyse(

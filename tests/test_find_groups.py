@@ -7,6 +7,7 @@ import operator
 import pytest
 import timm
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 import p3b_fx
@@ -326,3 +327,55 @@ def test_layout_ops_after_the_last_linear_keep_the_written_channels_only_if_they
             slim_out = p3b_fx.slim(gm, plan, groups)(x)
             masked_out = p3b_fx.apply_masks(gm, plan, groups)(x)
         torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)
+
+
+def test_a_module_called_by_two_blocks_is_kept_whole() -> None:
+    """CoaT's parallel blocks call one MLP at three scales. Slicing it for one residual branch
+    would change the others (the plan predicted 1.9 M parameters, the slim model kept 3.6 M): the
+    first branch's groups are fixed with the reason, the later calls are not blocks of their own."""
+    model = tiny_vit(depth=2)
+    model.blocks[1].mlp = model.blocks[0].mlp
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert [b.name for b in groups.blocks] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn"]
+    hidden = groups.group("blocks.0.mlp:hidden")
+    assert not hidden.prunable and "also read at" in hidden.reason
+    assert any("calls the module of block 'blocks.0.mlp' again" in u for u in groups.unsupported)
+    x = torch.randn(2, 3, 32, 32)
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+
+
+@register_notrace_module  # a trace leaf (as ConViT's attention): its forward runs in shape propagation
+class _CachingMlp(nn.Module):
+    """Caches a tensor in its forward, as ConViT's attention caches ``rel_indices``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.register_buffer("cache", torch.zeros(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache.shape[0] != x.shape[1]:
+            self.cache = torch.ones(x.shape[1])
+        return self.fc2(self.fc1(x)) * self.cache[None, :, None]
+
+
+def test_shape_propagation_leaves_no_fake_tensor_in_a_module() -> None:
+    """A forward that stores a tensor in its module stores a fake one under shape propagation; the
+    pass restores the module, so the model still runs on real tensors (ConViT failed with a
+    DataDependentOutputException after tracing)."""
+    from torch._subclasses.fake_tensor import FakeTensor  # noqa: PLC0415
+
+    from passes.annotate_shapes import AnnotateShapesPass  # noqa: PLC0415
+
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _CachingMlp(48)
+    gm = p3b_fx.trace(model)
+    AnnotateShapesPass(input_shape=(1, 3, 32, 32))(gm)
+    mlp = gm.get_submodule("blocks.0.mlp")
+    assert not any(isinstance(v, FakeTensor) for v in [*mlp._buffers.values(), *vars(mlp).values()])
+    with torch.no_grad():
+        gm(torch.randn(2, 3, 32, 32))
