@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import operator
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -379,3 +381,18 @@ def test_shape_propagation_leaves_no_fake_tensor_in_a_module() -> None:
     assert not any(isinstance(v, FakeTensor) for v in [*mlp._buffers.values(), *vars(mlp).values()])
     with torch.no_grad():
         gm(torch.randn(2, 3, 32, 32))
+
+
+def test_check_models_reports_ok_refused_and_bugs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tools/check_models.py: a model the core handles is ok, an unknown name is refused, and an
+    exception that is no project error is a bug (exit code 1), so a scan cannot hide one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import check_models  # noqa: PLC0415
+
+    out = tmp_path / "check.md"
+    assert check_models.main(["--models", "vit_tiny_patch16_224", "no_such_vit", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| vit_tiny_patch16_224 | 2 | 7/8 |" in text and "ok," in text
+    assert "| no_such_vit | - | - | - | refused: no timm model of this name |" in text
+    monkeypatch.setattr(check_models, "_model", lambda name: (_ for _ in ()).throw(KeyError("boom")))
+    assert check_models.main(["--models", "vit_tiny_patch16_224"]) == 1

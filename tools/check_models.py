@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Which timm models the compiler core handles: groups found, and slim == hard-masked on random plans.
+
+For each model (random weights, one block per stage where timm takes ``depth``): trace, find the
+groups, count the prunable ones per role, then slice three random plans (half of every prunable
+group) and compare the slim model with the hard-masked one. No training (``tools/sweep_families.py``
+runs the training methods on fewer models). A project error (the model is refused with a reason)
+is a clear answer; any other exception is reported as a bug.
+
+    python tools/check_models.py --out docs/check-models.md
+    python tools/check_models.py --models swin_tiny_patch4_window7_224 coat_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import timm
+import torch
+from tqdm import tqdm
+
+import p3b_fx
+from p3b_fx.core.groups import ROLE_ORDER
+from p3b_fx.core.io import atomic_write_text
+from p3b_fx.errors import P3BError
+from p3b_fx.machine import describe
+
+MODELS = (
+    # plain and near-plain ViTs
+    "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224",
+    "vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_224", "vit_base_patch16_siglip_256",
+    "vit_medium_patch16_gap_256", "vit_small_r26_s32_224", "flexivit_small", "vitamin_small_224",
+    # attention variants
+    "beit_base_patch16_224", "beitv2_base_patch16_224", "vit_relpos_small_patch16_224",
+    "eva02_tiny_patch14_224", "eva02_base_patch14_224", "vit_small_patch16_rope_224",
+    "vit_small_patch16_dinov3", "vit_pe_core_tiny_patch16_384", "vit_small_patch16_18x2_224",
+    "vit_base_patch16_xp_224", "cait_xxs24_224", "xcit_nano_12_p16_224", "convit_tiny",
+    # hierarchical and windowed
+    "pit_ti_224", "levit_128s", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256",
+    "maxvit_tiny_tf_224", "davit_tiny", "gcvit_xxtiny", "nest_tiny", "hiera_tiny_224", "twins_svt_small",
+    "crossvit_tiny_240", "coat_tiny", "coat_lite_tiny", "volo_d1_224", "tnt_s_patch16_224",
+    "mvitv2_tiny", "efficientformer_l1",
+)  # fmt: skip
+PLANS = 3
+
+
+def _model(name: str) -> torch.nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, depth=1).eval()
+    except (TypeError, ValueError):  # no depth argument (multi-stage models)
+        return timm.create_model(name, pretrained=False).eval()
+
+
+def check(name: str) -> str:
+    """One Markdown row: blocks, prunable groups per role, the worst slim-vs-masked difference."""
+    t0 = time.perf_counter()
+    if not timm.is_model(name):
+        return f"| {name} | - | - | - | refused: no timm model of this name | 0 |"
+    try:
+        gm = p3b_fx.trace(_model(name))
+        groups = p3b_fx.find_groups(gm)
+        roles = Counter(str(g.role) for g in groups.prunable)
+        total = Counter(str(g.role) for g in groups.groups)
+        per_role = ", ".join(f"{r} {roles[r]}/{total[r]}" for r in map(str, ROLE_ORDER) if total[r])
+        x = torch.randn(2, *gm.meta["p3b.input_shape"][1:])
+        worst = 0.0
+        with torch.no_grad():
+            for seed in range(PLANS):
+                plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
+                diff = p3b_fx.slim(gm, plan, groups)(x) - p3b_fx.apply_masks(gm, plan, groups)(x)
+                worst = max(worst, float(diff.abs().max()))
+        verdict = "ok" if worst <= 1e-4 else f"**slim differs by {worst:.1e}**"
+        counts = f"{len(groups.blocks)} | {len(groups.prunable)}/{len(groups.groups)}"
+        result = f"{counts} | {per_role} | {verdict}, {worst:.1e}"
+    except P3BError as exc:
+        result = f"- | - | - | refused: {str(exc).splitlines()[0][:160]}"
+    except Exception as exc:
+        result = f"- | - | - | **bug: {type(exc).__name__}: {str(exc).splitlines()[0][:140]}**"
+    return f"| {name} | {result} | {time.perf_counter() - t0:.0f} |"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="timm names (default: 40 models)")
+    p.add_argument("--out", help="also write the table as Markdown to this file")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    head = (
+        "| model | blocks | prunable groups | per role (prunable/all) | slim vs hard-masked (max abs) | s |\n"
+        "|---|---|---|---|---|---|"
+    )
+    rows = [check(name) for name in tqdm(args.models, desc="models")]
+    text = head + "\n" + "\n".join(rows)
+    print(text)
+    if args.out:
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        argv_text = " ".join(
+            ["python", "tools/check_models.py", *(argv if argv is not None else sys.argv[1:])]
+        )
+        doc = (
+            "# timm models: groups and slim exactness\n\n"
+            f"Written by `{argv_text}`, {when}; machine: {describe(gpu=False)}, "
+            f"timm {timm.__version__}. Random weights, one block per stage where the model takes `depth`, "
+            f"{PLANS} random plans keeping half of every prunable group. A row marked bug is an exception "
+            "that is not a project error.\n\n" + text + "\n"
+        )
+        atomic_write_text(Path(args.out), doc)
+    bugs = [r for r in rows if "**bug" in r or "**slim differs" in r]
+    return 1 if bugs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
