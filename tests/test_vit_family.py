@@ -38,6 +38,14 @@ FAMILY = [
 ]
 
 
+def _random_weights(model: torch.nn.Module, scale: float) -> None:
+    """Every parameter drawn at random (seed 0) times ``scale``: large enough that a wrong slice shows."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY)
 def test_slim_equals_masked_or_fails_clearly(name: str) -> None:
@@ -126,10 +134,7 @@ def test_rotary_attention_prunes_whole_heads(name: str, tmp_path: Path) -> None:
     hard-masked one, also in ONNX."""
     model = timm.create_model(name, pretrained=False, depth=1, img_size=32, patch_size=8, embed_dim=64,
                               num_heads=4).eval()  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # large weights (and layer scales), so a wrong slice would show
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    _random_weights(model, 0.5)  # large weights (and layer scales), so a wrong slice would show
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     heads, head_dim = groups.group("blocks.0.attn:heads"), groups.group("blocks.0.attn:head_dim")
@@ -170,10 +175,7 @@ def test_class_attention_and_cross_covariance_heads_prune_exactly(
     the softmax over it); CaiT's talking heads mix the heads (fixed), not the head dims (free).
     Random weights, so a wrong slice would show."""
     model = timm.create_model(name, pretrained=False, depth=1, **kwargs).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, 0.3)
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     for group in free:
@@ -198,10 +200,7 @@ def _parallel_vit(num_parallel: int = 2) -> torch.nn.Module:
         for block in model.blocks:
             block.__init__(48, 4, num_parallel=num_parallel, init_values=0.5, qkv_bias=True)  # type: ignore[misc]
         model.eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, 0.3)
     return model
 
 
@@ -300,14 +299,11 @@ def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
     Random weights, so a wrong slice would show."""
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
                               depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, 0.3)
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     for block in ("layers.0.blocks.0.attn", "layers.0.blocks.1.attn", "layers.1.blocks.1.attn"):
-        for role in ("heads", "head_dim"):
+        for role in ("heads", "head_dim", "write"):  # write: through the window reverse, crop and roll
             assert groups.group(f"{block}:{role}").prunable, groups.group(f"{block}:{role}").reason
     table = "layers.0.blocks.1.attn.relative_position_bias_table"
     assert (table, 1) in {(m.param, m.dim) for m in groups.group("layers.0.blocks.1.attn:heads").members}
@@ -339,10 +335,7 @@ def test_swin_v2_heads_follow_their_logit_scale_and_position_bias_mlp() -> None:
     normalised over it), and the post-norm blocks keep their written channels."""
     model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64, embed_dim=32,
                               depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, 0.3)
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     heads = groups.group("layers.1.blocks.1.attn:heads")
