@@ -109,8 +109,8 @@ def _make_branch(
     body.discard(a)
     nodes = sorted(body, key=order.__getitem__)
     for n in nodes:
-        escapes = [u.name for u in n.users if u not in body and u is not add]
-        if escapes:
+        escapes = [u.name for u in n.users if u not in body and u is not add and not _checks_only(u)]
+        if escapes and not _stream_shape(n, a, body):
             return f"residual add '{add.name}': '{n.name}' is also used outside the branch ({escapes[0]})"
     linears = [n for n in nodes if is_linear(gm, n)]
     if len(linears) < 2:
@@ -120,6 +120,42 @@ def _make_branch(
     return Branch(
         name, kind, a.name, add.name, b.name, tuple(n.name for n in nodes), tuple(n.name for n in linears)
     )
+
+
+def _stream_shape(n: fx.Node, stream: fx.Node, body: set[fx.Node]) -> bool:
+    """Whether ``n`` is a number computed from the shapes of the stream (or of tensors outside the
+    branch) only: ``x.shape[1] % 7``. Pruning the branch changes none of them, so they may be read
+    outside it too (MaxViT pads the stream by its own size, outside the attention branch)."""
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        return n.args[0] is stream or n.args[0] not in body
+    if n.op == "call_method" and n.target in ("size", "dim"):
+        return n.args[0] is stream or n.args[0] not in body
+    numeric = n.target is operator.getitem or n.target in _NUMBER_OPS
+    tensors = [i for i in n.all_input_nodes if i.meta.get(meta.SHAPE) is not None]
+    return (
+        n.op == "call_function" and numeric and not tensors
+        and all(i not in body or _stream_shape(i, stream, body) for i in n.all_input_nodes)
+    )  # fmt: skip
+
+
+def _checks_only(n: fx.Node) -> bool:
+    """Whether ``n`` only feeds ``torch._assert`` (MaxViT checks ``H % 7 == 0`` on the normalised
+    input, outside its attention branch): a check, not a value the model computes with."""
+    if n.op == "call_function" and n.target is torch._assert:
+        return True
+    shape_read = (n.op == "call_function" and n.target is getattr and n.args[1] == "shape") or (
+        n.op == "call_method" and n.target in ("size", "dim")
+    )
+    numeric = n.op == "call_function" and (
+        n.target in _NUMBER_OPS or n.target in _COMPARISONS or n.target is operator.getitem
+    )
+    return (shape_read or numeric) and bool(n.users) and all(_checks_only(u) for u in n.users)
+
+
+_COMPARISONS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                operator.and_, operator.or_, operator.not_)  # fmt: skip
+_NUMBER_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+               operator.neg)  # fmt: skip
 
 
 def find_blocks(gm: fx.GraphModule) -> BlockSearch:

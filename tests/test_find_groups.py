@@ -396,3 +396,36 @@ def test_check_models_reports_ok_refused_and_bugs(tmp_path: Path, monkeypatch: p
     assert "| no_such_vit | - | - | - | refused: no timm model of this name |" in text
     monkeypatch.setattr(check_models, "_model", lambda name: (_ for _ in ()).throw(KeyError("boom")))
     assert check_models.main(["--models", "vit_tiny_patch16_224"]) == 1
+
+
+class _ShapeReadingBlock(nn.Module):
+    """A block that reads its input's shape once and uses it inside the MLP branch and after the
+    residual add, and checks the normalised input's shape with an assert outside the branch."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.norm(x)
+        torch._assert(h.shape[1] % 1 == 0, "tokens")  # a check on the branch's tensor, outside it
+        y = self.fc2(torch.relu(self.fc1(h))).reshape(b, n, c)
+        return (x + y).reshape(b, n, c)
+
+
+def test_shape_reads_and_checks_outside_a_branch_keep_it_a_block() -> None:
+    """The stream's shape (``b, n, c = x.shape``) read inside a branch and used after its add, and
+    an assert on a branch tensor's shape outside it, do not make the branch escape (MaxViT's
+    attention branches were not blocks because of such a check)."""
+    model = tiny_vit(depth=1)
+    model.blocks[0] = _ShapeReadingBlock(48)  # type: ignore[assignment]
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert [b.name for b in groups.blocks] == ["blocks.0"]
+    assert groups.group("blocks.0:hidden").prunable
+    x = torch.randn(2, 3, 32, 32)
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
+                                   atol=1e-5, rtol=0)  # fmt: skip
