@@ -38,6 +38,17 @@ FAMILY = [
 ]
 
 
+def _assert_random_plans_exact(gm: torch.fx.GraphModule, groups: p3b_fx.GroupSet, x: torch.Tensor) -> None:
+    """Two random plans (half of every prunable group): slim equals hard-masked, and differs from
+    dense (so the plans cut something that matters)."""
+    for seed in range(2):
+        plan = KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            out, dense = p3b_fx.slim(gm, plan, groups)(x), gm(x)
+            torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+        assert (out - dense).abs().max() > 1e-2
+
+
 def _random_weights(model: torch.nn.Module, scale: float) -> None:
     """Every parameter drawn at random (seed 0) times ``scale``: large enough that a wrong slice shows."""
     gen = torch.Generator().manual_seed(0)
@@ -181,12 +192,7 @@ def test_class_attention_and_cross_covariance_heads_prune_exactly(
     for group in free:
         assert groups.group(group).prunable, groups.group(group).reason
     x = torch.randn(2, *gm.meta["p3b.input_shape"][1:])
-    for seed in range(2):
-        plan = KeepPlan.random(groups, 0.5, seed=seed)
-        with torch.no_grad():
-            out, dense = p3b_fx.slim(gm, plan, groups)(x), gm(x)
-            torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
-        assert (out - dense).abs().max() > 1e-2
+    _assert_random_plans_exact(gm, groups, x)
 
 
 def _parallel_vit(num_parallel: int = 2) -> torch.nn.Module:
@@ -347,9 +353,4 @@ def test_swin_v2_heads_follow_their_logit_scale_and_position_bias_mlp() -> None:
     } <= params
     assert not groups.group("layers.1.blocks.1.attn:head_dim").prunable
     x = torch.randn(2, 3, 64, 64)
-    for seed in range(2):
-        plan = KeepPlan.random(groups, 0.5, seed=seed)
-        with torch.no_grad():
-            out, dense = p3b_fx.slim(gm, plan, groups)(x), gm(x)
-            torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
-        assert (out - dense).abs().max() > 1e-2
+    _assert_random_plans_exact(gm, groups, x)
