@@ -126,11 +126,9 @@ def _stream_shape(n: fx.Node, stream: fx.Node, body: set[fx.Node]) -> bool:
     """Whether ``n`` is a number computed from the shapes of the stream (or of tensors outside the
     branch) only: ``x.shape[1] % 7``. Pruning the branch changes none of them, so they may be read
     outside it too (MaxViT pads the stream by its own size, outside the attention branch)."""
-    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+    if is_shape_read(n):
         return n.args[0] is stream or n.args[0] not in body
-    if n.op == "call_method" and n.target in ("size", "dim"):
-        return n.args[0] is stream or n.args[0] not in body
-    numeric = n.target is operator.getitem or n.target in _NUMBER_OPS
+    numeric = n.target is operator.getitem or n.target in NUMBER_OPS
     tensors = [i for i in n.all_input_nodes if i.meta.get(meta.SHAPE) is not None]
     return (
         n.op == "call_function" and numeric and not tensors
@@ -143,19 +141,24 @@ def _checks_only(n: fx.Node) -> bool:
     input, outside its attention branch): a check, not a value the model computes with."""
     if n.op == "call_function" and n.target is torch._assert:
         return True
-    shape_read = (n.op == "call_function" and n.target is getattr and n.args[1] == "shape") or (
-        n.op == "call_method" and n.target in ("size", "dim")
-    )
     numeric = n.op == "call_function" and (
-        n.target in _NUMBER_OPS or n.target in _COMPARISONS or n.target is operator.getitem
+        n.target in NUMBER_OPS or n.target in _COMPARISONS or n.target is operator.getitem
     )
-    return (shape_read or numeric) and bool(n.users) and all(_checks_only(u) for u in n.users)
+    return (is_shape_read(n) or numeric) and bool(n.users) and all(_checks_only(u) for u in n.users)
+
+
+def is_shape_read(n: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.size(i)`` or ``x.dim()``: a number (or tuple) from ``x``'s shape."""
+    if n.op == "call_function" and n.target is getattr:
+        return bool(n.args[1] == "shape")
+    return n.op == "call_method" and n.target in ("size", "dim")
 
 
 _COMPARISONS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
                 operator.and_, operator.or_, operator.not_)  # fmt: skip
-_NUMBER_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-               operator.neg)  # fmt: skip
+NUMBER_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+              operator.neg, operator.pow)  # fmt: skip
+"""Arithmetic that shape numbers go through (``(7 - H % 7) % 7``)."""
 
 
 def find_blocks(gm: fx.GraphModule) -> BlockSearch:

@@ -38,7 +38,7 @@ from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.axis_labels import Labels
 from passes.find_blocks import Branch, find_blocks, is_attention_op, is_linear
-from passes.track_axes import Tracker, describe
+from passes.track_axes import Tracker, describe, unindexed
 
 _CHANNEL_MODULES = (nn.Dropout, nn.Identity, DropPath)
 _ROLE_ORDER = {role: i for i, role in enumerate(ROLE_ORDER)}
@@ -131,7 +131,7 @@ def _analyse(
     leaf_group: dict[str, str] = {}
     reads: list[Group] = []
     for k, (read, write) in enumerate(lanes):
-        tracker = Tracker(gm, Labels(prefix=lane_name(br.name, k).replace("'", "~")))
+        tracker = Tracker(gm, Labels(prefix=br.name if k == 0 else f"{br.name}~{k}"))
         tracker.run(nodes, read, write)
         lane_groups, lane_leaves = _inner_groups(br, tracker, write, set(leaf_group.values()))
         trackers.append(tracker)
@@ -179,26 +179,19 @@ def _lanes(br: Branch, names: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node
                 stack += [i for i in n.all_input_nodes if i in body]
         upstream[lin] = seen & inside
     firsts = [lin for lin in linears if not upstream[lin]]
-    roots = list(dict.fromkeys(_unindexed(lin.args[0]) for lin in firsts))
+    roots = list(dict.fromkeys(unindexed(lin.args[0]) for lin in firsts))
     if len(roots) < 2:
         return single
     lanes: list[tuple[fx.Node, fx.Node]] = []
     claimed: set[fx.Node] = set()
     for root in roots:
-        heads = {lin for lin in firsts if _unindexed(lin.args[0]) is root}
+        heads = {lin for lin in firsts if unindexed(lin.args[0]) is root}
         mine = [lin for lin in linears if lin in heads or upstream[lin] & heads]
         if claimed & set(mine):
             return single
         claimed |= set(mine)
         lanes.append((mine[0], mine[-1]))
     return lanes if claimed == inside else single
-
-
-def _unindexed(node: Any) -> Any:
-    """``x`` for ``x[...]``, else ``node`` (the reading rule of ``Tracker.run``)."""
-    if isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return node
 
 
 def _is_state(s: Any) -> bool:
@@ -229,10 +222,6 @@ def _inner_groups(
         groups.append(Group(name, br.name, role, t.labels.sizes[leaf], (), not reason, reason))
     members = _members(t, leaf_group)
     return [_with_members(g, members.get(g.name, ())) for g in groups], leaf_group
-
-
-def _target(t: Tracker, node_name: str) -> str:
-    return str(next(n for n in t.gm.graph.nodes if n.name == node_name).target)
 
 
 def _role(labels: Labels, leaf: str, kind: BlockKind) -> Role:

@@ -19,12 +19,7 @@ import torch
 from torch import fx
 
 from p3b_fx.core.pass_infra import GraphPass, PassResult
-
-_ARITHMETIC = {
-    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-    operator.neg, operator.pow,
-}  # fmt: skip
-_SHAPE_METHODS = ("size", "dim")
+from passes.find_blocks import NUMBER_OPS, is_shape_read
 
 
 def _literal(value: Any) -> Any:
@@ -42,11 +37,9 @@ def _literal(value: Any) -> Any:
 
 def _foldable(node: fx.Node, folded: dict[fx.Node, Any]) -> bool:
     """A shape read, or a pick or integer arithmetic over ``folded`` values only."""
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+    if is_shape_read(node):
         return not any(isinstance(a, fx.Node) for a in node.args[1:])
-    if node.op == "call_function" and node.target is getattr:
-        return bool(node.args[1] == "shape")
-    if node.op == "call_function" and (node.target is operator.getitem or node.target in _ARITHMETIC):
+    if node.op == "call_function" and (node.target is operator.getitem or node.target in NUMBER_OPS):
         return all(a in folded for a in node.all_input_nodes)
     return False
 

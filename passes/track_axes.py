@@ -106,10 +106,10 @@ class Tracker:
         hard-masked model zeroes pruned elements there), so only it keeps zeros."""
         first = self.labels.new(int(read.meta[meta.SHAPE][-1]))
         params = dict(self.gm.named_parameters())
-        root = _unindexed(read.args[0])
+        root = unindexed(read.args[0])
         for node in nodes[nodes.index(read) :]:
             reads = node.args[0] if node.args else None
-            sibling = is_linear(self.gm, node) and _unindexed(reads) is root and node is not write
+            sibling = is_linear(self.gm, node) and unindexed(reads) is root and node is not write
             if node is read or (sibling and node.meta[meta.SHAPE][-1] == read.meta[meta.SHAPE][-1]):
                 self.states[node] = ((),) * (len(node.meta[meta.SHAPE]) - 1) + ((first,),)
                 self.zero[node] = node is read
@@ -165,7 +165,7 @@ class Tracker:
                     )
 
 
-def _unindexed(node: Any) -> Any:
+def unindexed(node: Any) -> Any:
     """``x`` for ``x[...]`` (tokens picked from the block input), else ``node`` itself."""
     if isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         return node.args[0]
