@@ -54,7 +54,10 @@ class PruneConfig:
     :mod:`p3b_fx.benefit`) and ``probe_every`` runs
     the probes (their training step and the ΔΨ sample) on every N-th step only, plus the last step
     of each update window; 1 is the reference. The block benefit is then averaged over fewer,
-    equally weighted samples of the same window. ``probe_dtype`` ``bfloat16`` runs the probes under
+    equally weighted samples of the same window. ``probe_fraction`` (in (0, 1]) has the probes read
+    only the first ceil(fraction · batch) samples of each mini-batch (at least 2; a random subset,
+    as the loader shuffles): they still train and sample ΔΨ on every step, on fewer images; 1 is the
+    reference. ``probe_dtype`` ``bfloat16`` runs the probes under
     autocast in bfloat16 (their cross-entropies and ΔΨ still in float32); ``float32`` is the
     reference, and the probes stay outside ``amp``'s float16 either way. ``probe_impl`` says how conv
     probes run: ``per-block`` (one small conv chain per block and map), ``grouped`` (all blocks in one
@@ -103,6 +106,7 @@ class PruneConfig:
     probe: str = "patch_conv"
     probe_hidden: int | None = None
     probe_every: int = 1
+    probe_fraction: float = 1.0
     probe_dtype: str = "float32"
     probe_impl: str = "auto"
     torch_compile: str = "off"
@@ -300,11 +304,7 @@ def _check_types(cfg: PruneConfig) -> None:
             raise ConfigError(f"{f.name} must be {want}, got {value!r}")
 
 
-def _check_numbers(cfg: PruneConfig) -> None:
-    for name in ("prune_ratio", "floor", "lr", "weight_decay", "label_smoothing", "dist_timeout"):
-        _finite(getattr(cfg, name), name)
-    if cfg.dist_timeout <= 0:
-        raise ConfigError(f"dist_timeout must be > 0 minutes, got {cfg.dist_timeout}")
+def _check_shares(cfg: PruneConfig) -> None:
     if not 0.0 < cfg.prune_ratio < 1.0:
         raise ConfigError(
             f"prune ratio {cfg.prune_ratio} must lie strictly between 0 and 1 (0.5 removes half the "
@@ -312,6 +312,20 @@ def _check_numbers(cfg: PruneConfig) -> None:
         )
     if not 0.0 <= cfg.floor < 1.0:
         raise ConfigError(f"floor {cfg.floor} must be in [0, 1)")
+    if not 0.0 < cfg.probe_fraction <= 1.0:
+        raise ConfigError(
+            f"probe_fraction {cfg.probe_fraction} must be in (0, 1]: the share of each mini-batch the "
+            "probes read (1 = all of it, the reference)"
+        )
+
+
+def _check_numbers(cfg: PruneConfig) -> None:
+    for name in ("prune_ratio", "floor", "lr", "weight_decay", "label_smoothing", "dist_timeout",
+                 "probe_fraction"):  # fmt: skip
+        _finite(getattr(cfg, name), name)
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"dist_timeout must be > 0 minutes, got {cfg.dist_timeout}")
+    _check_shares(cfg)
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "round_to": cfg.round_to,
                 "updates_per_epoch": cfg.updates_per_epoch, "world_size": cfg.world_size,
                 "probe_every": cfg.probe_every}  # fmt: skip

@@ -382,6 +382,13 @@ def probe_autocast(device: torch.device, dtype: str) -> AbstractContextManager[A
     return nullcontext()
 
 
+def probe_samples(batch: int, fraction: float) -> int:
+    """How many samples of a ``batch`` the probes read at ``probe_fraction`` = ``fraction``: the
+    first ceil(fraction · batch), at least 2 (BatchNorm in training mode needs more than one
+    sample), at most the batch."""
+    return min(batch, max(2, math.ceil(fraction * batch - 1e-9)))  # 0.1 · 30 is 3.0000000000000004
+
+
 def probe_grouped(cfg: PruneConfig, device: torch.device) -> bool:
     """Whether conv probes run as grouped convolutions (``cfg.probe_impl``; auto: on CUDA)."""
     if cfg.probe_impl == "auto":
@@ -1040,8 +1047,9 @@ class Loop:
             self.scaler.update()
         if probing:
             with record_function("p3b.probes"):
+                n = probe_samples(y.shape[0], self.cfg.probe_fraction)
                 with probe_autocast(self.device, self.cfg.probe_dtype), compile_errors("the probes"):
-                    probe_out = self.probe_net([f.detach().float() for f in self.taps.take()], y)
+                    probe_out = self.probe_net([f[:n].detach().float() for f in self.taps.take()], y[:n])
                 self.probe_opt.zero_grad(set_to_none=True)
                 with compile_errors("the probes' backward"):
                     probe_out.loss.backward()

@@ -532,8 +532,8 @@ def spec_summary(spec: BenchSpec) -> dict[str, Any]:
     """The settings shared by every run, for the doc and the JSON file."""
     base = PruneConfig.from_mapping(spec.base, where="benchmark")
     keys = ("model", "checkpoint", "model_kwargs", "data", "num_classes", "epochs", "finetune_epochs",
-            "lr_decay", "batch_size", "lr", "probe", "probe_dtype", "probe_every", "probe_hidden", "budget",
-            "max_steps_per_epoch", "augment")  # fmt: skip
+            "lr_decay", "batch_size", "lr", "probe", "probe_dtype", "probe_every", "probe_fraction",
+            "probe_hidden", "budget", "max_steps_per_epoch", "augment")  # fmt: skip
     out = {k: v for k, v in dataclasses.asdict(base).items() if k in keys}
     out["model_kwargs"] = dict(base.model_kwargs)
     out.update(methods=list(spec.methods), ratios=list(spec.ratios), seeds=list(spec.seeds), out=spec.out)

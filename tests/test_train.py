@@ -384,6 +384,37 @@ def test_bfloat16_probes_run_in_bfloat16_and_meet_the_budget(
         tiny_config(tmp_path / "x", probe_dtype="float16")
 
 
+def test_probe_samples_is_the_rounded_up_share_of_the_batch_and_at_least_two() -> None:
+    assert train.probe_samples(64, 1.0) == 64
+    assert train.probe_samples(64, 0.25) == 16
+    assert train.probe_samples(30, 0.1) == 3  # 0.1 · 30 is 3.0000000000000004 in floats
+    assert train.probe_samples(31, 0.1) == 4
+    assert train.probe_samples(10, 0.01) == 2  # BatchNorm needs two samples
+    assert train.probe_samples(1, 0.5) == 1
+
+
+def test_probes_read_the_first_share_of_each_batch_and_the_run_meets_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--probe-fraction 0.25 with a batch of 32: the probes see 8 samples (features and labels) on
+    every step, the model all 32; the run still meets the budget."""
+    seen: list[tuple[int, int]] = []
+    real = train.Pruner.__init__
+
+    def spy(self: train.Pruner, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        self.probes.register_forward_pre_hook(lambda _m, a: seen.append((a[0][0].shape[0], a[1].shape[0])))
+
+    monkeypatch.setattr(train.Pruner, "__init__", spy)
+    report = train.run(tiny_config(tmp_path / "run", probe="patch_conv", probe_hidden=8, probe_fraction=0.25))
+    assert report["budget_met"]
+    assert seen and set(seen) == {(8, 8)}
+    assert len(seen) == 2 * 5  # every step of both epochs
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="probe_fraction"):
+            tiny_config(tmp_path / "x", probe_fraction=bad)
+
+
 def test_resume_config_check_frees_how_and_fills_what_predates(tmp_path: Path) -> None:
     """A resumed run may switch the probe implementation (same function) or the device; an option
     its checkpoint predates counts as that option's default; any other change is refused."""

@@ -48,7 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,31 +64,49 @@ from p3b_fx.core.io import atomic_write_text, kept_notes
 from p3b_fx.errors import P3BError
 from p3b_fx.machine import describe
 
-VARIANTS: dict[str, tuple[str, float, int, str, str, str]] = {
-    "conv, hidden = dim": ("patch_conv", 1.0, 1, "float32", "per-block", "off"),
-    "conv, hidden dim/4 (default)": ("patch_conv", 0.25, 1, "float32", "per-block", "off"),
-    "conv, hidden dim/4, grouped": ("patch_conv", 0.25, 1, "float32", "grouped", "off"),
-    "conv, hidden dim/4, bf16 probes": ("patch_conv", 0.25, 1, "bfloat16", "per-block", "off"),
-    "conv, hidden dim/4, every 4th step": ("patch_conv", 0.25, 4, "float32", "per-block", "off"),
-    "linear": ("patch_linear", 1.0, 1, "float32", "per-block", "off"),
-    "conv, hidden dim/4, grouped, torch.compile": ("patch_conv", 0.25, 1, "float32", "grouped", "default"),
-    "conv, hidden dim/4, grouped, torch.compile + CUDA graphs": (
+
+class Variant(NamedTuple):
+    """One P3B step setting (the :class:`~p3b_fx.config.PruneConfig` fields of the same names)."""
+
+    kind: str
+    share: float
+    every: int
+    dtype: str
+    impl: str
+    mode: str
+    fraction: float = 1.0
+
+
+VARIANTS: dict[str, Variant] = {
+    "conv, hidden = dim": Variant("patch_conv", 1.0, 1, "float32", "per-block", "off"),
+    "conv, hidden dim/4 (default)": Variant("patch_conv", 0.25, 1, "float32", "per-block", "off"),
+    "conv, hidden dim/4, grouped": Variant("patch_conv", 0.25, 1, "float32", "grouped", "off"),
+    "conv, hidden dim/4, bf16 probes": Variant("patch_conv", 0.25, 1, "bfloat16", "per-block", "off"),
+    "conv, hidden dim/4, every 4th step": Variant("patch_conv", 0.25, 4, "float32", "per-block", "off"),
+    "linear": Variant("patch_linear", 1.0, 1, "float32", "per-block", "off"),
+    "conv, hidden dim/4, grouped, torch.compile": Variant(
+        "patch_conv", 0.25, 1, "float32", "grouped", "default"),
+    "conv, hidden dim/4, grouped, torch.compile + CUDA graphs": Variant(
         "patch_conv", 0.25, 1, "float32", "grouped", "reduce-overhead"),
-    "conv, hidden dim/8": ("patch_conv", 0.125, 1, "float32", "per-block", "off"),
-    "linear, torch.compile + CUDA graphs": (
+    "conv, hidden dim/8": Variant("patch_conv", 0.125, 1, "float32", "per-block", "off"),
+    "linear, torch.compile + CUDA graphs": Variant(
         "patch_linear", 1.0, 1, "float32", "per-block", "reduce-overhead"),
-    "conv, hidden dim/4, grouped, every 4th step, torch.compile + CUDA graphs": (
+    "conv, hidden dim/4, grouped, every 4th step, torch.compile + CUDA graphs": Variant(
         "patch_conv", 0.25, 4, "float32", "grouped", "reduce-overhead"),
-    "conv, hidden dim/4, torch.compile + CUDA graphs": (
+    "conv, hidden dim/4, torch.compile + CUDA graphs": Variant(
         "patch_conv", 0.25, 1, "float32", "per-block", "reduce-overhead"),
-    "conv, hidden dim/4, grouped, bf16 probes, torch.compile + CUDA graphs": (
+    "conv, hidden dim/4, grouped, bf16 probes, torch.compile + CUDA graphs": Variant(
         "patch_conv", 0.25, 1, "bfloat16", "grouped", "reduce-overhead"),
+    "conv, hidden dim/4, probes on a quarter of each batch": Variant(
+        "patch_conv", 0.25, 1, "float32", "per-block", "off", 0.25),
+    "conv, hidden dim/4, grouped, probes on a quarter of each batch, torch.compile + CUDA graphs": Variant(
+        "patch_conv", 0.25, 1, "float32", "grouped", "reduce-overhead", 0.25),
 }  # fmt: skip
 """label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype,
-probe_impl, torch_compile mode). The default's conv probes run per block on the CPU and grouped on
-CUDA (``probe_impl=auto``): the two columns are the default on each device. A compiled variant is
-compared with the plain step compiled in the same mode (timed in the same rounds); CUDA graphs
-(``reduce-overhead``) run on CUDA only."""
+probe_impl, torch_compile mode, probe_fraction). The default's conv probes run per block on the CPU
+and grouped on CUDA (``probe_impl=auto``): the two columns are the default on each device. A
+compiled variant is compared with the plain step compiled in the same mode (timed in the same
+rounds); CUDA graphs (``reduce-overhead``) run on CUDA only."""
 
 SOURCE_ARCH = {
     "img_size": 28,
@@ -111,6 +129,7 @@ def _config(args: argparse.Namespace, out: str) -> PruneConfig:
         model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits",
         num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
         device=args.device, amp=True, probe_hidden=hidden, probe_every=args.every,
+        probe_fraction=args.fraction,
         probe_dtype=args.probe_dtype, probe_impl=args.probe_impl, torch_compile=args.torch_compile,
     )  # fmt: skip
 
@@ -194,9 +213,9 @@ def _p3b_step(model: nn.Module, cfg: PruneConfig, device: torch.device, out: Pat
 
 def probe_flop_share(args: argparse.Namespace, label: str) -> float:
     """FLOPs of the probes' forward and backward on one probed step, as a share of the plain step's
-    forward and backward (torch's FLOP counter, on the CPU with a batch of 2: the share does not
-    depend on the device, the batch or the precision)."""
-    small = _with(_variant_args(args, label), batch_size=2, device="cpu", torch_compile="off")
+    forward and backward (torch's FLOP counter, on the CPU with a batch of 8: the share does not
+    depend on the device, the batch or the precision, and a probe fraction of 1/4 is exact)."""
+    small = _with(_variant_args(args, label), batch_size=8, device="cpu", torch_compile="off")
     device = torch.device("cpu")
     x, y = _batch(small, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,8 +231,9 @@ def probe_flop_share(args: argparse.Namespace, label: str) -> float:
         with torch.no_grad():
             masked(x)
         probes = train.make_probes(model, groups, 10, cfg, gm)
+        n = train.probe_samples(small.batch_size, small.fraction)
         with FlopCounterMode(display=False) as probe:
-            probes([f.detach().float() for f in taps.take()], y).loss.backward()
+            probes([f[:n].detach().float() for f in taps.take()], y[:n]).loss.backward()
     return float(probe.get_total_flops()) / max(float(plain.get_total_flops()), 1.0)
 
 
@@ -255,16 +275,17 @@ def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
 
 
 def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
-    kind, share, every, dtype, impl, mode = VARIANTS[label]
-    return _with(args, probe=kind, hidden_share=share, every=every, probe_dtype=dtype, probe_impl=impl,
-                 torch_compile=mode)  # fmt: skip
+    v = VARIANTS[label]
+    return _with(args, probe=v.kind, hidden_share=v.share, every=v.every, probe_dtype=v.dtype,
+                 probe_impl=v.impl, torch_compile=v.mode, fraction=v.fraction)  # fmt: skip
 
 
 def _variant_flags(label: str) -> list[str]:
     """The worker flags of variant ``label``."""
-    kind, share, every, dtype, impl, mode = VARIANTS[label]
-    return ["--probe", kind, "--hidden-share", str(share), "--every", str(every), "--probe-dtype", dtype,
-            "--probe-impl", impl, "--torch-compile", mode]  # fmt: skip
+    v = VARIANTS[label]
+    return ["--probe", v.kind, "--hidden-share", str(v.share), "--every", str(v.every),
+            "--probe-dtype", v.dtype, "--fraction", str(v.fraction), "--probe-impl", v.impl,
+            "--torch-compile", v.mode]  # fmt: skip
 
 
 def _selected(args: argparse.Namespace) -> list[str]:
@@ -274,12 +295,12 @@ def _selected(args: argparse.Namespace) -> list[str]:
     if args.variants:
         return [labels[i - 1] for i in args.variants]
     on_cpu = not args.device.startswith("cuda")
-    return [k for k in labels if not (on_cpu and VARIANTS[k][5] == "reduce-overhead")]
+    return [k for k in labels if not (on_cpu and VARIANTS[k].mode == "reduce-overhead")]
 
 
 def _modes(args: argparse.Namespace) -> list[str]:
     """The compile modes the plain step runs in: eager, and each selected variant's mode."""
-    return list(dict.fromkeys(["off", *(VARIANTS[k][5] for k in _selected(args))]))
+    return list(dict.fromkeys(["off", *(VARIANTS[k].mode for k in _selected(args))]))
 
 
 def _first_variant(args: argparse.Namespace) -> str:
@@ -327,7 +348,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
                 t = _steps(step, every, x, y, device)
                 if i >= args.warmup:
                     ms[label].append(1e3 * t)
-                    ratios[label].append(t / t_plain[VARIANTS[label][5]])
+                    ratios[label].append(t / t_plain[VARIANTS[label].mode])
                     eager_ratios[label].append(t / t_plain["off"])
             if i >= args.warmup:
                 for mode, t in t_plain.items():
@@ -539,11 +560,11 @@ def table(args: argparse.Namespace, timing: dict[str, Any], plain: dict[str, dic
     kinds, modes = list(t), list(tp)
 
     def own(k: str) -> dict[str, Any]:
-        return plain[VARIANTS[k][5]]
+        return plain[VARIANTS[k].mode]
 
     def step_cell(k: str) -> str:
         cell = f"{t[k]['median_ms']:.1f} ({t[k]['ratio']:.2f}x)"
-        return cell if VARIANTS[k][5] == "off" else f"{cell}; {t[k]['ratio_eager']:.2f}x eager plain"
+        return cell if VARIANTS[k].mode == "off" else f"{cell}; {t[k]['ratio_eager']:.2f}x eager plain"
 
     plain_names = ["plain fine-tuning"] + [f"plain, {MODE_LABELS.get(m, m)}" for m in modes[1:]]
     rows = [
@@ -601,6 +622,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", default="patch_conv", help=argparse.SUPPRESS)
     p.add_argument("--hidden-share", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--fraction", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--probe-dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--probe-impl", default="per-block", help=argparse.SUPPRESS)
     p.add_argument("--torch-compile", default="off", help=argparse.SUPPRESS)

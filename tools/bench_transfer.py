@@ -81,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     a("--probe", choices=PROBE_KINDS, default="patch_conv", help="P3B patch probe (default patch_conv)")
     a("--probe-dtype", choices=PROBE_DTYPES, help="P3B probes in float32 (default) or bfloat16 autocast")
     a("--probe-every", type=int, help="P3B probes on every N-th step (default 1)")
+    a("--probe-fraction", type=float, help="share of each mini-batch the P3B probes read (default 1)")
     a("--probe-hidden", type=int, help="P3B conv probe channels (default max(16, width // 4))")
     a("--max-steps-per-epoch", type=int, help="cap the steps of an epoch (smoke tests)")
     a("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -116,7 +117,8 @@ def make_spec(args: argparse.Namespace) -> transfer.BenchSpec:
         else args.finetune_epochs,
         "batch_size": args.batch_size, "lr": preset["lr"] if args.lr is None else args.lr,
         "probe": args.probe, "probe_dtype": args.probe_dtype, "probe_every": args.probe_every,
-        "probe_hidden": args.probe_hidden, "max_steps_per_epoch": args.max_steps_per_epoch,
+        "probe_fraction": args.probe_fraction, "probe_hidden": args.probe_hidden,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
         "device": args.device,
     }  # fmt: skip
     return transfer.BenchSpec(
@@ -196,6 +198,7 @@ def render(
         + (f" — {PROBE_WHY}" if s.get("probe") == "patch_conv" else "")
         + (f", under {s['probe_dtype']} autocast" if s.get("probe_dtype", "float32") != "float32" else "")
         + (f", probes once every {s['probe_every']} steps" if s.get("probe_every", 1) != 1 else "")
+        + (f", probes on {s['probe_fraction']:g} of each batch" if s.get("probe_fraction", 1) != 1 else "")
         + (f", {s['probe_hidden']} conv probe channels" if s.get("probe_hidden") else ""),
         "- MACs: counted per image on each final model with `torch.utils.flop_counter` (same counter for "
         "every method)",

@@ -82,6 +82,8 @@ def parser(*, describe: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--probe-every", type=int, help="run the probes every N-th step (default 1; always a window's last)"
     )
+    p.add_argument("--probe-fraction", type=float,
+                   help="share of each mini-batch the probes read, in (0, 1] (default 1: all)")  # fmt: skip
     p.add_argument("--probe-dtype", choices=PROBE_DTYPES,
                    help="probes in float32 (default, the reference) or under bfloat16 autocast")  # fmt: skip
     p.add_argument("--probe-impl", choices=PROBE_IMPLS,
