@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -365,8 +365,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+FUSED_ADAMW_DEVICES: Final = frozenset({"cpu", "cuda"})
+"""Devices where :func:`adamw` uses torch's fused AdamW kernel."""
+
+
+def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW over parameter ``groups``, fused where torch has the kernel for every parameter's device:
+    one pass over all parameters instead of a loop of small operators per parameter (on the CPU
+    about 4x faster for the probes' 1.3 M parameters, ``docs/bench-train-step.md``; the same update
+    up to rounding)."""
+    tensors: list[torch.Tensor] = [p for g in groups for p in g["params"]]
+    fused = bool(tensors) and all(
+        p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in tensors
+    )
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
 def make_optimizer(model: nn.Module, cfg: PruneConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.scaled_lr)
+    return adamw(param_groups(model, cfg.weight_decay), cfg.scaled_lr)
 
 
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
@@ -967,7 +983,7 @@ class Loop:
             compiled(self.pruner.probes, self.cfg, self.device, cudagraphs=False, fullgraph=True), self.device
         )
         self.opt = make_optimizer(self.masked, self.cfg)
-        self.probe_opt = torch.optim.AdamW(self.pruner.probes.parameters(), lr=self.cfg.scaled_lr)
+        self.probe_opt = adamw([{"params": list(self.pruner.probes.parameters())}], self.cfg.scaled_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.amp and self.device.type == "cuda")
 
     @property
