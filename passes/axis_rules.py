@@ -112,6 +112,43 @@ def normalize(node: fx.Node, t: Tracker) -> State:
     return state
 
 
+def channel_params(mod: nn.Module, prefix: str) -> list[str]:
+    """The per-channel tensors of a BatchNorm module ``mod`` called as ``prefix``: its affine
+    weight and bias and its running statistics, those it has."""
+    names = ("weight", "bias", "running_mean", "running_var")
+    return [f"{prefix}.{n}" for n in names if getattr(mod, n, None) is not None]
+
+
+def batch_norm_1d(node: fx.Node, t: Tracker) -> State:
+    """``nn.BatchNorm1d`` on (N, C) or (N, C, L): each channel is normalised by its own statistics
+    (batch or running) and scaled by its own weight, so slicing the channel axis (dim 1) together
+    with those four vectors computes the kept channels exactly. Zeros do not stay zeros (the bias and
+    the mean move them). LeViT's ``LinearNorm``: ``bn(linear(x).flatten(0, 1)).reshape_as(...)``."""
+    state = first_state(node, t)
+    if len(state) not in (2, 3) or any(axis for k, axis in enumerate(state) if k != 1):
+        raise Unsupported("a group axis reaches BatchNorm1d off its channel axis")
+    mod = t.gm.get_submodule(str(node.target))
+    if state[1]:
+        for name in channel_params(mod, str(node.target)):
+            t.record_param(name, 0, state[1])
+    t.zero[node] = False
+    return state
+
+
+def reshape_as(node: fx.Node, t: Tracker) -> State:
+    """``x.reshape_as(other)``: a reshape to ``other``'s shape, read at run time (so the slim value
+    is right), ``other`` read for its shape only."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src not in t.states:
+        raise Unsupported("the tracked value is not the first argument")
+    out = reshape_state(t.labels, t.states[src], src.meta[meta.SHAPE], node.meta[meta.SHAPE])
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if isinstance(other, fx.Node) and other in t.states and tuple(t.states[other]) != tuple(out):
+        raise Unsupported(f"reshaped to the shape of '{other.name}', whose group axes differ")
+    t.zero[node] = t.zero.get(src, False)
+    return out
+
+
 def unsqueeze(node: fx.Node, t: Tracker) -> State:
     state = unary(True)(node, t)
     dim = int(_dim(node, 1, "dim")) % (len(state) + 1)
@@ -594,7 +631,8 @@ def build_rules() -> dict[Any, Rule]:
         rules[key] = binary
     rules.update({F.layer_norm: layer_norm_fn, nn.LayerNorm: layer_norm_module, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
-                  "reshape": reshape, "view": reshape,
+                  "reshape": reshape, "view": reshape, "reshape_as": reshape_as, "view_as": reshape_as,
+                  nn.BatchNorm1d: batch_norm_1d,
                   torch.reshape: reshape, "flatten": reshape, torch.flatten: reshape, "unflatten": reshape,
                   "permute": permute, torch.permute: permute, "transpose": transpose,
                   torch.transpose: transpose, "swapaxes": transpose, "unbind": unbind, torch.unbind: unbind,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from p3b_fx.core.groups import (
 from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.axis_labels import Labels
+from passes.axis_rules import channel_params
 from passes.find_blocks import Branch, find_blocks, is_attention_op, is_linear
 from passes.track_axes import Tracker, describe, unindexed
 
@@ -138,10 +140,11 @@ def _analyse(
         inner += lane_groups
         leaf_group.update(lane_leaves)
         reads.append(_read_group(gm, br, read, k))
-    write_g, reshapes = _write_group(gm, br, [w for _, w in lanes], names[br.branch_input])
+    write_g, path = _write_group(gm, br, [w for _, w in lanes], names[br.branch_input])
     groups = sorted([*reads, *inner, write_g], key=lambda g: _ROLE_ORDER[g.role])
     dims = _param_dims(trackers, leaf_group, [*reads, write_g])
     params = _param_specs(gm, nodes, dims)
+    buffers = _buffer_specs(gm, dims)
     flops = _flop_terms(gm, nodes, trackers, leaf_group, dims)
     infos = {
         n.name: NodeInfo(axes=_axes(t, s, leaf_group), sdpa_scale=t.sdpa_scales.get(n.name))
@@ -149,13 +152,14 @@ def _analyse(
         for n, s in t.states.items()
         if _is_state(s)
     }
-    for node in reshapes if write_g.prunable else ():  # their channel size follows the write group
+    for node in path.reshapes if write_g.prunable else ():  # their channel size follows the write group
         rank = len(node.meta[meta.SHAPE])
         infos[node.name] = NodeInfo(axes=((),) * (rank - 1) + ((write_g.name,),))
     (read, write), *more = lanes
     block = Block(br.name, br.kind, tuple(g.name for g in groups), params, flops, br.input_node, br.add_node,
                   read.name, write.name, br.branch_input,
-                  tuple((r.name, w.name) for r, w in more))  # fmt: skip
+                  tuple((r.name, w.name) for r, w in more), buffers,
+                  path.norm.name if path.norm is not None else "")  # fmt: skip
     return block, groups, infos
 
 
@@ -256,41 +260,51 @@ def _read_group(gm: fx.GraphModule, br: Branch, read: fx.Node, lane: int) -> Gro
     return Group(lane_name(f"{br.name}:read", lane), br.name, Role.READ, size, members, True)
 
 
+@dataclass
+class _WritePath:
+    """What :func:`_channel_path` collects between a block's last linear and its residual add."""
+
+    members: list[Member] = field(default_factory=list)
+    reshapes: list[fx.Node] = field(default_factory=list)  # their channel size follows the write group
+    norm: fx.Node | None = None  # the last op on the way that does not keep zeros (a BatchNorm)
+
+
 def _write_group(
     gm: fx.GraphModule, br: Branch, writes: list[fx.Node], out: fx.Node
-) -> tuple[Group, list[fx.Node]]:
+) -> tuple[Group, _WritePath]:
     """Output rows of each lane's last linear and the per-channel parameters after it, up to the
     residual add. Several lanes must meet in one ``stack(...).sum(0)`` (or one ``a + b``) first."""
     size = int(writes[0].meta[meta.SHAPE][-1])
-    members: list[Member] = []
-    reshapes: list[fx.Node] = []
+    path = _WritePath()
     ends: list[fx.Node] = []
     reason = ""
     for write in writes:
-        members.append(Member(f"{write.target}.weight", 0, (size,), 0))
+        path.members.append(Member(f"{write.target}.weight", 0, (size,), 0))
         if getattr(gm.get_submodule(str(write.target)), "bias", None) is not None:
-            members.append(Member(f"{write.target}.bias", 0, (size,), 0))
-        end, why = _channel_path(gm, write, out if len(writes) == 1 else None, size, members, reshapes)
+            path.members.append(Member(f"{write.target}.bias", 0, (size,), 0))
+        end, why = _channel_path(gm, write, out if len(writes) == 1 else None, size, path)
         reason = reason or why
         ends.append(end)
     if len(writes) > 1 and not reason:
         join, reason = _join(ends, size)
         if join is not None:
-            _, reason = _channel_path(gm, join, out, size, members, reshapes)
-    group = Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(members), not reason, reason)
-    return group, reshapes
+            _, reason = _channel_path(gm, join, out, size, path)
+    if len(writes) > 1 and path.norm is not None and not reason:
+        reason = f"'{path.norm.name}' normalises a parallel lane's written channels"
+    group = Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(path.members), not reason, reason)
+    return group, path
 
 
-def _channel_path(  # noqa: PLR0917 - private helper
-    gm: fx.GraphModule, node: fx.Node, out: fx.Node | None, size: int, members: list[Member],
-    reshapes: list[fx.Node],
-) -> tuple[fx.Node, str]:  # fmt: skip
-    """Follow ``node``'s single users through per-channel ops (their parameters into ``members``)
-    and layout ops (the reshapes among them into ``reshapes``, whose channel size the slim rewrite
-    resizes) to ``out``, or (``out`` None) to the first op joining lanes. Returns (the last node
-    reached, why the channels cannot be pruned: empty when they can)."""
+def _channel_path(
+    gm: fx.GraphModule, node: fx.Node, out: fx.Node | None, size: int, path: _WritePath
+) -> tuple[fx.Node, str]:
+    """Follow ``node``'s single users (besides those that read only its shape) through per-channel
+    ops (their parameters and buffers into ``path.members``) and layout ops (the reshapes among them
+    into ``path.reshapes``, whose channel size the slim rewrite resizes) to ``out``, or (``out``
+    None) to the first op joining lanes. Returns (the last node reached, why the channels cannot be
+    pruned: empty when they can)."""
     while node is not out:
-        users = list(node.users)
+        users = [u for u in node.users if not _reads_shape_only(u, node)]
         if len(users) != 1:
             return node, f"'{node.name}' has {len(users)} users between the last linear and the residual add"
         user = users[0]
@@ -298,7 +312,13 @@ def _channel_path(  # noqa: PLR0917 - private helper
             return node, ""
         if _layout_op(user, node, size):
             if _is_reshape(user):
-                reshapes.append(user)
+                path.reshapes.append(user)
+            node = user
+            continue
+        norm = _channel_norm(gm, user, node, size)
+        if norm:
+            path.members += [Member(name, 0, (size,), 0) for name in norm]
+            path.norm = user
             node = user
             continue
         found = _channel_param(gm, user, node, size)
@@ -306,14 +326,40 @@ def _channel_path(  # noqa: PLR0917 - private helper
             why = f"no channel rule for '{user.name}' ({describe(gm, user)}) after the block's last linear"
             return node, why
         if found:
-            members.append(Member(found[0], found[1], (size,), 0))
+            path.members.append(Member(found[0], found[1], (size,), 0))
         node = user
     return node, ""
+
+
+def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads ``node`` for its shape alone: ``x.reshape_as(node)``, ``node.size()``,
+    ``node.shape``."""
+    if user.op == "call_method" and user.target in ("reshape_as", "view_as"):
+        return node not in user.args[:1]
+    if user.op == "call_method" and user.target == "size":
+        return True
+    return user.target is getattr and len(user.args) > 1 and bool(user.args[1] == "shape")
+
+
+def _channel_norm(gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int) -> list[str]:
+    """A BatchNorm1d over (N, ``size``) channels after the last linear: its per-channel tensors (the
+    gate goes after it, as it moves zeros); else []."""
+    if node.op != "call_module" or node.args[:1] != (src,):
+        return []
+    mod = gm.get_submodule(str(node.target))
+    shape = src.meta.get(meta.SHAPE)
+    if not isinstance(mod, nn.BatchNorm1d) or not shape or len(shape) != 2 or shape[-1] != size:
+        return []
+    return channel_params(mod, str(node.target))
 
 
 _WINDOW_FUNCTIONS = {("timm.models.swin_transformer", "window_reverse"),
                      ("timm.models.swin_transformer_v2", "window_reverse")}  # fmt: skip
 """Layout functions that move positions only and read the channel count off their input."""
+
+
+_SAME_LAST_AXIS_METHODS = {"contiguous", "flatten", "reshape_as", "view_as"}
+"""Methods that keep the last axis whole when it is as wide on both sides (row-major)."""
 
 
 def _is_reshape(node: fx.Node) -> bool:
@@ -330,7 +376,7 @@ def _layout_op(node: fx.Node, src: fx.Node, size: int) -> bool:
         return False
     if not node.args or node.args[0] is not src:
         return False
-    if _is_reshape(node) or (node.op == "call_method" and node.target == "contiguous"):
+    if _is_reshape(node) or (node.op == "call_method" and node.target in _SAME_LAST_AXIS_METHODS):
         return True
     if node.target is torch.roll:
         dims = node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
@@ -431,6 +477,21 @@ def _param_specs(
             ParamSpec(name, tuple(dims.get((name, d), ((int(s), None),)) for d, s in enumerate(shape)))
         )
     return tuple(specs)
+
+
+def _buffer_specs(
+    gm: fx.GraphModule, dims: dict[tuple[str, int], tuple[Factor, ...]]
+) -> tuple[ParamSpec, ...]:
+    """The buffers a group axis runs along (a BatchNorm's running statistics), as :class:`ParamSpec`:
+    sliced with the parameters, never counted as parameters."""
+    all_buffers = dict(gm.named_buffers())
+    names = dict.fromkeys(name for name, _ in dims if name in all_buffers)
+    return tuple(
+        ParamSpec(
+            name, tuple(dims.get((name, d), ((int(s), None),)) for d, s in enumerate(all_buffers[name].shape))
+        )
+        for name in names
+    )
 
 
 def _flop_terms(gm: fx.GraphModule, nodes: list[fx.Node], trackers: list[Tracker], leaf_group: dict[str, str],

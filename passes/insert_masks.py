@@ -4,8 +4,9 @@ Pattern: the blocks of a ``GroupSet``. Result: the same graph plus a ``MaskBank`
 per block, mask sites at (1) the input of every linear reading the residual (read gate), (2) the
 first linear's output when a prunable index is contracted there (per-head dimension: q·k must
 lose it too), (3) the last linear's input (heads, head_dim, hidden), (4) the last linear's output
-(write gate). Why: zeroing exactly there makes a hard-masked model compute what the slim model
-computes; soft gate values are P3B's soft masks. Outputs are unchanged while gates are 1.
+(write gate; after a BatchNorm that follows it, ``Block.write_site``, as that moves zeros). Why:
+zeroing exactly there makes a hard-masked model compute what the slim model computes; soft gate
+values are P3B's soft masks. Outputs are unchanged while gates are 1.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class InsertMasksPass(GraphPass):
                 assert isinstance(win, fx.Node)
                 self._before(gm, [write], win, lane_name(f"{b.name}:last_in", lane),
                              _dims(self.groups, f"{write.target}.weight", 1), sites)  # fmt: skip
-                self._after(gm, write, lane_name(write_g, lane), ((sizes.get(write_g, 1), write_g),), sites)
+                gate_at = names[b.write_site] if b.write_site else write
+                self._after(gm, gate_at, lane_name(write_g, lane), ((sizes.get(write_g, 1), write_g),), sites)
         bank.sites.update(sites)
         return PassResult(gm, True)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from p3b_fx.core.groups import ParamSpec
 from p3b_fx.core.pass_infra import PassResult
 from passes.slim_common import PlanPass, flat_index, live_blocks
 
@@ -35,7 +36,27 @@ class SliceParamsPass(PlanPass):
                 if new.shape != param.shape:
                     _replace(gm, spec.name, new, param.requires_grad)
                     modified = True
+            for spec in self.groups.block(name).buffers:
+                modified |= _slice_buffer(gm, spec, kept)
         return PassResult(gm, modified)
+
+
+def _slice_buffer(gm: fx.GraphModule, spec: ParamSpec, kept: dict[str, tuple[int, ...]]) -> bool:
+    """Slice buffer ``spec.name`` like a parameter (a BatchNorm's running mean and variance)."""
+    old = gm.get_buffer(spec.name)
+    new = old
+    for dim, factors in enumerate(spec.dims):
+        idx = flat_index(factors, kept)
+        if idx is not None and new.shape[dim] != idx.numel():
+            new = new.index_select(dim, idx.to(new.device))
+    if new.shape == old.shape:
+        return False
+    owner_name, _, attr = spec.name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    owner._buffers[attr] = new.contiguous()  # keeps the buffer's persistence
+    if isinstance(owner, nn.modules.batchnorm._NormBase):
+        owner.num_features = int(new.shape[0])
+    return True
 
 
 def _replace(gm: fx.GraphModule, name: str, value: torch.Tensor, requires_grad: bool) -> None:

@@ -429,3 +429,56 @@ def test_shape_reads_and_checks_outside_a_branch_keep_it_a_block() -> None:
     with torch.no_grad():
         torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
                                    atol=1e-5, rtol=0)  # fmt: skip
+
+
+def _levit_mlp_vit() -> nn.Module:
+    """A tiny ViT whose MLPs are LeViT's: Linear → BatchNorm1d (over batch · tokens) on both
+    linears, the second BatchNorm between the last linear and the residual add. Weights and
+    BatchNorm statistics random (LeViT zero-inits that last BatchNorm's weight)."""
+    from timm.models.levit import LevitMlp  # noqa: PLC0415
+
+    model = tiny_vit(depth=2)
+    gen = torch.Generator().manual_seed(0)
+    for block in model.blocks:
+        block.mlp = LevitMlp(48, 96, 48)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm1d):
+                for t in (mod.weight, mod.bias, mod.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=gen))
+                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batchnorm_linears_slice_their_statistics_and_the_write_gate_follows_the_norm(training: bool) -> None:
+    """LeViT's ``LinearNorm``: a BatchNorm1d normalises each channel on its own, so the hidden
+    neurons and the written channels stay prunable, its weight, bias and running statistics are
+    sliced with them (the statistics are buffers: sliced, never counted as parameters), and the
+    write gate sits after the BatchNorm, whose bias would otherwise move a pruned channel off 0.
+    Slim equals hard-masked in eval mode and in training mode (batch statistics)."""
+    model = _levit_mlp_vit().train(training)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    block = groups.block("blocks.0.mlp")
+    assert groups.group("blocks.0.mlp:hidden").prunable and groups.group("blocks.0.mlp:write").prunable
+    assert {b.name for b in block.buffers} == {
+        f"blocks.0.mlp.ln{i}.bn.running_{s}" for i in (1, 2) for s in ("mean", "var")
+    }
+    assert block.write_site == "blocks_0_mlp_ln2_bn"
+    masked, _ = p3b_fx.insert_masks(gm, groups)
+    site = next(n for n in masked.graph.nodes if n.meta.get("p3b.mask_site") == "blocks.0.mlp:write")
+    assert site.args[0].name == "blocks_0_mlp_ln2_bn"
+    x = torch.randn(4, 3, 32, 32)
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=1)
+    slim = p3b_fx.slim(gm, plan, groups)
+    kept = plan.effective(groups)
+    bn = slim.get_submodule("blocks.0.mlp.ln1.bn")
+    assert bn.running_mean.shape == (len(kept["blocks.0.mlp:hidden"]),) == (bn.num_features,)
+    assert sum(p.numel() for p in slim.parameters()) == groups.params_nonblock + sum(
+        groups.block_params(b, {g: len(k) for g, k in kept.items()}) for b in groups.blocks
+    )
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert (out - dense).abs().max() > 1e-2

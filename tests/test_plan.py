@@ -76,12 +76,13 @@ def test_random_plan_rejects_bad_ratio(groups: p3b_fx.GroupSet, ratio: float) ->
 
 
 def test_a_plan_may_not_empty_a_block_whose_removal_is_not_exact() -> None:
-    """LeViT's blocks have no prunable write gate (BatchNorm linears): emptying their read group
-    is refused."""
+    """The blocks of timm's parallel-scaling ViT have no prunable write gate (one fused input
+    projection split into unequal parts): emptying their read group is refused."""
     import timm  # noqa: PLC0415
 
-    model = timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=5).eval()
-    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, img_size=16, patch_size=4,
+                              embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()  # fmt: skip
+    gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     assert not any(groups.block_removable(b) for b in groups.blocks)
     read = f"{groups.blocks[0].name}:read"

@@ -96,6 +96,11 @@ class Block:
     # parallel lanes after the first (read_node, write_node): (first linear, last linear) of each
     # further branch whose outputs are summed into the same residual add (timm's ParallelThingsBlock)
     lanes: tuple[tuple[str, str], ...] = ()
+    # buffers sliced with the groups but not counted as parameters: a BatchNorm's running statistics
+    buffers: tuple[ParamSpec, ...] = ()
+    # the node after which the write gate sits when not the last linear: the last op between it and
+    # the residual add that does not keep zeros (LeViT's BatchNorm after its last linear)
+    write_site: str = ""
 
     def all_lanes(self) -> tuple[tuple[str, str], ...]:
         """(first linear, last linear) of every lane, the block's own first."""

@@ -114,6 +114,8 @@ class MaskBank(nn.Module):
         mask = self.site_mask(site).to(x.dtype)
         if not mask.requires_grad:
             return x * mask
-        lean = x.dtype in _LEAN_DTYPES and self._mask_nonzero(site, mask)
+        # under torch.compile the zero check would be a data-dependent branch (a graph break): keep x
+        compiling = torch.compiler.is_compiling()
+        lean = x.dtype in _LEAN_DTYPES and not compiling and self._mask_nonzero(site, mask)
         out: torch.Tensor = GateMul.apply(x, mask, lean)
         return out
