@@ -41,6 +41,12 @@ class Labels:
             return (name,)
         return tuple(leaf for k in kids for leaf in self.leaves(k))
 
+    def roots(self) -> tuple[str, ...]:
+        """Labels no split produced, in creation order: the first linear's output axis, then any axis
+        a rule started afresh (the unequal parts of a split)."""
+        kids = {k for pair in self.children.values() for k in pair}
+        return tuple(name for name in self.sizes if name not in kids)
+
     def axis_leaves(self, axis: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(leaf for label in axis for leaf in self.leaves(label))
 

@@ -251,6 +251,9 @@ def chunk(node: fx.Node, t: Tracker) -> tuple[State, ...]:
     assert isinstance(src, fx.Node)
     shape = tuple(src.meta[meta.SHAPE])
     dim = int(_dim(node, 2, "dim", 0)) % len(shape)
+    sections = _dim(node, 1, "split_size_or_sections", _dim(node, 1, "split_size"))
+    if isinstance(sections, (list, tuple)) and len(set(sections)) > 1 and sum(sections) == shape[dim]:
+        return _unequal_split(node, t, state, dim, [int(k) for k in sections])
     n = _parts(node, shape[dim])
     split = (*shape[:dim], n, shape[dim] // n, *shape[dim + 1 :])
     parted = reshape_state(t.labels, state, shape, split)
@@ -259,6 +262,22 @@ def chunk(node: fx.Node, t: Tracker) -> tuple[State, ...]:
     t.labels.mark((parted[dim],), f"indexed by chunk/split at node '{node.name}' (the parts)")
     rest = parted[:dim] + parted[dim + 1 :]
     return tuple(rest for _ in range(n))
+
+
+def _unequal_split(
+    node: fx.Node, t: Tracker, state: State, dim: int, sections: list[int]
+) -> tuple[State, ...]:
+    """``split([a, b, c], dim)`` into parts of unequal size (LeViT's per-head q, k, v): the split axis
+    keeps every element (fixed), and each part gets a fixed axis of its own size there, parts of one
+    size sharing it (q · k contracts them element by element); the other axes keep their groups."""
+    reason = f"split into sections {sections} of unequal size at node '{node.name}'"
+    t.labels.mark((state[dim],), reason)
+    fresh: dict[int, tuple[str, ...]] = {}
+    for size in sections:
+        if size not in fresh:
+            fresh[size] = (t.labels.new(size),)
+            t.labels.mark((fresh[size],), reason)
+    return tuple(tuple(fresh[size] if k == dim else ax for k, ax in enumerate(state)) for size in sections)
 
 
 def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
@@ -545,6 +564,14 @@ def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
         index_rank = len(node.args[1].meta.get(meta.SHAPE) or ())
         # a gather along dim 0: the leading axes are the index's, the rest the source's
         return f"'{node.name}' gathers along the axis" if axis < index_rank else axis - index_rank + 1
+    if target is operator.getitem and isinstance(node.args[1], tuple):
+        # ``table[:, idx]`` (LeViT's attention biases): axes before the first index tensor, each taken
+        # whole by ``:``, are the source's own
+        index = node.args[1]
+        first = next((k for k, i in enumerate(index) if isinstance(i, fx.Node)), None)
+        if first is not None and axis < first and all(i == slice(None) for i in index[:first]):
+            return axis
+        return f"'{node.name}' indexes the axis"
     return f"'{node.name}' ({getattr(target, '__name__', target)}) lies between it and a parameter"
 
 

@@ -482,3 +482,27 @@ def test_batchnorm_linears_slice_their_statistics_and_the_write_gate_follows_the
         out, dense = slim(x), gm(x)
         torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
     assert (out - dense).abs().max() > 1e-2
+
+
+def test_levit_heads_are_prunable_though_q_k_and_v_are_unequal_slices_of_each_head() -> None:
+    """LeViT splits each head's qkv output into q, k (16 each) and v (32): the per-head axis stays
+    whole (fixed), the heads are one group over the qkv rows, its BatchNorm, the attention-bias
+    table (``attention_biases[:, idx]``) and the projection's columns, and slicing them is exact."""
+    model = timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=5)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import check_models  # noqa: PLC0415
+
+    gm = p3b_fx.trace(check_models.randomise(model).eval(), input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    heads = groups.group("stages.0.blocks.0.attn:heads")
+    assert heads.prunable and heads.size == 4
+    fixed = [g for g in groups.groups if g.block == "stages.0.blocks.0.attn" and not g.prunable]
+    assert fixed and all("unequal size" in g.reason for g in fixed)
+    plan = p3b_fx.KeepPlan.from_mapping(groups, {heads.name: [0, 2]})
+    slim = p3b_fx.slim(gm, plan, groups)
+    assert slim.get_parameter("stages.0.blocks.0.attn.attention_biases").shape[0] == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = slim(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert (out - gm(x)).abs().max() > 1e-2

@@ -158,7 +158,9 @@ def test_p3b_prunes_parallel_blocks(tmp_path: Path) -> None:
 def test_a_prune_ratio_beyond_what_the_prunable_groups_can_shed_fails_before_training(tmp_path: Path) -> None:
     """The parallel-scaling ViT's blocks cannot be removed exactly (only their read gate is
     prunable), so a ratio their gates cannot reach is refused before anything is written."""
-    cfg = tiny_config(tmp_path / "run", model="vit_base_patch16_xp_224", model_kwargs=PARALLEL, prune_ratio=0.9)
+    cfg = tiny_config(
+        tmp_path / "run", model="vit_base_patch16_xp_224", model_kwargs=PARALLEL, prune_ratio=0.9
+    )
     with pytest.raises(
         ConfigError, match=r"can remove at most \d+\.\d% of its params.*--prune-ratio 0\.\d\d or less"
     ):
