@@ -74,13 +74,49 @@ class Labels:
             self.marks.setdefault(label, reason)
 
     def reason(self, leaf: str) -> str:
-        """Why ``leaf`` is unprunable ('' if it is prunable): its own mark or an ancestor's."""
+        """Why ``leaf`` is unprunable ('' if it is prunable): its own mark or an ancestor's (a merged
+        label has an ancestor on each side)."""
         if leaf in self.marks:
             return self.marks[leaf]
         for parent, kids in self.children.items():
-            if leaf in kids:
-                return self.reason(parent)
+            if leaf in kids and (why := self.reason(parent)):
+                return why
         return ""
+
+    def root(self, label: str) -> str:
+        """The root ``label`` descends from (the first, where a merge gave it two)."""
+        for parent, kids in self.children.items():
+            if label in kids:
+                return self.root(parent)
+        return label
+
+    def merge(self, keep: str, drop: str) -> None:
+        """Make ``drop`` the index space ``keep`` is: two projections whose outputs meet element by
+        element (PVT's q and its kv from a pooled copy of the input) index one set of heads. Split
+        labels merge part by part; marks, roles and contraction carry over."""
+        if keep == drop:
+            return
+        if self.sizes[keep] != self.sizes[drop]:
+            raise Unsupported(f"axes of {self.sizes[keep]} and {self.sizes[drop]} elements meet")
+        kept_kids, dropped_kids = self.children.get(keep), self.children.pop(drop, None)
+        if dropped_kids is not None and kept_kids is None:
+            self.children[keep] = dropped_kids
+        elif dropped_kids is not None and kept_kids is not None:
+            if [self.sizes[k] for k in kept_kids] != [self.sizes[k] for k in dropped_kids]:
+                raise Unsupported("two axes split two different ways meet")
+            for a, b in zip(kept_kids, dropped_kids, strict=True):
+                self.merge(a, b)
+        for parent, kids in self.children.items():
+            if drop in kids:
+                self.children[parent] = tuple(keep if k == drop else k for k in kids)
+        if drop in self.marks:
+            self.marks.setdefault(keep, self.marks.pop(drop))
+        if drop in self.roles:
+            self.roles.setdefault(keep, self.roles.pop(drop))
+        if drop in self.contracted:
+            self.contracted.discard(drop)
+            self.contracted.add(keep)
+        del self.sizes[drop]
 
 
 def reshape_state(

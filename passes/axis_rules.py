@@ -135,6 +135,28 @@ def batch_norm_1d(node: fx.Node, t: Tracker) -> State:
     return state
 
 
+def depthwise_conv(node: fx.Node, t: Tracker) -> State:
+    """``nn.Conv1d/2d/3d`` with one filter per channel (``groups == in == out channels``; PVT-v2's
+    and SegFormer's MLP ``DWConv``): channel c of the output reads channel c of the input alone, so
+    the channel axis (dim 1) keeps its group and the filters and biases are sliced with it. Any
+    other convolution mixes channels: Unsupported."""
+    state = first_state(node, t)
+    mod = t.gm.get_submodule(str(node.target))
+    assert isinstance(mod, nn.modules.conv._ConvNd)
+    if not (mod.groups == mod.in_channels == mod.out_channels):
+        raise Unsupported(f"a convolution mixing channels ({type(mod).__name__}, groups={mod.groups})")
+    if len(state) < 2 or any(axis for k, axis in enumerate(state) if k != 1):
+        raise Unsupported("a group axis reaches a convolution off its channel axis")
+    if state[1]:
+        t.record_param(f"{node.target}.weight", 0, state[1])
+        if mod.bias is not None:
+            t.record_param(f"{node.target}.bias", 0, state[1])
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    t.zero[node] = mod.bias is None and t.zero.get(src, False)
+    return state
+
+
 def reshape_as(node: fx.Node, t: Tracker) -> State:
     """``x.reshape_as(other)``: a reshape to ``other``'s shape, read at run time (so the slim value
     is right), ``other`` read for its shape only."""
@@ -659,7 +681,8 @@ def build_rules() -> dict[Any, Rule]:
     rules.update({F.layer_norm: layer_norm_fn, nn.LayerNorm: layer_norm_module, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
                   "reshape": reshape, "view": reshape, "reshape_as": reshape_as, "view_as": reshape_as,
-                  nn.BatchNorm1d: batch_norm_1d,
+                  nn.BatchNorm1d: batch_norm_1d, nn.Conv1d: depthwise_conv, nn.Conv2d: depthwise_conv,
+                  nn.Conv3d: depthwise_conv,
                   torch.reshape: reshape, "flatten": reshape, torch.flatten: reshape, "unflatten": reshape,
                   "permute": permute, torch.permute: permute, "transpose": transpose,
                   torch.transpose: transpose, "swapaxes": transpose, "unbind": unbind, torch.unbind: unbind,

@@ -209,7 +209,7 @@ def _axes(t: Tracker, state: Any, leaf_group: dict[str, str]) -> tuple[tuple[str
 def _inner_groups(
     br: Branch, t: Tracker, write: fx.Node, taken: set[str]
 ) -> tuple[list[Group], dict[str, str]]:
-    leaves = [leaf for root in t.labels.roots() for leaf in t.labels.leaves(root)]
+    leaves = list(dict.fromkeys(leaf for root in t.labels.roots() for leaf in t.labels.leaves(root)))
     reaching = set(t.labels.axis_leaves(t.params.get((f"{write.target}.weight", 1), ())))
     groups: list[Group] = []
     leaf_group: dict[str, str] = {}

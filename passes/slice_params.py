@@ -65,3 +65,5 @@ def _replace(gm: fx.GraphModule, name: str, value: torch.Tensor, requires_grad: 
     setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=requires_grad))  # a fresh tensor
     if isinstance(owner, nn.Linear):
         owner.out_features, owner.in_features = (int(s) for s in owner.weight.shape)
+    if isinstance(owner, nn.modules.conv._ConvNd) and attr == "weight":  # depthwise: one filter per channel
+        owner.out_channels = owner.in_channels = owner.groups = int(owner.weight.shape[0])

@@ -47,6 +47,8 @@ class Tracker:
     params: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
     sdpa_scales: dict[str, float] = field(default_factory=dict)
     failed: set[fx.Node] = field(default_factory=set)
+    secondary: set[str] = field(default_factory=set)  # roots started at a linear of its own (run)
+    alias: dict[str, str] = field(default_factory=dict)  # merged label -> the label it merged into
 
     def state_or_empty(self, node: fx.Node) -> State:
         if node in self.states:
@@ -60,13 +62,48 @@ class Tracker:
     def unify_axis(
         self, node: fx.Node, a: tuple[str, ...], b: tuple[str, ...], size_a: int, size_b: int
     ) -> tuple[str, ...]:
+        a, b = self.resolve(a), self.resolve(b)
         if a == b:
             return a
         if not a and size_a == 1:
             return b
         if not b and size_b == 1:
             return a
+        merged = self._merge(a, b)
+        if merged is not None:
+            return merged
         raise Unsupported("two different index spaces meet on one axis")
+
+    def _merge(self, a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...] | None:
+        """Where ``a`` and ``b`` meet element by element and one side comes from a projection of its
+        own (:meth:`run`: a linear reading the block input through other ops), they are one index
+        space: merge them label by label (same count, same sizes). Two axes of the first linear's own
+        labels never merge (they are different parts of one output). Returns the merged axis, or None."""
+        sizes = self.labels.sizes
+        if not a or not b or len(a) != len(b) or any(sizes[x] != sizes[y] for x, y in zip(a, b, strict=True)):
+            return None
+        own = [all(self.labels.root(x) in self.secondary for x in side) for side in (a, b)]
+        if not any(own):
+            return None
+        keep, drop = (a, b) if not own[0] or own[1] else (b, a)
+        for k, d in zip(keep, drop, strict=True):
+            self.labels.merge(k, d)
+            self._rename(d, k)
+        return keep
+
+    def _rename(self, old: str, new: str) -> None:
+        self.alias[old] = new
+        self.states = {n: self.resolve(st) for n, st in self.states.items()}
+        self.params = {k: self.resolve(axis) for k, axis in self.params.items()}
+
+    def resolve(self, value: Any) -> Any:
+        """``value`` (a label, an axis, a state, nested) with every merged label replaced by the one
+        it merged into; rules hold copies of states taken before a merge."""
+        if isinstance(value, tuple):
+            return tuple(self.resolve(v) for v in value)
+        while isinstance(value, str) and value in self.alias:
+            value = self.alias[value]
+        return value
 
     def unify(
         self, node: fx.Node, a: State, b: State, rank: int, sizes: tuple[Sequence[int], Sequence[int]]
@@ -75,12 +112,17 @@ class Tracker:
         aligned by broadcasting). Two different labels on one axis are Unsupported. A label against an
         axis no label runs along is exact only where that axis broadcasts (size 1); otherwise the other
         operand keeps every element of the axis, so the label is marked (fixed), not dropped."""
-        a = ((),) * (rank - len(a)) + tuple(a)
-        b = ((),) * (rank - len(b)) + tuple(b)
+        a = ((),) * (rank - len(a)) + tuple(self.resolve(a))
+        b = ((),) * (rank - len(b)) + tuple(self.resolve(b))
         size_a = (1,) * (rank - len(sizes[0])) + tuple(sizes[0])
         size_b = (1,) * (rank - len(sizes[1])) + tuple(sizes[1])
         out = []
         for x, y, sx, sy in zip(a, b, size_a, size_b, strict=True):
+            x, y = self.resolve(x), self.resolve(y)  # noqa: PLW2901 - an earlier axis may have merged
+            merged = self._merge(x, y) if x != y and x and y else None
+            if merged is not None:
+                out.append(merged)
+                continue
             if x != y and x and y:
                 raise Unsupported("two different index spaces meet on one axis")
             if (x and not y and sy != 1) or (y and not x and sx != 1):
@@ -116,10 +158,48 @@ class Tracker:
                 self.record_param(f"{node.target}.weight", 0, (first,))
                 if f"{node.target}.bias" in params:
                     self.record_param(f"{node.target}.bias", 0, (first,))
+        body = set(nodes)
         for node in nodes[nodes.index(read) + 1 :]:
             if node is not write and any(i in self.states for i in node.all_input_nodes):
                 self._step(node)
+            elif (
+                node is not write
+                and node not in self.states  # not the first linear's sibling
+                and is_linear(self.gm, node)
+                and self._reads_block_input(node, body, root)
+            ):
+                self._start(node)
         self._finish(write)
+
+    def _reads_block_input(self, node: fx.Node, body: set[fx.Node], root: Any) -> bool:
+        """Whether ``node`` reads the block input through ops of the branch that carry no group
+        (PVT's and Twins' kv projection of a pooled copy of the input)."""
+        seen: set[fx.Node] = set()
+        stack = list(node.all_input_nodes)
+        while stack:
+            n = stack.pop()
+            if n is root:
+                return True
+            if n in seen or n not in body:
+                continue
+            seen.add(n)
+            stack += n.all_input_nodes
+        return False
+
+    def _start(self, node: fx.Node) -> None:
+        """A linear of the branch that reads the block input through other ops (not the first
+        linear's sibling): its output features are a root label of their own, which merges with
+        the first linear's where the two meet (q with k)."""
+        label = self.labels.new(int(node.meta[meta.SHAPE][-1]))
+        self.secondary.add(label)
+        self.states[node] = ((),) * (len(node.meta[meta.SHAPE]) - 1) + ((label,),)
+        self.zero[node] = False
+        try:
+            self.record_param(f"{node.target}.weight", 0, (label,))
+            if f"{node.target}.bias" in dict(self.gm.named_parameters()):
+                self.record_param(f"{node.target}.bias", 0, (label,))
+        except Unsupported as exc:
+            self.labels.mark(((label,),), f"{exc} at node '{node.name}'")
 
     def _step(self, node: fx.Node) -> None:
         rule = rules().get(node_key(self.gm, node))
@@ -133,7 +213,7 @@ class Tracker:
                 self._mark_any(self.states.get(i), f"{exc} at node '{node.name}'")
             return
         if out is not None:
-            self.states[node] = out
+            self.states[node] = self.resolve(out)
 
     def _mark_any(self, state: Any, reason: str) -> None:
         if state and isinstance(state[0], tuple) and state[0] and isinstance(state[0][0], tuple):

@@ -506,3 +506,34 @@ def test_levit_heads_are_prunable_though_q_k_and_v_are_unequal_slices_of_each_he
         out = slim(x)
         torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
     assert (out - gm(x)).abs().max() > 1e-2
+
+
+def test_pvt_heads_span_q_and_the_kv_projection_of_the_pooled_input_and_dwconv_neurons_are_prunable() -> None:
+    """PVT-v2 takes q from the block input and k, v from a strided-conv copy of it (stage 1); its
+    MLP runs a depthwise conv between the linears. The kv projection's output starts a label of its
+    own, which merges with q's where q · k meets it, so heads and head dims are one group over q,
+    kv and proj; the depthwise conv keeps each hidden neuron's channel apart, so its filters are
+    sliced with them. Slim equals hard-masked."""
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import check_models  # noqa: PLC0415
+
+    gm = p3b_fx.trace(check_models.randomise(model).eval())
+    groups = p3b_fx.find_groups(gm)
+    for name in ("stages.1.blocks.0.attn:heads", "stages.1.blocks.0.attn:head_dim",
+                 "stages.1.blocks.0.mlp:hidden"):  # fmt: skip
+        assert groups.group(name).prunable, (name, groups.group(name).reason)
+    plan = p3b_fx.KeepPlan.from_mapping(
+        groups,
+        {"stages.1.blocks.0.attn:heads": [1], "stages.1.blocks.0.attn:head_dim": list(range(0, 32, 2)),
+         "stages.1.blocks.0.mlp:hidden": list(range(0, 512, 3))},
+    )  # fmt: skip
+    slim = p3b_fx.slim(gm, plan, groups)
+    assert slim.get_parameter("stages.1.blocks.0.attn.kv.weight").shape[0] == 2 * 1 * 16
+    conv = slim.get_submodule("stages.1.blocks.0.mlp.dwconv")
+    assert conv.groups == conv.in_channels == conv.out_channels == len(range(0, 512, 3))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = slim(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert (out - gm(x)).abs().max() > 1e-2

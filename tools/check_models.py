@@ -49,7 +49,7 @@ MODELS = (
     "pit_ti_224", "levit_128s", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256",
     "maxvit_tiny_tf_224", "davit_tiny", "gcvit_xxtiny", "nest_tiny", "hiera_tiny_224", "twins_svt_small",
     "crossvit_tiny_240", "coat_tiny", "coat_lite_tiny", "volo_d1_224", "tnt_s_patch16_224",
-    "mvitv2_tiny", "efficientformer_l1",
+    "mvitv2_tiny", "efficientformer_l1", "pvt_v2_b0", "twins_pcpvt_small",
 )  # fmt: skip
 PLANS = 3
 
@@ -123,7 +123,7 @@ def check(name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="timm names (default: 40 models)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="timm names (default: 42 models)")
     p.add_argument("--out", help="also write the table as Markdown to this file")
     args = p.parse_args(argv)
     torch.manual_seed(0)
