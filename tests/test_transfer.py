@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,24 @@ def test_bad_numbers_and_checkpoints_fail_once_before_any_run(
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit):
         cli.main(tiny_argv(tmp_path, "--workers", "0"))
+
+
+def test_compare_seeds_pairs_settings_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/compare_seeds.py: per-seed top-1 of each setting, and each later setting minus the
+    first on the seeds both have (mean ± s.e., seeds ahead); a malformed --set is a clear error."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import compare_seeds  # noqa: PLC0415
+
+    def records(path: Path, method: str, tops: dict[int, float]) -> str:
+        rows = [{"method": method, "prune_ratio": 0.7, "seed": s, "top1": t} for s, t in tops.items()]
+        path.write_text(json.dumps({"benchmark": {}, "records": rows}))
+        return str(path)
+
+    a = records(tmp_path / "a.json", "p3b", {0: 0.90, 1: 0.92, 2: 0.94})
+    b = records(tmp_path / "b.json", "uniform", {0: 0.91, 1: 0.91, 3: 0.99})
+    assert compare_seeds.main(["--ratio", "0.7", "--set", f"p3b={a}:p3b", "--set", f"uni={b}:uniform"]) == 0
+    out = capsys.readouterr().out
+    assert "- p3b: 90.0 / 92.0 / 94.0 / - (mean 92.00, 3 seeds)" in out
+    assert "- uni − p3b, paired: +0.00 ± 1.00 (s.e.), ahead on 1 of 2 seeds" in out
+    with pytest.raises(SystemExit, match="LABEL=FILE"):
+        compare_seeds.main(["--ratio", "0.7", "--set", "no-method"])
