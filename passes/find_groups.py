@@ -331,13 +331,10 @@ def _channel_path(
 
 
 def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
-    """Whether ``user`` reads ``node`` for its shape alone: ``x.reshape_as(node)``, ``node.size()``,
-    ``node.shape``."""
-    if user.op == "call_method" and user.target in ("reshape_as", "view_as"):
-        return node not in user.args[:1]
-    if user.op == "call_method" and user.target == "size":
-        return True
-    return user.target is getattr and len(user.args) > 1 and bool(user.args[1] == "shape")
+    """Whether ``user`` is ``x.reshape_as(node)`` (or ``view_as``): it reads ``node``'s shape at run
+    time, so for the slim width too. Other shape reads (``node.shape[-1]`` used in arithmetic) could
+    let the width change values: they count as users, and the channels stay whole."""
+    return user.op == "call_method" and user.target in ("reshape_as", "view_as") and node not in user.args[:1]
 
 
 def _channel_norm(gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int) -> list[str]:

@@ -26,37 +26,35 @@ class SliceParamsPass(PlanPass):
         for name in live_blocks(self.groups, self.plan):
             for spec in self.groups.block(name).params:
                 param = gm.get_parameter(spec.name)
-                new = param.detach()
-                for dim, factors in enumerate(spec.dims):
-                    idx = flat_index(factors, kept)
-                    if idx is not None and new.shape[dim] == idx.numel():
-                        continue  # already sliced (idempotence)
-                    if idx is not None:
-                        new = new.index_select(dim, idx.to(new.device))
+                new = _sliced(param.detach(), spec, kept)
                 if new.shape != param.shape:
                     _replace(gm, spec.name, new, param.requires_grad)
                     modified = True
-            for spec in self.groups.block(name).buffers:
-                modified |= _slice_buffer(gm, spec, kept)
+            for spec in self.groups.block(name).buffers:  # a BatchNorm's running statistics
+                buffer = gm.get_buffer(spec.name)
+                new = _sliced(buffer, spec, kept)
+                if new.shape != buffer.shape:
+                    _replace_buffer(gm, spec.name, new)
+                    modified = True
         return PassResult(gm, modified)
 
 
-def _slice_buffer(gm: fx.GraphModule, spec: ParamSpec, kept: dict[str, tuple[int, ...]]) -> bool:
-    """Slice buffer ``spec.name`` like a parameter (a BatchNorm's running mean and variance)."""
-    old = gm.get_buffer(spec.name)
-    new = old
+def _sliced(value: torch.Tensor, spec: ParamSpec, kept: dict[str, tuple[int, ...]]) -> torch.Tensor:
+    """``value`` keeping the plan's indices along every dimension of ``spec`` (a dimension already
+    that narrow is left alone: idempotence)."""
     for dim, factors in enumerate(spec.dims):
         idx = flat_index(factors, kept)
-        if idx is not None and new.shape[dim] != idx.numel():
-            new = new.index_select(dim, idx.to(new.device))
-    if new.shape == old.shape:
-        return False
-    owner_name, _, attr = spec.name.rpartition(".")
+        if idx is not None and value.shape[dim] != idx.numel():
+            value = value.index_select(dim, idx.to(value.device))
+    return value
+
+
+def _replace_buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
-    owner._buffers[attr] = new.contiguous()  # keeps the buffer's persistence
+    owner._buffers[attr] = value.contiguous()  # keeps the buffer's persistence
     if isinstance(owner, nn.modules.batchnorm._NormBase):
-        owner.num_features = int(new.shape[0])
-    return True
+        owner.num_features = int(value.shape[0])
 
 
 def _replace(gm: fx.GraphModule, name: str, value: torch.Tensor, requires_grad: bool) -> None:

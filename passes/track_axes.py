@@ -168,7 +168,7 @@ class Tracker:
                 and is_linear(self.gm, node)
                 and self._reads_block_input(node, body, root)
             ):
-                self._start(node)
+                self._start(node, params)
         self._finish(write)
 
     def _reads_block_input(self, node: fx.Node, body: set[fx.Node], root: Any) -> bool:
@@ -186,7 +186,7 @@ class Tracker:
             stack += n.all_input_nodes
         return False
 
-    def _start(self, node: fx.Node) -> None:
+    def _start(self, node: fx.Node, params: dict[str, Any]) -> None:
         """A linear of the branch that reads the block input through other ops (not the first
         linear's sibling): its output features are a root label of their own, which merges with
         the first linear's where the two meet (q with k)."""
@@ -196,7 +196,7 @@ class Tracker:
         self.zero[node] = False
         try:
             self.record_param(f"{node.target}.weight", 0, (label,))
-            if f"{node.target}.bias" in dict(self.gm.named_parameters()):
+            if f"{node.target}.bias" in params:
                 self.record_param(f"{node.target}.bias", 0, (label,))
         except Unsupported as exc:
             self.labels.mark(((label,),), f"{exc} at node '{node.name}'")
