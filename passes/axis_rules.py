@@ -83,28 +83,85 @@ def _dim(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
 
 
-def _norm_over_last(node: fx.Node, t: Tracker, count: int) -> State:
+def _norm_over_last(node: fx.Node, t: Tracker, count: int, params: tuple[Any, ...] | None = None) -> State:
+    """A norm over the last ``count`` axes. Over one axis that a group runs along (a LayerNorm or
+    RMSNorm inside the block: EVA-02's over the SwiGLU hidden neurons, BEiT-3's over heads ×
+    head_dim, a q/k norm over head_dim), the slim model recomputes the dense statistics from the
+    kept elements (:mod:`p3b_fx.core.padded_norm`): the mask pass gates the norm's input and its
+    output, and the norm's weight and bias are sliced with the axis.
+    ``params``: the norm's (weight, bias) parameter names (:func:`norm_params`), None when they
+    cannot be sliced. Anything else normalised over a group axis is fixed."""
     state = first_state(node, t)
-    t.labels.mark(state[-count:], f"normalised over (its statistics would change) at node '{node.name}'")
+    axis = state[-1] if state else ()
+    reason = f"normalised over (its statistics would change) at node '{node.name}'"
+    if count == 1 and axis and params is not None:
+        for name in params:
+            if name is not None:
+                t.record_param(name, 0, axis)
+        t.norms.append(node)
+        t.zero[node] = True  # the gate after it zeroes the pruned elements again
+        return state
+    t.labels.mark(state[-count:], reason)
     t.zero[node] = False
     return state
 
 
-def layer_norm_fn(node: fx.Node, t: Tracker) -> State:
-    shape = _dim(node, 1, "normalized_shape")
-    return _norm_over_last(node, t, len(shape) if isinstance(shape, (tuple, list)) else 1)
+def norm_params(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, str | None] | None:
+    """A norm node's (weight, bias) parameter names, None where it has none; None when one is not a
+    parameter read directly (a computed tensor, which could not be sliced)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        weight, bias = (
+            f"{node.target}.{n}" if getattr(mod, n, None) is not None else None for n in ("weight", "bias")
+        )
+        return weight, bias
+    values = [_dim(node, 2, "weight"), _dim(node, 3, "bias") if node.target is F.layer_norm else None]
+    if any(isinstance(v, fx.Node) and v.op != "get_attr" for v in values):
+        return None
+    weight, bias = (str(v.target) if isinstance(v, fx.Node) else None for v in values)
+    return weight, bias
 
 
-def layer_norm_module(node: fx.Node, t: Tracker) -> State:
-    mod = t.gm.get_submodule(str(node.target))
-    return _norm_over_last(node, t, len(getattr(mod, "normalized_shape", (1,))))
+def normalized_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:
+    """The trailing shape a norm node (``F.layer_norm``/``F.rms_norm`` or a norm module) normalises."""
+    if node.op == "call_module":
+        shape = getattr(gm.get_submodule(str(node.target)), "normalized_shape", (1,))
+    else:
+        shape = _dim(node, 1, "normalized_shape")
+    return tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+
+
+def layer_norm(node: fx.Node, t: Tracker) -> State:
+    """``F.layer_norm(x, shape, weight, bias, eps)``, ``F.rms_norm(x, shape, weight, eps)``, and
+    the LayerNorm and RMSNorm modules."""
+    return _norm_over_last(node, t, len(normalized_shape(t.gm, node)), norm_params(t.gm, node))
+
+
+def norm_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The :func:`p3b_fx.core.padded_norm.padded_norm` kind of a norm node, ``"p"`` for a p-norm
+    (``F.normalize``, which zeros do not change), None for other nodes."""
+    key = node_key(gm, node)
+    if key is F.normalize:
+        return "p"
+    if key is F.layer_norm or (isinstance(key, type) and issubclass(key, nn.LayerNorm)):
+        return "layer"
+    name = getattr(key, "__name__", "")
+    if key is getattr(F, "rms_norm", None) or name in {"RMSNorm", "RmsNorm"}:
+        return "rms"
+    return "simple" if name == "SimpleNorm" else None
 
 
 def normalize(node: fx.Node, t: Tracker) -> State:
-    """``F.normalize(x, p, dim)``: the norm is taken over ``dim``, so a label there is fixed (its
-    statistics would change); zeros stay zeros. XCiT normalises q and k over the tokens."""
+    """``F.normalize(x, p, dim)``: zeros add nothing to a p-norm, so over the last axis (SwinV2's
+    cosine attention normalises q and k over head_dim) a group may run along it, as for a padded
+    norm, the mask pass gating its input and output (the slim model needs no change). Over another
+    axis a label is fixed. Zeros stay zeros. XCiT normalises q and k over the tokens."""
     state = first_state(node, t)
     dim = int(_dim(node, 2, "dim", 1))
+    if dim % len(state) == len(state) - 1 and state[-1]:
+        t.norms.append(node)
+        t.zero[node] = True
+        return state
     t.labels.mark((state[dim],), f"normalised over (its statistics would change) at node '{node.name}'")
     src = node.args[0]
     assert isinstance(src, fx.Node)
@@ -678,7 +735,7 @@ def build_rules() -> dict[Any, Rule]:
         rules[key] = unary(False)
     for key in (*_MUL, *_DIV, *_ADD):
         rules[key] = binary
-    rules.update({F.layer_norm: layer_norm_fn, nn.LayerNorm: layer_norm_module, F.softmax: softmax,
+    rules.update({F.layer_norm: layer_norm, nn.LayerNorm: layer_norm, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
                   "reshape": reshape, "view": reshape, "reshape_as": reshape_as, "view_as": reshape_as,
                   nn.BatchNorm1d: batch_norm_1d, nn.Conv1d: depthwise_conv, nn.Conv2d: depthwise_conv,
@@ -694,7 +751,9 @@ def build_rules() -> dict[Any, Rule]:
                   operator.matmul: matmul, torch.matmul: matmul, "matmul": matmul, torch.bmm: matmul,
                   F.scaled_dot_product_attention: sdpa})  # fmt: skip
     if hasattr(nn, "RMSNorm"):
-        rules[nn.RMSNorm] = layer_norm_module
+        rules[nn.RMSNorm] = layer_norm
+    if hasattr(F, "rms_norm"):
+        rules[F.rms_norm] = layer_norm
     _add_timm_rules(rules)
     return rules
 
@@ -709,7 +768,7 @@ def _add_timm_rules(rules: dict[Any, Rule]) -> None:
         rules[timm_attention.resolve_self_attn_mask] = consumes
     for name in ("LayerNorm", "RmsNorm", "SimpleNorm"):
         if hasattr(timm_norm, name):
-            rules[getattr(timm_norm, name)] = layer_norm_module
+            rules[getattr(timm_norm, name)] = layer_norm
     for name in ("GELU", "GELUTanh", "QuickGELU"):
         from timm.layers import activations  # noqa: PLC0415
 

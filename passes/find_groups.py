@@ -29,6 +29,7 @@ from p3b_fx.core.groups import (
     FlopTerm,
     Group,
     GroupSet,
+    InnerNorm,
     Member,
     NodeInfo,
     ParamSpec,
@@ -38,7 +39,7 @@ from p3b_fx.core.groups import (
 from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.axis_labels import Labels
-from passes.axis_rules import channel_params
+from passes.axis_rules import channel_params, norm_kind, norm_params, normalized_shape
 from passes.find_blocks import Branch, find_blocks, is_attention_op, is_linear
 from passes.track_axes import Tracker, describe, unindexed
 
@@ -159,8 +160,25 @@ def _analyse(
     block = Block(br.name, br.kind, tuple(g.name for g in groups), params, flops, br.input_node, br.add_node,
                   read.name, write.name, br.branch_input,
                   tuple((r.name, w.name) for r, w in more), buffers,
-                  path.norm.name if path.norm is not None else "")  # fmt: skip
+                  path.norm.name if path.norm is not None else "",
+                  _inner_norms(trackers, leaf_group) + _write_norms(path, write_g))  # fmt: skip
     return block, groups, infos
+
+
+def _write_norms(path: _WritePath, write: Group) -> tuple[InnerNorm, ...]:
+    """The norms over the written channels (the write gate sits after the last, ``Block.write_site``;
+    the mask pass gates each one's input too)."""
+    return tuple(InnerNorm(n.name, ((write.size, write.name),)) for n in path.padded)
+
+
+def _inner_norms(trackers: list[Tracker], leaf_group: dict[str, str]) -> tuple[InnerNorm, ...]:
+    norms = []
+    for t in trackers:
+        for node in t.norms:
+            leaves = t.labels.axis_leaves(t.resolve(t.states[node][-1]))
+            factors = tuple((t.labels.sizes[leaf], leaf_group[leaf]) for leaf in leaves)
+            norms.append(InnerNorm(node.name, factors))
+    return tuple(norms)
 
 
 def _lanes(br: Branch, names: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
@@ -265,7 +283,8 @@ class _WritePath:
 
     members: list[Member] = field(default_factory=list)
     reshapes: list[fx.Node] = field(default_factory=list)  # their channel size follows the write group
-    norm: fx.Node | None = None  # the last op on the way that does not keep zeros (a BatchNorm)
+    norm: fx.Node | None = None  # the last op on the way that does not keep zeros (a norm)
+    padded: list[fx.Node] = field(default_factory=list)  # LayerNorms / RMSNorms over the channels
 
 
 def _write_group(
@@ -315,9 +334,11 @@ def _channel_path(
             node = user
             continue
         norm = _channel_norm(gm, user, node, size)
-        if norm:
-            path.members += [Member(name, 0, (size,), 0) for name in norm]
+        if norm is not None:
+            path.members += [Member(name, 0, (size,), 0) for name in norm[0]]
             path.norm = user
+            if norm[1]:
+                path.padded.append(user)
             node = user
             continue
         found = _channel_param(gm, user, node, size)
@@ -337,16 +358,30 @@ def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
     return user.op == "call_method" and user.target in ("reshape_as", "view_as") and node not in user.args[:1]
 
 
-def _channel_norm(gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int) -> list[str]:
-    """A BatchNorm1d over (N, ``size``) channels after the last linear: its per-channel tensors (the
-    gate goes after it, as it moves zeros); else []."""
-    if node.op != "call_module" or node.args[:1] != (src,):
-        return []
-    mod = gm.get_submodule(str(node.target))
+def _channel_norm(
+    gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int
+) -> tuple[list[str], bool] | None:
+    """A norm of the ``size`` channels after the last linear, whose per-channel tensors are sliced
+    with them and after which the write gate goes (it moves zeros): (those tensors, whether it is a
+    LayerNorm or RMSNorm over the channels, whose statistics the slim model pads: SwinV2's post-norm,
+    ``p3b_fx.core.padded_norm``), or (those tensors, False) for a BatchNorm1d over (N, ``size``),
+    which normalises each channel alone; else None."""
+    if node.args[:1] != (src,):
+        return None
     shape = src.meta.get(meta.SHAPE)
-    if not isinstance(mod, nn.BatchNorm1d) or not shape or len(shape) != 2 or shape[-1] != size:
-        return []
-    return channel_params(mod, str(node.target))
+    if not shape or shape[-1] != size:
+        return None
+    if norm_kind(gm, node) not in (None, "p"):
+        params = norm_params(gm, node)
+        if params is None or normalized_shape(gm, node) != (size,):
+            return None
+        return [p for p in params if p is not None], True
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(str(node.target))
+    if not isinstance(mod, nn.BatchNorm1d) or len(shape) != 2:
+        return None
+    return channel_params(mod, str(node.target)), False
 
 
 _WINDOW_FUNCTIONS = {("timm.models.swin_transformer", "window_reverse"),

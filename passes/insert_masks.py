@@ -4,7 +4,9 @@ Pattern: the blocks of a ``GroupSet``. Result: the same graph plus a ``MaskBank`
 per block, mask sites at (1) the input of every linear reading the residual (read gate), (2) the
 first linear's output when a prunable index is contracted there (per-head dimension: q·k must
 lose it too), (3) the last linear's input (heads, head_dim, hidden), (4) the last linear's output
-(write gate; after a BatchNorm that follows it, ``Block.write_site``, as that moves zeros). Why:
+(write gate; after a BatchNorm that follows it, ``Block.write_site``, as that moves zeros), and
+(5) around a norm over a group axis inside the block (``Block.norms``): before it, and after it
+unless only the last linear reads it. Why:
 zeroing exactly there makes a hard-masked model compute what the slim model computes; soft gate
 values are P3B's soft masks. Outputs are unchanged while gates are 1.
 """
@@ -44,6 +46,14 @@ class InsertMasksPass(GraphPass):
         for b in self.groups.blocks:
             roles = {self.groups.group(g).role for g in b.groups if self.groups.group(g).prunable}
             write_g = f"{b.name}:write"
+            writes = {names[w] for _, w in b.all_lanes()}
+            for norm in b.norms:  # before the lanes' last_in sites take the write linears' inputs
+                node = names[norm.node]
+                src = node.args[0]
+                assert isinstance(src, fx.Node)
+                self._before(gm, [node], src, f"{b.name}:{norm.node}:in", norm.factors, sites)
+                if norm.node != b.write_site and not set(node.users) <= writes:  # else a gate is there
+                    self._after(gm, node, f"{b.name}:{norm.node}:out", norm.factors, sites)
             for lane, (read_name, write_name) in enumerate(b.all_lanes()):
                 read, write = names[read_name], names[write_name]
                 read_g = lane_name(f"{b.name}:read", lane)

@@ -49,6 +49,7 @@ class Tracker:
     failed: set[fx.Node] = field(default_factory=set)
     secondary: set[str] = field(default_factory=set)  # roots started at a linear of its own (run)
     alias: dict[str, str] = field(default_factory=dict)  # merged label -> the label it merged into
+    norms: list[fx.Node] = field(default_factory=list)  # norms over a group axis (axis_rules._norm_over_last)
 
     def state_or_empty(self, node: fx.Node) -> State:
         if node in self.states:

@@ -54,12 +54,31 @@ def test_layer_scale_is_a_write_member() -> None:
     assert params == {"blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.ls2.gamma"}
 
 
-def test_qk_norm_fixes_head_dim_with_a_reason_naming_the_node() -> None:
+def test_qk_norm_keeps_head_dim_prunable_and_slices_its_weights_with_it() -> None:
+    """A norm over head_dim (q/k norm) no longer fixes it: the slim model recomputes the dense
+    statistics (``tests/test_padded_norm.py``), so the norms' weights and biases are members."""
     groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(qk_norm=True)))
     hd = groups.group("blocks.0.attn:head_dim")
-    assert not hd.prunable
-    assert "normalised over" in hd.reason and "node 'layer_norm_" in hd.reason
-    assert groups.group("blocks.0.attn:heads").prunable
+    assert hd.prunable and groups.group("blocks.0.attn:heads").prunable
+    members = {m.param for m in hd.members}
+    assert {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.bias"} <= members
+
+
+def test_a_norm_over_two_axes_of_a_group_is_fixed_with_a_reason_naming_the_node() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.inner = torch.nn.LayerNorm(8), torch.nn.LayerNorm((3, 4))
+            self.fc1, self.fc2 = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inner(self.fc1(self.norm(x)).unflatten(-1, (3, 4))).flatten(-2)
+            return x + self.fc2(h)
+
+    groups = p3b_fx.find_groups(p3b_fx.trace(Block(), input_shape=(2, 5, 8)))
+    hidden = [g for g in groups.groups if g.role not in (Role.READ, Role.WRITE)]
+    assert hidden and not any(g.prunable for g in hidden)
+    assert all("normalised over" in g.reason and "node 'inner'" in g.reason for g in hidden)
 
 
 def test_costs_match_the_model_exactly() -> None:
@@ -111,9 +130,9 @@ def test_resnet_is_not_a_transformer() -> None:
 
 
 def test_describe_lists_every_group() -> None:
-    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(qk_norm=True)))
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit()))
     text = groups.describe()
-    assert text.count("blocks.") >= 4 and "fixed: normalised over" in text
+    assert text.count("blocks.") >= 4 and "fixed: indexed by unbind" in text
 
 
 class _BiasChain(torch.nn.Module):

@@ -558,11 +558,18 @@ def test_a_nan_loss_stops_a_global_baseline_before_it_prunes(
 
 
 @pytest.mark.parametrize("method", ["p3b", "uniform"])
-def test_blocks_with_nothing_prunable_leave_the_budget_to_the_others(tmp_path: Path, method: str) -> None:
-    """EVA-02 base normalises its SwiGLU hidden units (a LayerNorm before fc2), so at the deploy
-    granularity its MLP blocks have no gate: the attention blocks (whole heads) shed the whole budget,
-    which is met; the MLPs stay dense. Before, water-filling gave the MLPs their share of the
-    budget anyway and the run ended with it missed."""
+def test_blocks_with_nothing_prunable_leave_the_budget_to_the_others(
+    tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EVA-02 base normalises its SwiGLU hidden units (a LayerNorm before fc2). With the rule that
+    fixes what a norm normalises over (as it was before such norms were padded, put back here), its
+    MLP blocks have no gate at the deploy granularity: the attention blocks (whole heads) shed the
+    whole budget, which is met; the MLPs stay dense. Before, water-filling gave the MLPs their share
+    of the budget anyway and the run ended with it missed."""
+    from passes import axis_rules, track_axes  # noqa: PLC0415
+
+    fixing = {torch.nn.functional.layer_norm: lambda node, t: axis_rules._norm_over_last(node, t, 1)}
+    monkeypatch.setattr(track_axes, "_RULES", {**track_axes.rules(), **fixing})
     kwargs = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 4}
     cfg = tiny_config(tmp_path / "run", model="eva02_base_patch14_224", granularity="deploy",
                       model_kwargs=kwargs, prune_ratio=0.2, method=method)  # fmt: skip

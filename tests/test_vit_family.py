@@ -24,6 +24,7 @@ from p3b_fx.export.onnx import export_onnx
 
 FAMILY = [
     "eva02_tiny_patch14_224",  # SwiGLU MLP, rotary embeddings
+    "eva02_base_patch16_clip_224",  # norms over heads × head_dim and over the SwiGLU hidden neurons
     "beit_base_patch16_224",  # relative position bias, layer scale
     "cait_xxs24_224",  # talking heads, class attention
     "pit_ti_224",  # pooling stages
@@ -337,8 +338,10 @@ def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
 def test_swin_v2_heads_follow_their_logit_scale_and_position_bias_mlp() -> None:
     """SwinV2's cosine attention scales each head by ``clamp(logit_scale).exp()`` and adds
     ``16 * sigmoid(cpb_mlp(coords))``: elementwise ops on a parameter chain, so the heads take the
-    logit scale's rows and the bias MLP's last Linear with them. head_dim stays fixed (q and k are
-    normalised over it), and the post-norm blocks keep their written channels."""
+    logit scale's rows and the bias MLP's last Linear with them. q and k are L2-normalised over
+    head_dim, which zeros do not change, so head_dim is free; the post-norm (a LayerNorm over the
+    written channels, before the residual add) is padded, so the written channels are free too, its
+    weight and bias sliced with them."""
     model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64, embed_dim=32,
                               depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()  # fmt: skip
     _random_weights(model, 0.3)
@@ -351,6 +354,9 @@ def test_swin_v2_heads_follow_their_logit_scale_and_position_bias_mlp() -> None:
         ("layers.1.blocks.1.attn.logit_scale", 0),
         ("layers.1.blocks.1.attn.cpb_mlp.2.weight", 0),
     } <= params
-    assert not groups.group("layers.1.blocks.1.attn:head_dim").prunable
+    assert groups.group("layers.1.blocks.1.attn:head_dim").prunable
+    write = groups.group("layers.1.blocks.1.attn:write")
+    assert write.prunable
+    assert ("layers.1.blocks.1.norm1.weight", 0) in {(m.param, m.dim) for m in write.members}
     x = torch.randn(2, 3, 64, 64)
     _assert_random_plans_exact(gm, groups, x)

@@ -42,7 +42,8 @@ MODELS = (
     "vit_medium_patch16_gap_256", "vit_small_r26_s32_224", "flexivit_small", "vitamin_small_224",
     # attention variants
     "beit_base_patch16_224", "beitv2_base_patch16_224", "vit_relpos_small_patch16_224",
-    "eva02_tiny_patch14_224", "eva02_base_patch14_224", "vit_small_patch16_rope_224",
+    "eva02_tiny_patch14_224", "eva02_base_patch14_224", "eva02_base_patch16_clip_224",
+    "beit3_base_patch16_224", "vit_small_patch16_rope_224",
     "vit_small_patch16_dinov3", "vit_pe_core_tiny_patch16_384", "vit_small_patch16_18x2_224",
     "vit_base_patch16_xp_224", "cait_xxs24_224", "xcit_nano_12_p16_224", "convit_tiny",
     # hierarchical and windowed
@@ -123,7 +124,9 @@ def check(name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="timm names (default: 42 models)")
+    p.add_argument(
+        "--models", nargs="+", default=list(MODELS), help=f"timm names (default: {len(MODELS)} models)"
+    )
     p.add_argument("--out", help="also write the table as Markdown to this file")
     args = p.parse_args(argv)
     torch.manual_seed(0)

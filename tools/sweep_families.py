@@ -37,6 +37,8 @@ MODELS: dict[str, list[str]] = {
     "beit_base_patch16_224": ["--model-kwargs", SMALL],
     "eva02_tiny_patch14_224": ["--model-kwargs", SMALL],
     "eva02_base_patch14_224": ["--model-kwargs", SMALL],
+    "eva02_base_patch16_clip_224": ["--model-kwargs", SMALL],
+    "beit3_base_patch16_224": ["--model-kwargs", SMALL],
     "vit_small_patch16_rope_224": ["--model-kwargs", SMALL],
     "vit_small_patch16_dinov3": ["--model-kwargs", SMALL],
     "vit_pe_core_tiny_patch16_384": ["--model-kwargs", SMALL],

@@ -74,6 +74,16 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class InnerNorm:
+    """A norm inside a block over an axis groups run along (``p3b_fx.core.padded_norm``): node
+    ``node`` normalises its last axis, ``factors`` row-major. The mask pass gates its input and its
+    output."""
+
+    node: str
+    factors: tuple[Factor, ...]
+
+
+@dataclass(frozen=True)
 class FlopTerm:
     """``coef * prod(factor sizes)`` multiply-accumulates per sample."""
 
@@ -101,6 +111,8 @@ class Block:
     # the node after which the write gate sits when not the last linear: the last op between it and
     # the residual add that does not keep zeros (LeViT's BatchNorm after its last linear)
     write_site: str = ""
+    # norms over a group axis inside the block (EVA-02's SwiGLU norm, BEiT-3's inner attention norm)
+    norms: tuple[InnerNorm, ...] = ()
 
     def all_lanes(self) -> tuple[tuple[str, str], ...]:
         """(first linear, last linear) of every lane, the block's own first."""
