@@ -255,7 +255,6 @@ def _load_weights(model: nn.Module, path: Path) -> None:
 
 def build_model(cfg: PruneConfig) -> nn.Module:
     """The model to prune: the shipped source model, or a timm model; weights from ``checkpoint``."""
-    import timm  # noqa: PLC0415 - heavy import
 
     from p3b_fx.source_model import ASSETS_DIR, SOURCE_STEM, build_vit, load_source_model, read_card  # noqa: PLC0415
 
@@ -269,9 +268,7 @@ def build_model(cfg: PruneConfig) -> nn.Module:
         if cfg.img_size is not None:
             kwargs.setdefault("img_size", cfg.img_size)
         try:
-            model = timm.create_model(
-                cfg.model, pretrained=cfg.pretrained and cfg.checkpoint is None, **kwargs
-            )
+            model = _create_timm(cfg, kwargs)
         except (RuntimeError, ValueError, OSError, TypeError) as exc:
             hint = ""
             if cfg.pretrained and cfg.checkpoint is None:
@@ -284,6 +281,23 @@ def build_model(cfg: PruneConfig) -> nn.Module:
     if cfg.checkpoint is not None:
         _load_weights(model, Path(cfg.checkpoint))
     return model
+
+
+def _create_timm(cfg: PruneConfig, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` with ``kwargs``; a model whose constructor takes no ``img_size`` (DaViT,
+    the conv-stem hierarchies) is built without the one ``--img-size`` added: it reads any input
+    size, and the data still come at ``--img-size``."""
+    import timm  # noqa: PLC0415 - heavy import
+
+    pretrained = cfg.pretrained and cfg.checkpoint is None
+    try:
+        return timm.create_model(cfg.model, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        added = cfg.img_size is not None and "img_size" not in cfg.model_kwargs
+        if not added or "unexpected keyword argument 'img_size'" not in str(exc):
+            raise
+        rest = {k: v for k, v in kwargs.items() if k != "img_size"}
+        return timm.create_model(cfg.model, pretrained=pretrained, **rest)
 
 
 def model_input(model: nn.Module, cfg: PruneConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:

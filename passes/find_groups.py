@@ -385,8 +385,17 @@ def _channel_norm(
 
 
 _WINDOW_FUNCTIONS = {("timm.models.swin_transformer", "window_reverse"),
-                     ("timm.models.swin_transformer_v2", "window_reverse")}  # fmt: skip
-"""Layout functions that move positions only and read the channel count off their input."""
+                     ("timm.models.swin_transformer_v2", "window_reverse"),
+                     ("timm.models.swin_transformer_v2_cr", "window_reverse"),
+                     ("timm.models.maxxvit", "window_reverse"), ("timm.models.maxxvit", "grid_reverse"),
+                     ("timm.models.davit", "window_reverse"), ("timm.models.gcvit", "window_reverse"),
+                     ("timm.models.hieradet_sam2", "window_unpartition"),
+                     ("timm.models.vision_transformer_sam", "window_unpartition")}  # fmt: skip
+"""Layout functions that move positions only and read the channel count off their input: each
+views its channels-last input as windows, permutes the window axes and views it back (SAM's also
+crops the padding), with ``C = windows.shape[-1]`` or ``-1`` for the channel axis (timm 1.0.31's
+sources; ``tests/test_find_groups.py`` checks each keeps channel c at c and takes a narrower
+channel axis)."""
 
 
 _SAME_LAST_AXIS_METHODS = {"contiguous", "flatten", "reshape_as", "view_as"}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import operator
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -15,6 +18,7 @@ from torch import nn
 import p3b_fx
 from p3b_fx import BlockKind, Role
 from p3b_fx.errors import UnsupportedModelError
+from passes import find_groups as find_groups_module
 from tests.conftest import tiny_vit
 
 
@@ -556,3 +560,28 @@ def test_pvt_heads_span_q_and_the_kv_projection_of_the_pooled_input_and_dwconv_n
         out = slim(x)
         torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
     assert (out - gm(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("key", sorted(find_groups_module._WINDOW_FUNCTIONS), ids="/".join)
+def test_each_window_function_on_the_write_path_keeps_channels_and_takes_fewer(key: tuple[str, str]) -> None:
+    """The write path lets the layout functions of ``_WINDOW_FUNCTIONS`` through as moving positions
+    only: channel c of the output is channel c of the input, and a narrower channel axis passes
+    (the function reads it off its input), so the slim model's k written channels go through."""
+    fn = getattr(importlib.import_module(key[0]), key[1])
+    params = inspect.signature(fn).parameters
+    window: Any = (
+        2
+        if params["window_size" if "window_size" in params else "grid_size"].annotation in (int, "int")
+        else (2, 2)
+    )
+    size = (4, 4, None) if "H" in params else ((4, 4),)
+    windows = torch.randn(2 * 4, 2, 2, 6)
+
+    def call(w: torch.Tensor) -> torch.Tensor:
+        return fn(w, window, *[s for s in size if s is not None])
+
+    full = call(windows)
+    assert full.shape == (2, 4, 4, 6)
+    for c in range(6):
+        torch.testing.assert_close(call(windows[..., c : c + 1])[..., 0], full[..., c], atol=0, rtol=0)
+    torch.testing.assert_close(call(windows[..., [1, 4]]), full[..., [1, 4]], atol=0, rtol=0)

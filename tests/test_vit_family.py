@@ -360,3 +360,18 @@ def test_swin_v2_heads_follow_their_logit_scale_and_position_bias_mlp() -> None:
     assert ("layers.1.blocks.1.norm1.weight", 0) in {(m.param, m.dim) for m in write.members}
     x = torch.randn(2, 3, 64, 64)
     _assert_random_plans_exact(gm, groups, x)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("davit_tiny", {}), ("gcvit_xxtiny", {"img_size": 64})])
+def test_window_reverse_on_the_write_path_keeps_the_written_channels_free(
+    name: str, kwargs: dict[str, int]
+) -> None:
+    """DaViT's and GC ViT's window attention write back through their own ``window_reverse`` (as
+    Swin's does): a layout function, so the written channels are prunable and slicing them is exact."""
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    windowed = [g for g in groups.groups if g.role == p3b_fx.Role.WRITE and g.block.endswith("attn")]
+    assert windowed and all(g.prunable for g in windowed), [g.reason for g in windowed if not g.prunable]
+    _assert_random_plans_exact(gm, groups, torch.randn(2, 3, 64, 64))

@@ -58,7 +58,7 @@ def parser(*, describe: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", help="fashion-mnist, mnist-5k, digits, ... or an ImageFolder path")
     p.add_argument("--data-root", help="where torchvision datasets live")
     p.add_argument("--num-classes", type=int, help="reset the classification head to this many classes")
-    p.add_argument("--img-size", type=int, help="input side for timm models")
+    p.add_argument("--img-size", type=int, help="input side (a timm model's img_size, where it takes one)")
     p.add_argument("--prune-ratio", type=float, help="share of all parameters to remove, in (0, 1)")
     p.add_argument("--budget", choices=BUDGET_UNITS, help="budget unit (default params)")
     p.add_argument("--blocks-only", action="store_true", default=None, help="budget the blocks only")

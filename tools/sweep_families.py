@@ -54,6 +54,9 @@ MODELS: dict[str, list[str]] = {
     "levit_128s": ["--img-size", "64"],
     "swin_tiny_patch4_window7_224": [
         "--model-kwargs", '{"img_size": 56, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}'],
+    "davit_tiny": ["--img-size", "64"],
+    "gcvit_xxtiny": ["--img-size", "64"],
+    "maxvit_tiny_tf_224": ["--img-size", "64"],
     "swinv2_tiny_window8_256": [
         "--model-kwargs", '{"img_size": 64, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}'],
 }  # fmt: skip
