@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +70,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU (not on this machine)"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (not on this machine)"))
+
+
+def assert_loads_with_torch_alone(model: nn.Module, x: torch.Tensor, tmp_path: Path) -> None:
+    """``model`` saved whole loads and computes the same in a fresh interpreter that imports neither
+    p3b_fx, nor the passes, nor timm (what a deployment target has)."""
+    torch.save({"model": model, "x": x, "y": model(x).detach()}, tmp_path / "slim.pt")
+    code = (
+        "import sys, torch\n"
+        f"d = torch.load({str(tmp_path / 'slim.pt')!r}, weights_only=False)\n"
+        "assert torch.allclose(d['model'](d['x']), d['y'], atol=1e-6)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('p3b_fx', 'passes', 'timm')]\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr

@@ -3,8 +3,6 @@ model recomputes the dense norm's statistics from the kept elements, exactly."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import p3b_fx
 from p3b_fx import KeepPlan, train
 from p3b_fx.core.padded_norm import padded_norm
 from passes.pad_norms import PadNormsPass
-from tests.conftest import tiny_vit
+from tests.conftest import assert_loads_with_torch_alone, tiny_vit
 from tests.test_train import tiny_config
 
 N, EPS = 24, 1e-5
@@ -127,18 +125,7 @@ def test_a_slim_model_with_padded_norms_loads_with_torch_alone_and_exports(tmp_p
     groups = p3b_fx.find_groups(gm)
     slim = p3b_fx.slim(gm, KeepPlan.random(groups, 0.5, seed=1), groups)
     x = torch.randn(2, 3, 32, 32)
-    torch.save({"model": slim, "x": x, "y": slim(x).detach()}, tmp_path / "slim.pt")
-    code = (
-        "import sys, torch\n"
-        f"d = torch.load({str(tmp_path / 'slim.pt')!r}, weights_only=False)\n"
-        "assert torch.allclose(d['model'](d['x']), d['y'], atol=1e-6)\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('p3b_fx', 'passes', 'timm')]\n"
-        "assert not bad, bad\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    assert_loads_with_torch_alone(slim, x, tmp_path)
     from p3b_fx.export.jetpack import jetpack  # noqa: PLC0415 - onnx only here
     from p3b_fx.export.onnx import export_onnx  # noqa: PLC0415
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from torch import fx
 import p3b_fx
 from p3b_fx import KeepPlan
 from passes.rewrite_slim import slim_passes
-from tests.conftest import set_fused, tiny_vit
+from tests.conftest import assert_loads_with_torch_alone, set_fused, tiny_vit
 from tests.test_trace import MODEL_LIST, _real, model_id
 
 
@@ -96,18 +94,7 @@ def test_slim_saves_and_loads_with_torch_alone(tmp_path: Path) -> None:
     groups = p3b_fx.find_groups(gm)
     slim = p3b_fx.slim(gm, KeepPlan.random(groups, 0.5, 2), groups)
     x = torch.randn(2, 3, 32, 32)
-    torch.save({"model": slim, "x": x, "y": slim(x).detach()}, tmp_path / "slim.pt")
-    code = (
-        "import sys, torch\n"
-        f"d = torch.load({str(tmp_path / 'slim.pt')!r}, weights_only=False)\n"
-        "assert torch.allclose(d['model'](d['x']), d['y'], atol=1e-6)\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('p3b_fx', 'passes', 'timm')]\n"
-        "assert not bad, bad\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    assert_loads_with_torch_alone(slim, x, tmp_path)
 
 
 def test_slim_retraces_to_the_same_outputs() -> None:
