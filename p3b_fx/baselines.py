@@ -27,6 +27,7 @@ from torch import nn
 import p3b_fx
 from p3b_fx.config import PruneConfig
 from p3b_fx.errors import ConfigError, P3BError, TrainingError
+from p3b_fx.machine import MemoryLimitExceeded, available_bytes, memory_limit, resident_bytes
 
 if TYPE_CHECKING:
     from p3b_fx.train import Prepared
@@ -167,19 +168,37 @@ def check_prunable(model: nn.Module, example: torch.Tensor, name: str, prune_rat
 
     Torch-Pruning's dependency graph does not cover every timm ViT (per-head relative position
     biases, rotary embeddings and SwiGLU MLPs fail with an IndexError inside its importance; Swin's
-    graph breaks only above a channel ratio of 0.3).
+    graph breaks only above a channel ratio of 0.3; MaxViT's grows past 18 GB, so the dry run stops
+    at :func:`dry_run_memory_limit` rather than being killed by the kernel).
     """
+    limit = dry_run_memory_limit()
     try:
-        for ratio in dict.fromkeys((0.1, min(prune_ratio, MAX_CHANNEL_RATIO))):
-            twin = prune_to(copy.deepcopy(model).eval(), example, "global-magnitude", ratio)
-            with torch.no_grad():
-                twin(example)
+        with memory_limit(limit):
+            for ratio in dict.fromkeys((0.1, min(prune_ratio, MAX_CHANNEL_RATIO))):
+                twin = prune_to(copy.deepcopy(model).eval(), example, "global-magnitude", ratio)
+                with torch.no_grad():
+                    twin(example)
+    except MemoryLimitExceeded as exc:
+        raise ConfigError(
+            f"Torch-Pruning's dry run on {name} grew past the memory this machine can spare ({exc}): "
+            "its dependency graph of this architecture does not fit here (MaxViT's grows past 18 GB); "
+            "compare with --method uniform or p3b, which prune it through p3b-fx's own groups"
+        ) from None
     except Exception as exc:  # torch_pruning raises many types
         raise ConfigError(
             f"Torch-Pruning cannot prune {name} ({type(exc).__name__}: {exc}): its dependency graph does "
             "not cover this architecture; compare with --method uniform or p3b, which prune it through "
             "p3b-fx's own groups"
         ) from exc
+
+
+def dry_run_memory_limit() -> int | None:
+    """The most resident memory the Torch-Pruning dry run may reach: what the process holds now plus
+    half of what the kernel can still hand out (None where that is unknown). Half, not all: the
+    kernel kills the process long before it has taken everything, if other work grows too (the
+    family sweep's MaxViT run died that way, beside two other processes)."""
+    now, free = resident_bytes(), available_bytes()
+    return None if now is None or free is None else now + free // 2
 
 
 def prune_targets(cfg: PruneConfig, dense: int, spe: int) -> dict[int, int]:

@@ -1,9 +1,13 @@
-"""What machine a measurement ran on, for the benchmark docs."""
+"""What machine a measurement ran on, for the benchmark docs; how much memory this process holds."""
 
 from __future__ import annotations
 
+import _thread
 import os
 import platform
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -26,3 +30,61 @@ def describe(gpu: bool = True) -> str:
     if gpu:
         parts.append(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU")
     return ", ".join([*parts, f"{platform.system()} {platform.release()}", f"torch {torch.__version__}"])
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux ``/proc/self/statm``), None where unknown."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel can still hand out (``MemAvailable`` in /proc/meminfo), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
+class MemoryLimitExceeded(MemoryError):
+    """Raised by :func:`memory_limit` in the thread that entered it."""
+
+
+@contextmanager
+def memory_limit(limit: int | None, interval: float = 0.2) -> Iterator[None]:
+    """Stop the enclosed code once this process holds more than ``limit`` bytes (checked every
+    ``interval`` s by a watcher thread, which interrupts the main thread): a
+    :class:`MemoryLimitExceeded` instead of the kernel killing the process without a word.
+    Python code stops at its next bytecode; a single long native call finishes first. No limit
+    (None), or no way to read the memory (not Linux): the code just runs. Use from the main thread."""
+    if limit is None or resident_bytes() is None:
+        yield
+        return
+    stop, peak = threading.Event(), [0]
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], resident_bytes() or 0)
+            if peak[0] > limit:
+                _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, name="memory-limit", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if peak[0] > limit:
+            raise MemoryLimitExceeded(
+                f"{peak[0] / 2**30:.1f} GiB held, limit {limit / 2**30:.1f} GiB"
+            ) from None
+        raise
+    finally:
+        stop.set()
+        watcher.join()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -506,6 +507,49 @@ def test_torch_pruning_is_dry_run_at_the_runs_own_sparsity(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"Torch-Pruning cannot prune swin_tiny_patch4_window7_224"):
         train.run(cfg)
     assert not any((tmp_path / "run" / name).exists() for name in train.RUN_FILES)
+
+
+def _hog(*_args: Any, **_kwargs: Any) -> None:
+    """Python code whose memory grows without end (what Torch-Pruning's graph of MaxViT does), for
+    at most 30 s."""
+    held, start = [], time.monotonic()
+    while time.monotonic() - start < 30:
+        held.append(bytearray(16 << 20))
+        time.sleep(0.01)
+    raise AssertionError("the memory limit never stopped the hog")
+
+
+def test_a_memory_limit_stops_python_code_that_outgrows_it() -> None:
+    from p3b_fx import machine  # noqa: PLC0415
+
+    now = machine.resident_bytes()
+    if now is None:
+        pytest.skip("no /proc/self/statm: the limit cannot be read here")
+    with (
+        pytest.raises(machine.MemoryLimitExceeded, match="GiB held, limit"),
+        machine.memory_limit(now + (300 << 20)),
+    ):
+        _hog()
+    with machine.memory_limit(now + (300 << 20)):
+        small = bytearray(1 << 20)  # within the limit: runs as usual
+    with machine.memory_limit(None):
+        _ = small
+
+
+def test_a_torch_pruning_dry_run_that_outgrows_the_memory_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MaxViT's Torch-Pruning graph grew past 18 GB until the kernel killed the run without a word;
+    the dry run now stops at the memory the machine can spare, with the way out."""
+    from p3b_fx import baselines, machine  # noqa: PLC0415
+
+    now = machine.resident_bytes()
+    if now is None:
+        pytest.skip("no /proc/self/statm: the limit cannot be read here")
+    monkeypatch.setattr(baselines, "dry_run_memory_limit", lambda: now + (300 << 20))
+    monkeypatch.setattr(baselines, "prune_to", _hog)
+    with pytest.raises(ConfigError, match=r"dry run on tiny grew past the memory .* --method uniform or p3b"):
+        baselines.check_prunable(torch.nn.Linear(2, 2), torch.zeros(1, 2), "tiny")
 
 
 def test_a_torch_pruning_step_that_breaks_the_model_stops_the_run_clearly(
