@@ -62,8 +62,9 @@ def memory_limit(limit: int | None, interval: float = 0.2) -> Iterator[None]:
     ``interval`` s by a watcher thread, which interrupts the main thread): a
     :class:`MemoryLimitExceeded` instead of the kernel killing the process without a word.
     Python code stops at its next bytecode; a single long native call finishes first. No limit
-    (None), or no way to read the memory (not Linux): the code just runs. Use from the main thread."""
-    if limit is None or resident_bytes() is None:
+    (None), no way to read the memory (not Linux), or a caller off the main thread (the interrupt
+    could reach only the main thread): the code just runs."""
+    if limit is None or resident_bytes() is None or threading.current_thread() is not threading.main_thread():
         yield
         return
     stop, peak = threading.Event(), [0]

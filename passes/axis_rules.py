@@ -93,7 +93,6 @@ def _norm_over_last(node: fx.Node, t: Tracker, count: int, params: tuple[Any, ..
     cannot be sliced. Anything else normalised over a group axis is fixed."""
     state = first_state(node, t)
     axis = state[-1] if state else ()
-    reason = f"normalised over (its statistics would change) at node '{node.name}'"
     if count == 1 and axis and params is not None:
         for name in params:
             if name is not None:
@@ -101,7 +100,7 @@ def _norm_over_last(node: fx.Node, t: Tracker, count: int, params: tuple[Any, ..
         t.norms.append(node)
         t.zero[node] = True  # the gate after it zeroes the pruned elements again
         return state
-    t.labels.mark(state[-count:], reason)
+    t.labels.mark(state[-count:], f"normalised over (its statistics would change) at node '{node.name}'")
     t.zero[node] = False
     return state
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -534,6 +535,19 @@ def test_a_memory_limit_stops_python_code_that_outgrows_it() -> None:
         small = bytearray(1 << 20)  # within the limit: runs as usual
     with machine.memory_limit(None):
         _ = small
+    errors: list[BaseException] = []
+
+    def off_main() -> None:  # the interrupt could reach only the main thread: no watcher there
+        try:
+            with machine.memory_limit(1):
+                time.sleep(0.5)
+        except BaseException as exc:  # any escape fails the test below
+            errors.append(exc)
+
+    worker = threading.Thread(target=off_main)
+    worker.start()
+    worker.join()
+    assert not errors
 
 
 def test_a_torch_pruning_dry_run_that_outgrows_the_memory_is_a_clear_error(

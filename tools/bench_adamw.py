@@ -31,15 +31,8 @@ from p3b_fx import train
 from p3b_fx.config import PruneConfig
 from p3b_fx.machine import describe
 
-SOURCE_ARCH = {
-    "img_size": 28,
-    "patch_size": 7,
-    "embed_dim": 192,
-    "depth": 6,
-    "num_heads": 3,
-    "num_classes": 10,
-}
-"""The shipped source ViT's architecture (weights do not matter for timing)."""
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tool, also when imported
+from bench_train_step import SOURCE_ARCH  # the source ViT's architecture, in one place
 
 
 def _modules() -> dict[str, nn.Module]:
