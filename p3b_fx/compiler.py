@@ -39,6 +39,8 @@ def insert_masks(
     """
     out = _share_tensors_copy(gm) if share_parameters else copy_graph_module(gm)
     InsertMasksPass(groups)(out)
+    if not groups.prunable:  # no gate, so the pass's clean-up dropped the bank: an empty one, not an error
+        out.add_submodule(MASK_MODULE, MaskBank({}, {}))
     bank = out.get_submodule(MASK_MODULE)
     assert isinstance(bank, MaskBank)
     return out, bank

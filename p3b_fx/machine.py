@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import os
 import platform
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,11 @@ def memory_limit(limit: int | None, interval: float = 0.2) -> Iterator[None]:
                 _thread.interrupt_main()
                 return
 
+    # interrupt_main() raises KeyboardInterrupt through Python's own SIGINT handler, and does nothing
+    # where SIGINT is ignored or handled elsewhere (a launcher's handler, a test runner's): put the
+    # default handler in place while the code runs (this is the main thread, so it may)
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=watch, name="memory-limit", daemon=True)
     watcher.start()
     try:
@@ -89,9 +95,10 @@ def memory_limit(limit: int | None, interval: float = 0.2) -> Iterator[None]:
     finally:
         stop.set()
         watcher.join()
-    if peak[0] > limit:  # the code finished as the watcher fired: take its interrupt here, not later
-        try:
-            for _ in range(10_000):  # the interpreter handles a pending interrupt on a loop's back edge
+        if peak[0] > limit:  # the code finished as the watcher fired: take its interrupt here, not later
+            try:
+                for _ in range(10_000):  # the interpreter handles a pending interrupt on a back edge
+                    pass
+            except KeyboardInterrupt:
                 pass
-        except KeyboardInterrupt:
-            pass
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)

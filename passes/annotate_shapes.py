@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from p3b_fx.core import meta
-from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device
+from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device, module_dtype
 from p3b_fx.errors import PassError
 
 
@@ -63,7 +63,7 @@ class AnnotateShapesPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         shape = (self.batch, *self.input_shape[1:])
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        example = mode.from_tensor(torch.empty(shape, device=module_device(gm)))  # where the model lives
+        example = mode.from_tensor(torch.empty(shape, device=module_device(gm), dtype=module_dtype(gm)))
         state = _tensor_state(gm)
         try:
             with torch.no_grad():

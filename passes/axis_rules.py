@@ -295,7 +295,7 @@ def transpose(node: fx.Node, t: Tracker) -> State:
 
 def unbind(node: fx.Node, t: Tracker) -> tuple[State, ...]:
     state = unary(True)(node, t)
-    dim = int(_dim(node, 1, "dim", 0))
+    dim = int(_dim(node, 1, "dim", 0)) % len(state)  # unbind(-1): q, k, v = qkv.unbind(-1)
     for label in state[dim]:
         t.labels.roles[label] = Role.SELECT
     t.labels.mark((state[dim],), f"indexed by unbind at node '{node.name}' (e.g. the q/k/v selector)")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device, module_dtype
 from passes.find_blocks import NUMBER_OPS, is_shape_read
 
 
@@ -57,9 +57,8 @@ def _static_values(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[fx.
                     folded[n] = value
             return out
 
-    param = next(iter(gm.parameters()), None)
     with torch.no_grad():
-        Recorder(gm).run(torch.zeros(input_shape, device=None if param is None else param.device))
+        Recorder(gm).run(torch.zeros(input_shape, device=module_device(gm), dtype=module_dtype(gm)))
     return folded
 
 

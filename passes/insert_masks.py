@@ -20,7 +20,7 @@ from torch import fx
 from p3b_fx.core import meta
 from p3b_fx.core.groups import Factor, GroupSet, Role, lane_name
 from p3b_fx.core.masks import MASK_MODULE, MaskBank
-from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device
+from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device, module_dtype
 
 
 def _dims(groups: GroupSet, param: str, dim: int) -> tuple[Factor, ...] | None:
@@ -41,7 +41,7 @@ class InsertMasksPass(GraphPass):
         names = {n.name: n for n in gm.graph.nodes}
         sizes = {g.name: g.size for g in self.groups.prunable}
         sites: dict[str, tuple[Factor, ...]] = {}
-        bank = MaskBank(sizes, {}).to(module_device(gm))  # gates beside the weights they mask
+        bank = MaskBank(sizes, {}).to(module_device(gm), module_dtype(gm))  # as the weights: device, dtype
         gm.add_submodule(MASK_MODULE, bank)
         for b in self.groups.blocks:
             roles = {self.groups.group(g).role for g in b.groups if self.groups.group(g).prunable}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from p3b_fx.core.padded_norm import padded_norm
-from p3b_fx.core.pass_infra import PassResult
+from p3b_fx.core.pass_infra import PassResult, module_dtype
 from passes.axis_rules import norm_kind, norm_params
 from passes.slim_common import PlanPass, flat_index, live_blocks, nodes_by_name
 
@@ -44,13 +44,16 @@ class PadNormsPass(PlanPass):
 class _Padded(nn.Module):
     """``padded_norm`` with its constants bound, for tracing."""
 
-    def __init__(self, full: int, eps: float, kind: str, weight: bool, bias: bool) -> None:
+    def __init__(  # noqa: PLR0917
+        self, full: int, eps: float, kind: str, weight: bool, bias: bool, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.full, self.eps, self.kind, self.weight, self.bias = full, eps, kind, weight, bias
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         w, b = (weight if self.weight else None), (bias if self.bias else None)
-        return padded_norm(x, w, b, self.full, self.eps, self.kind)
+        return padded_norm(x, w, b, self.full, self.eps, self.kind, self.dtype)
 
 
 def _inline(gm: fx.GraphModule, node: fx.Node, full: int) -> None:
@@ -66,7 +69,9 @@ def _inline(gm: fx.GraphModule, node: fx.Node, full: int) -> None:
         eps = node.args[pos] if len(node.args) > pos else node.kwargs.get("eps", 1e-5 if pos == 4 else None)
     if eps is None:  # nn.RMSNorm's default: the input dtype's epsilon (float32 here)
         eps = torch.finfo(torch.float32).eps
-    sub = fx.Tracer().trace(_Padded(full, float(eps), kind, weight is not None, bias is not None))
+    # float32 statistics (as F.layer_norm's on CUDA) unless the model is float64 when it is slimmed
+    dtype = torch.float64 if module_dtype(gm) == torch.float64 else torch.float32
+    sub = fx.Tracer().trace(_Padded(full, float(eps), kind, weight is not None, bias is not None, dtype))
     inputs = [n for n in sub.nodes if n.op == "placeholder"]
     x = node.args[0]
     unused = x  # a placeholder the traced norm does not read (no weight, no bias)

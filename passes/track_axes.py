@@ -113,6 +113,11 @@ class Tracker:
         aligned by broadcasting). Two different labels on one axis are Unsupported. A label against an
         axis no label runs along is exact only where that axis broadcasts (size 1); otherwise the other
         operand keeps every element of the axis, so the label is marked (fixed), not dropped."""
+        if max(len(a), len(b), len(sizes[0]), len(sizes[1])) > rank:
+            raise Unsupported(
+                f"operands of rank {len(sizes[0])} and {len(sizes[1])} do not broadcast to the rank-{rank} "
+                f"result of node '{node.name}'"
+            )
         a = ((),) * (rank - len(a)) + tuple(self.resolve(a))
         b = ((),) * (rank - len(b)) + tuple(self.resolve(b))
         size_a = (1,) * (rank - len(sizes[0])) + tuple(sizes[0])
@@ -208,6 +213,7 @@ class Tracker:
             if rule is None:
                 raise Unsupported(f"no grouping rule for {describe(self.gm, node)}")
             out = rule(node, self)
+            _check_rank(node, out)
         except Unsupported as exc:
             self.failed.add(node)
             for i in node.all_input_nodes:
@@ -251,3 +257,16 @@ def unindexed(node: Any) -> Any:
     if isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         return node.args[0]
     return node
+
+
+def _check_rank(node: fx.Node, out: Any) -> None:
+    """A rule's state must have one axis per axis of the node's tensor: a rule that miscounts (as
+    ``unbind(-1)`` once did) would put labels on the wrong axes, so it fixes the groups instead."""
+    shape = node.meta.get(meta.SHAPE)
+    if out is None or not isinstance(shape, tuple) or not all(isinstance(d, int) for d in shape):
+        return
+    if len(out) != len(shape):
+        raise Unsupported(
+            f"the grouping rule for node '{node.name}' gave {len(out)} axes for a rank-{len(shape)} "
+            "tensor (a p3b-fx bug: please report it with the model)"
+        )

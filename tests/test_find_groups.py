@@ -585,3 +585,89 @@ def test_each_window_function_on_the_write_path_keeps_channels_and_takes_fewer(k
     for c in range(6):
         torch.testing.assert_close(call(windows[..., c : c + 1])[..., 0], full[..., c], atol=0, rtol=0)
     torch.testing.assert_close(call(windows[..., [1, 4]]), full[..., [1, 4]], atol=0, rtol=0)
+
+
+class _UnbindLastAttention(nn.Module):
+    """q, k and v unbound from the last axis (``qkv.reshape(B, N, H, D, 3).unbind(-1)``, as CSATv2's
+    scalar attention does): a negative unbind axis once left the state of q with the wrong rank."""
+
+    def __init__(self, dim: int = 48, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:  # timm passes attn_mask, is_causal
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, self.heads, c // self.heads, 3).permute(0, 2, 1, 3, 4).unbind(-1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def test_an_unbind_over_the_last_axis_keeps_heads_and_head_dims_prunable_and_exact() -> None:
+    model = tiny_vit(depth=1)
+    model.blocks[0].attn = _UnbindLastAttention()
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert groups.group("blocks.0.attn:heads").prunable and groups.group("blocks.0.attn:head_dim").prunable
+    x = torch.randn(2, 3, 32, 32)
+    for seed in range(2):
+        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            out = p3b_fx.slim(gm, plan, groups)(x)
+            torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+
+
+def test_a_rule_that_miscounts_axes_fixes_the_groups_it_touches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracker checks every rule's state against the node's rank: a wrong state fixes the groups
+    with a reason that names the node, never a silently wrong group."""
+    from passes import track_axes  # noqa: PLC0415
+
+    table = dict(track_axes.rules())
+    good = table[nn.GELU]
+    table[nn.GELU] = lambda node, t: (*good(node, t), ())  # one axis too many
+    monkeypatch.setattr(track_axes, "_RULES", table)
+    groups = p3b_fx.find_groups(p3b_fx.trace(tiny_vit(depth=1)))
+    hidden = groups.group("blocks.0.mlp:hidden")
+    assert not hidden.prunable and "axes for a rank-3 tensor (a p3b-fx bug" in hidden.reason
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_cast_before_tracing_is_traced_masked_and_slimmed_in_its_dtype(dtype: torch.dtype) -> None:
+    """Shape propagation, the mask gates and the padded norms follow the model's dtype (a bfloat16
+    model failed in shape propagation: float32 input, bfloat16 bias)."""
+    model = tiny_vit(depth=1, scale_mlp_norm=True).to(dtype)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=0)
+    masked = p3b_fx.apply_masks(gm, plan, groups)
+    assert {b.dtype for b in masked.get_submodule("p3b_masks").buffers()} == {dtype}
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        out, want = p3b_fx.slim(gm, plan, groups)(x), masked(x)
+    assert out.dtype == want.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 5e-2
+    torch.testing.assert_close(out, want, atol=tol, rtol=0)
+
+
+def test_a_model_with_no_prunable_group_masks_to_itself() -> None:
+    """SwiftFormer's blocks are all fixed: masking it gives an empty gate bank, not an AttributeError."""
+    model = tiny_vit(depth=1)
+    shared = _Shared(48)
+    model.blocks[0].attn = model.blocks[0].mlp = shared  # both branches call one module: kept whole
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert groups.blocks and not groups.prunable
+    masked = p3b_fx.apply_masks(gm, p3b_fx.KeepPlan.dense(groups), groups)
+    assert not list(masked.get_submodule("p3b_masks").buffers())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(masked(x), gm(x), atol=0, rtol=0)
+
+
+class _Shared(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:  # timm passes attn_mask, is_causal
+        return self.fc2(torch.relu(self.fc1(x)))

@@ -550,6 +550,29 @@ def test_a_memory_limit_stops_python_code_that_outgrows_it() -> None:
     assert not errors
 
 
+def test_a_memory_limit_works_where_sigint_is_ignored() -> None:
+    """A run started in the background by a shell (``python tools/prune.py ... &``) has SIGINT
+    ignored, and the watcher's interrupt did nothing there: the hog ran on. The limit puts Python's
+    own handler in place while it guards, and gives the previous one back."""
+    import signal  # noqa: PLC0415
+
+    from p3b_fx import machine  # noqa: PLC0415
+
+    now = machine.resident_bytes()
+    if now is None:
+        pytest.skip("no /proc/self/statm: the limit cannot be read here")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with (
+            pytest.raises(machine.MemoryLimitExceeded),
+            machine.memory_limit(now + (300 << 20)),
+        ):
+            _hog()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_torch_pruning_dry_run_that_outgrows_the_memory_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

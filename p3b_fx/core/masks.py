@@ -92,13 +92,11 @@ class MaskBank(nn.Module):
         for size, group in self.sites[site]:
             v = self.gate(group) if group in self.group_attrs else None
             if v is None:
-                v = torch.ones(size, device=self._device())
+                first = next(iter(self.buffers()))
+                v = torch.ones(size, device=first.device, dtype=first.dtype)
             mask = v if mask is None else (mask[:, None] * v[None, :]).reshape(-1)
         assert mask is not None
         return mask
-
-    def _device(self) -> torch.device:
-        return next(iter(self.buffers())).device
 
     def _mask_nonzero(self, site: str, mask: torch.Tensor) -> bool:
         """Whether ``mask`` (the site's mask in x's dtype) has no zero; cached until a gate changes."""

@@ -12,10 +12,11 @@ the ``k`` kept ones, reproduces its statistics exactly:
 
 ``kind``: ``"layer"`` (LayerNorm: centre, biased variance, weight and bias), ``"rms"`` (RMSNorm:
 mean of squares, weight), ``"simple"`` (timm's SimpleNorm: x / sqrt(unbiased variance), weight).
-The statistics run in float32 whatever the input's dtype (as ``F.layer_norm`` does on CUDA); the
-result has the input's dtype. The slim rewrite (``passes/pad_norms.py``) inlines these few tensor
-ops into the graph, so a slim model still loads and runs with torch alone, and exports to ONNX as
-ReduceSum, Sub, Mul, Div and Sqrt, which every opset and TensorRT take.
+The statistics run in float32 whatever the input's dtype (as ``F.layer_norm`` does on CUDA), or
+in float64 for a model that is float64 when it is slimmed; the result has the input's dtype. The
+slim rewrite (``passes/pad_norms.py``) inlines these few tensor ops into the graph, so a slim model
+still loads and runs with torch alone, and exports to ONNX as ReduceSum, Sub, Mul, Div and Sqrt,
+which every opset and TensorRT take.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ def padded_norm(  # noqa: PLR0917 - F.layer_norm's arguments plus two
     full: int,
     eps: float,
     kind: str,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Norm ``kind`` over the last axis of ``x`` as if it were ``full`` wide, the missing elements 0.
 
-    Written with plain tensor ops that ``torch.fx`` traces (the slim rewrite inlines them)."""
-    xf = x.float()
+    The statistics run in ``dtype`` (the slim rewrite passes float64 for a float64 model). Written
+    with plain tensor ops that ``torch.fx`` traces (the slim rewrite inlines them)."""
+    xf = x.to(dtype)
     missing = full - xf.shape[-1]
     if kind == "rms":
         y = xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) / full + eps)

@@ -35,6 +35,15 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating dtype ``module`` computes in: that of its first floating parameter or buffer
+    (float32 when it has none). Example inputs and mask gates are made in it, so a model cast to
+    bfloat16, float16 or float64 before tracing runs as it is."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    first = next((t for t in tensors if t.is_floating_point()), None)
+    return torch.float32 if first is None else first.dtype
+
+
 @dataclass(frozen=True)
 class PassResult:
     graph_module: fx.GraphModule
