@@ -5,21 +5,35 @@ whole (leaves), and adds the stochastic modules (DropPath, PatchDropout) so that
 once still follows ``.train()`` / ``.eval()``. Optional forward arguments (timm's
 ``attn_mask=None, is_causal=False``) are specialised to their defaults, so they never become
 graph inputs. Python-level ``if self.training`` branches are specialised to eval mode.
+
+Python control flow on shapes (``if pad_b > 0:``, ``assert L == H * W``, ``int(N ** 0.5)``) is
+specialised to the traced input shape: the tracer computes the value from fake tensors of that
+shape (no arithmetic runs) and follows the branch taken, and the graph asserts the value
+(``torch._assert``), so an input that would take the other branch stops with a message instead of
+computing something else. This lets the tracer open timm's leaf modules that hide transformer
+blocks behind such code (:data:`OPENED_LEAVES`: TinyViT's blocks, Twins' local attention and
+MobileViT's blocks); control flow on tensor values still fails to trace.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import logging
+import operator
 from typing import Any
 
+import torch
 from timm.layers import _fx as timm_fx
 from timm.layers.drop import DropPath
 from timm.layers.patch_dropout import PatchDropout
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from p3b_fx.core import meta
+from p3b_fx.core.pass_infra import module_device, module_dtype
 from p3b_fx.errors import TraceError
 from passes.functional_linear import FunctionalLinearPass
 
@@ -30,15 +44,124 @@ INPUT_SHAPE_KEY = meta.INPUT_SHAPE
 _EXTRA_LEAVES: tuple[type[nn.Module], ...] = (DropPath, PatchDropout)
 
 
+def _timm_classes(*paths: str) -> tuple[type[nn.Module], ...]:
+    """The classes ``module:Name`` that this timm version has."""
+    found = []
+    for path in paths:
+        module, _, name = path.partition(":")
+        cls = getattr(importlib.import_module(f"timm.models.{module}"), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+OPENED_LEAVES: tuple[type[nn.Module], ...] = _timm_classes(
+    "tiny_vit:TinyVitBlock",  # pads to whole windows: `if pad_b > 0 or pad_r > 0`
+    "twins:LocallyGroupedAttn",  # the same padding
+    "mobilevit:MobileVitBlock",  # resizes to whole patches: `if new_h != H or new_w != W`
+)
+"""timm leaf modules the tracer traces into, specialising their shape-dependent control flow (each
+is tested: ``tests/test_trace.py``). Left closed: modules without an ``nn.Linear`` (convolutions,
+norms); NaFlexEmbeds, whose control flow follows the patch layout of each input; ConViT's GPSA,
+which writes into a tensor it builds from the token count (``rel_indices[..., 2] = ...``). Should
+one of these fail to trace in another timm version, the model is traced with them closed."""
+
+
+class _SpecialisingProxy(fx.Proxy):
+    """``int(proxy)`` specialises to the traced shape's value, as ``bool`` does (see ``to_bool``)."""
+
+    def __int__(self) -> int:
+        tracer = self.tracer
+        assert isinstance(tracer, _Tracer)
+        return int(tracer.specialise(self, int))
+
+
 class _Tracer(fx.Tracer):
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] | None = None,
+        concrete: dict[str, Any] | None = None,
+        *,
+        open_leaves: bool = True,
+    ) -> None:
         super().__init__(autowrap_functions=tuple(timm_fx._autowrap_functions))
-        self._leaves = tuple(timm_fx._leaf_modules) + _EXTRA_LEAVES
+        opened = OPENED_LEAVES if open_leaves else ()
+        self._leaves = tuple(c for c in timm_fx._leaf_modules if c not in opened) + _EXTRA_LEAVES
+        self._input_shape = input_shape
+        self._concrete = concrete or {}
+        self._env: dict[fx.Node, Any] = {}
+        self._interpreter: fx.Interpreter | None = None
+        self._mode: FakeTensorMode | None = None
+        self.guards = 0
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SpecialisingProxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.specialise(obj, bool))
+
+    def specialise(self, obj: fx.Proxy, kind: type) -> Any:
+        """The value ``obj`` has for the traced input shape, asserted in the graph."""
+        value = self._value(obj.node, kind)
+        cond = (
+            self.create_proxy("call_function", operator.eq, (obj, value), {})
+            if kind is not bool
+            else obj
+            if value
+            else self.create_proxy("call_function", operator.not_, (obj,), {})
+        )
+        shape = (2, *self._input_shape[1:]) if self._input_shape else None
+        message = (
+            f"p3b-fx traced this model for inputs of shape {shape}, where '{obj.node.name}' is {value!r}; "
+            "this input takes another path through the model's Python code: trace it with "
+            "p3b_fx.trace(model, input_shape=...) of this input"
+        )
+        self.create_proxy("call_function", torch._assert, (cond, message), {})
+        self.guards += 1
+        return value
+
+    def _value(self, node: fx.Node, kind: type) -> Any:
+        """``kind`` of ``node``'s value: the graph traced so far runs on fake tensors of the input shape
+        up to ``node`` (each node once per trace), outside the tracer's patches so modules run."""
+        if self._input_shape is None:
+            raise TraceError(f"control flow on '{node.name}' needs the input shape to specialise")
+        if self._interpreter is None:
+            self._mode = FakeTensorMode(allow_non_fake_inputs=True)
+            self._interpreter = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
+            self._interpreter.env = self._env
+        assert self._mode is not None
+        first = True
+        try:
+            with torch.no_grad(), _maybe_revert_all_patches(), self._mode:
+                for n in self.graph.nodes:
+                    if n.op == "placeholder":
+                        if n not in self._env:
+                            shape = (2, *self._input_shape[1:])
+                            example = torch.empty(
+                                shape, device=module_device(self.root), dtype=module_dtype(self.root)
+                            )
+                            self._env[n] = (
+                                self._mode.from_tensor(example) if first else self._concrete.get(n.target)
+                            )
+                        first = False
+                    elif n not in self._env and n.op != "output":
+                        self._env[n] = self._interpreter.run_node(n)
+                    if n is node:
+                        break
+                value = kind(self._env[node])
+        except Exception as exc:  # a value that depends on the data, not on shapes
+            raise TraceError(
+                f"torch.fx cannot trace {type(self.root).__name__}: Python control flow at "
+                f"'{node.name}' depends on tensor values, not only on shapes ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); mark the offending submodule as a "
+                "leaf or export a static variant of the model"
+            ) from exc
+        return value
 
 
 def _concrete_args(model: nn.Module) -> dict[str, Any]:
@@ -93,7 +216,18 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
     was_training = model.training
     model.eval()
     try:
-        graph = _Tracer().trace(model, concrete_args=_concrete_args(model))
+        concrete = _concrete_args(model)
+        try:
+            graph = _Tracer(tuple(shape), concrete).trace(model, concrete_args=concrete)
+        except Exception as exc:
+            opened = sorted({type(m).__name__ for m in model.modules() if isinstance(m, OPENED_LEAVES)})
+            if not opened:
+                raise
+            logger.warning(
+                "could not trace into %s (%s: %s); traced them as leaves, so their blocks stay whole",
+                ", ".join(opened), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+            )  # fmt: skip
+            graph = _Tracer(tuple(shape), concrete, open_leaves=False).trace(model, concrete_args=concrete)
     except TraceError:
         raise
     except Exception as exc:  # torch.fx raises many types for untraceable code

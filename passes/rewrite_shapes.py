@@ -10,6 +10,7 @@ graph must compute exactly what the masked graph computed.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,48 @@ class RewriteShapesPass(PlanPass):
                 modified = True
             sizes = [math.prod(kept[g] for g in axis) if axis else None for axis in info.axes]
             modified |= _rewrite_reshape(node, sizes)
+        for node in list(gm.graph.nodes):
+            modified |= _rewrite_split(node, self.groups, kept)
         return PassResult(gm, modified)
+
+
+def _rewrite_split(node: fx.Node, groups: GroupSet, kept: dict[str, int]) -> bool:
+    """``split(sections, dim)`` with sizes baked in (TinyViT: ``split([key_dim, key_dim, val_dim],
+    dim=3)`` of each head's q, k and v): each part's size becomes its kept size, read from the
+    groups along ``dim`` of the ``getitem`` that takes the part."""
+    if not (
+        (node.op == "call_method" and node.target == "split")
+        or (node.op == "call_function" and node.target in (torch.split, torch.Tensor.split))
+    ):
+        return False
+    sections = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+    dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    shapes = node.meta.get("p3b.shape")
+    if not isinstance(sections, (int, list, tuple)) or not isinstance(dim_arg, int) or not shapes:
+        return False
+    dim = dim_arg % len(shapes[0])
+    parts: dict[int, tuple[str, ...]] = {}
+    for user in node.users:
+        info = groups.nodes.get(user.name)
+        if user.target is operator.getitem and isinstance(user.args[1], int) and info and info.axes:
+            parts[user.args[1]] = info.axes[dim]
+    if not any(parts.values()):
+        return False
+    new = [
+        math.prod(kept[g] for g in parts[i]) if parts.get(i) else int(shape[dim])
+        for i, shape in enumerate(shapes)
+    ]
+    old = [sections] * len(shapes) if isinstance(sections, int) else list(sections)
+    if new == old:
+        return False
+    value: int | list[int] = new[0] if isinstance(sections, int) and len(set(new)) == 1 else new
+    args = list(node.args)
+    if len(args) > 1:
+        args[1] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "split_size_or_sections": value}
+    return True
 
 
 def _contracted(node: fx.Node, groups: GroupSet) -> tuple[str, ...]:

@@ -116,3 +116,94 @@ class _DataDependent(nn.Module):
 def test_untraceable_inputs_raise_trace_error(model: object, message: str) -> None:
     with pytest.raises(TraceError, match=message):
         p3b_fx.trace(model, input_shape=(1, 4))  # type: ignore[arg-type]
+
+
+class _PadToEven(nn.Module):
+    """Pads its token axis to an even count (as TinyViT pads to whole windows) and folds the tokens
+    into a square grid whose side it computes with ``int()`` (as ConViT and MobileViT do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        if n % 2:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 1))
+        side = int((x.shape[1] // 2) ** 0.5)
+        return self.lin(x).reshape(b, 2, side, side, c).sum(dim=(1, 2, 3))
+
+
+def test_control_flow_on_shapes_is_specialised_to_the_traced_shape_and_guarded() -> None:
+    """The branch the traced shape takes is in the graph and asserted: another input that would take
+    the other branch stops with a message naming the traced shape, instead of computing wrongly."""
+    model = _PadToEven().eval()
+    gm = p3b_fx.trace(model, input_shape=(1, 7, 4))  # 7 tokens: padded to 8 = 2 x 2 x 2
+    assert sum(n.target is torch._assert for n in gm.graph.nodes) == 2  # the `if`, the `int()`
+    for batch in (1, 3):
+        x = torch.randn(batch, 7, 4)
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+    with pytest.raises(AssertionError, match=r"traced this model for inputs of shape \(2, 7, 4\)"):
+        gm(torch.randn(2, 8, 4))  # even: eager would not pad
+    assert p3b_fx.trace(model, input_shape=(1, 8, 4))(torch.randn(2, 8, 4)).shape == (2, 4)
+
+
+# timm leaf modules the tracer opens (p3b_fx.tracing.OPENED_LEAVES), each in a model that holds it;
+# TinyViT at 64 px pads its windows (16 tokens a side, window 7), at 224 px it does not
+OPENED = [
+    ("tiny_vit_5m_224", 64, "TinyVitBlock"),
+    ("tiny_vit_5m_224", 224, "TinyVitBlock"),
+    ("twins_svt_small", 224, "LocallyGroupedAttn"),
+    ("mobilevit_xxs", 256, "MobileVitBlock"),
+]
+
+
+@pytest.mark.parametrize("case", OPENED, ids=[f"{n}-{size}px" for n, size, _ in OPENED])
+def test_opened_timm_leaves_trace_exactly_into_blocks_that_slim_exactly(case: tuple[str, int, str]) -> None:
+    name, size, leaf = case
+    kw = {"depths": (1, 1, 1, 1)} if name.startswith("twins") else {}
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    assert any(type(m).__name__ == leaf for m in model.modules())
+    shape = (1, 3, size, size)
+    gm = p3b_fx.trace(model, input_shape=shape)
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+    groups = p3b_fx.find_groups(gm)
+    parts = [b.name.split(".") for b in groups.blocks]
+    inside = [
+        b for b, p in zip(groups.blocks, parts, strict=True)
+        if any(type(model.get_submodule(".".join(p[:i]))).__name__ == leaf for i in range(1, len(p) + 1))
+    ]  # fmt: skip
+    assert inside and any(groups.group(g).prunable for b in inside for g in b.groups)
+    gm64 = p3b_fx.trace(model.double(), input_shape=shape)
+    groups64 = p3b_fx.find_groups(gm64)
+    plan = p3b_fx.KeepPlan.random(groups64, 0.5, seed=0)
+    with torch.no_grad():
+        out, masked = p3b_fx.slim(gm64, plan, groups64)(x.double()), p3b_fx.apply_masks(gm64, plan, groups64)
+        torch.testing.assert_close(out, masked(x.double()), atol=1e-9, rtol=0)
+        assert (out - gm64(x.double())).abs().max() > 1e-3
+
+
+def test_an_opened_leaf_that_fails_to_trace_is_traced_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a timm version change an opened leaf so that it no longer traces, the model is traced
+    with it as a leaf, as before it was opened (its block stays whole), with a warning."""
+    from p3b_fx import tracing  # noqa: PLC0415
+
+    model = tiny_vit(depth=1)
+    attn = type(model.blocks[0].attn)
+    original = attn.forward
+
+    def untraceable(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent: no specialisation can follow it
+            return original(self, x, *args, **kwargs)  # type: ignore[no-any-return]
+        return original(self, x, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(attn, "forward", untraceable)
+    monkeypatch.setattr(tracing, "OPENED_LEAVES", (attn,))
+    monkeypatch.setattr(tracing.timm_fx, "_leaf_modules", {*tracing.timm_fx._leaf_modules, attn})
+    gm = p3b_fx.trace(model)
+    assert any(n.op == "call_module" and n.target == "blocks.0.attn" for n in gm.graph.nodes)  # a leaf
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
