@@ -108,13 +108,8 @@ class _Tracer(fx.Tracer):
     def specialise(self, obj: fx.Proxy, kind: type) -> Any:
         """The value ``obj`` has for the traced input shape, asserted in the graph."""
         value = self._value(obj.node, kind)
-        cond = (
-            self.create_proxy("call_function", operator.eq, (obj, value), {})
-            if kind is not bool
-            else obj
-            if value
-            else self.create_proxy("call_function", operator.not_, (obj,), {})
-        )
+        # `obj == value`, not `not obj`: a graph module retraced by torch.fx may hold no `not`
+        cond = self.create_proxy("call_function", operator.eq, (obj, value), {})
         shape = (2, *self._input_shape[1:]) if self._input_shape else None
         message = (
             f"p3b-fx traced this model for inputs of shape {shape}, where '{obj.node.name}' is {value!r}; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 
 import p3b_fx
 from p3b_fx.errors import TraceError
-from tests.conftest import set_fused, tiny_vit
+from tests.conftest import assert_loads_with_torch_alone, set_fused, tiny_vit
 
 # (timm name, kwargs): real widths/heads of the named models; depth cut where the full model
 # would only make the test slow (tracing does not depend on depth).
@@ -183,6 +185,24 @@ def test_opened_timm_leaves_trace_exactly_into_blocks_that_slim_exactly(case: tu
         out, masked = p3b_fx.slim(gm64, plan, groups64)(x.double()), p3b_fx.apply_masks(gm64, plan, groups64)
         torch.testing.assert_close(out, masked(x.double()), atol=1e-9, rtol=0)
         assert (out - gm64(x.double())).abs().max() > 1e-3
+
+
+def test_a_slim_model_with_shape_guards_loads_with_torch_alone_and_exports(tmp_path: Path) -> None:
+    """Unpickling a GraphModule retraces its code: the guards must retrace (no ``not``), and the
+    ONNX export drops them (they hold for the exported shape)."""
+    from p3b_fx.export.jetpack import jetpack  # noqa: PLC0415 - onnx only here
+    from p3b_fx.export.onnx import export_onnx  # noqa: PLC0415
+
+    gm = p3b_fx.trace(
+        timm.create_model("tiny_vit_5m_224", pretrained=False).eval(), input_shape=(1, 3, 64, 64)
+    )
+    groups = p3b_fx.find_groups(gm)
+    slim = p3b_fx.slim(gm, p3b_fx.KeepPlan.random(groups, 0.5, seed=0), groups).eval()
+    assert any(n.target is torch._assert for n in slim.graph.nodes)
+    x = torch.randn(2, 3, 64, 64)
+    assert_loads_with_torch_alone(slim, x, tmp_path)
+    report = export_onnx(slim, x[:1], tmp_path / "tiny_vit.onnx", jetpack=jetpack("6.1"))
+    assert report.parity_max_abs_diff <= 1e-4
 
 
 def test_an_opened_leaf_that_fails_to_trace_is_traced_closed(monkeypatch: pytest.MonkeyPatch) -> None:

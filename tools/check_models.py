@@ -50,9 +50,20 @@ MODELS = (
     "pit_ti_224", "levit_128s", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256",
     "maxvit_tiny_tf_224", "davit_tiny", "gcvit_xxtiny", "nest_tiny", "hiera_tiny_224", "twins_svt_small",
     "crossvit_tiny_240", "coat_tiny", "coat_lite_tiny", "volo_d1_224", "tnt_s_patch16_224",
-    "mvitv2_tiny", "efficientformer_l1", "pvt_v2_b0", "twins_pcpvt_small",
+    "mvitv2_tiny", "efficientformer_l1", "pvt_v2_b0", "twins_pcpvt_small", "maxxvitv2_nano_rw_256",
+    "sam2_hiera_tiny", "samvit_base_patch16",
+    # more ViTs of timm 1.0.31
+    "naflexvit_base_patch16_gap", "vit_so150m_patch16_reg4_map_256", "aimv2_large_patch14_224",
+    # efficient and hybrid designs for small devices (blocks behind leaf modules, convolutions)
+    "tiny_vit_5m_224", "mobilevit_xxs", "nextvit_small", "edgenext_xx_small", "fastvit_sa12",
+    "swiftformer_xs", "csatv2", "efficientvit_m0",
 )  # fmt: skip
 PLANS = 3
+TOLERANCE = 1e-9
+"""Slim vs hard-masked, relative to the plan's effect. The check runs in float64: an exact rewrite
+lands near 1e-15 there, a wrong slice near the effect itself. In float32 some random-weight models
+(NeXt-ViT: outputs of 3e4 behind a dozen BatchNorms) lose 1e-3 of the output to rounding in the
+masked model alone, which a float32 check would take for a bug."""
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -97,12 +108,12 @@ def check(name: str) -> str:
     if not timm.is_model(name):
         return f"| {name} | - | - | - | refused: no timm model of this name | - | 0 |"
     try:
-        gm = p3b_fx.trace(randomise(_model(name)))
+        gm = p3b_fx.trace(randomise(_model(name)).double())
         groups = p3b_fx.find_groups(gm)
         roles = Counter(str(g.role) for g in groups.prunable)
         total = Counter(str(g.role) for g in groups.groups)
         per_role = ", ".join(f"{r} {roles[r]}/{total[r]}" for r in map(str, ROLE_ORDER) if total[r])
-        x = torch.randn(2, *gm.meta["p3b.input_shape"][1:])
+        x = torch.randn(2, *gm.meta["p3b.input_shape"][1:], dtype=torch.float64)
         worst, effect = 0.0, float("inf")
         with torch.no_grad():
             dense = gm(x)
@@ -111,7 +122,7 @@ def check(name: str) -> str:
                 out = p3b_fx.slim(gm, plan, groups)(x)
                 worst = max(worst, float((out - p3b_fx.apply_masks(gm, plan, groups)(x)).abs().max()))
                 effect = min(effect, float((out - dense).abs().max()))
-        verdict = "ok" if worst <= 1e-4 * max(1.0, effect) else f"**slim differs by {worst:.1e}**"
+        verdict = "ok" if worst <= TOLERANCE * max(1.0, effect) else f"**slim differs by {worst:.1e}**"
         counts = f"{len(groups.blocks)} | {len(groups.prunable)}/{len(groups.groups)}"
         shown = "-" if not groups.prunable else f"{effect:.1e}"
         result = f"{counts} | {per_role} | {verdict}, {worst:.1e} | {shown}"
@@ -131,8 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     head = (
-        "| model | blocks | prunable groups | per role (prunable/all) | slim vs hard-masked (max abs) "
-        "| plan's effect (least max abs change of the output) | s |\n"
+        "| model | blocks | prunable groups | per role (prunable/all) "
+        "| slim vs hard-masked (max abs, float64) | plan's effect (least max abs change of the output) "
+        "| s |\n"
         "|---|---|---|---|---|---|---|"
     )
     rows = [check(name) for name in tqdm(args.models, desc="models")]
@@ -148,9 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Written by `{argv_text}`, {when}; machine: {describe(gpu=False)}, "
             f"timm {timm.__version__}. Random weights (every parameter N(0, 1) · {WEIGHT_SCALE}, BatchNorm "
             "statistics too), one block per stage where the model takes `depth`, "
-            f'{PLANS} random plans keeping half of every prunable group. "Slim vs hard-masked" must stay '
-            "within 1e-4 of the plan's effect; the effect (how far the least-changed slim output moved "
-            "from the dense one) shows the check is not vacuous. A row marked bug is an exception "
+            f"{PLANS} random plans keeping half of every prunable group, all in float64 (the model is "
+            'cast before it is traced). "Slim vs hard-masked" must stay within '
+            f"{TOLERANCE:g} of the plan's effect; the effect (how far the least-changed slim output "
+            "moved from the dense one) shows the check is not vacuous. A row marked bug is an exception "
             "that is not a project error.\n\n" + text + "\n"
         )
         atomic_write_text(Path(args.out), doc)

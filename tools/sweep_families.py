@@ -59,6 +59,9 @@ MODELS: dict[str, list[str]] = {
     "maxvit_tiny_tf_224": ["--img-size", "64"],
     "swinv2_tiny_window8_256": [
         "--model-kwargs", '{"img_size": 64, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4]}'],
+    "tiny_vit_5m_224": ["--img-size", "64"],
+    "twins_svt_small": ["--img-size", "64", "--model-kwargs", '{"depths": [1, 1, 1, 1]}'],
+    "mobilevit_xxs": ["--img-size", "64"],
 }  # fmt: skip
 """timm name → the flags that make it small (models without a depth argument run at 64 px; Swin
 with two small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids; SwinV2's 8 × 8
