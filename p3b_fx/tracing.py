@@ -35,6 +35,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from p3b_fx.core import meta
 from p3b_fx.core.pass_infra import module_device, module_dtype
 from p3b_fx.errors import TraceError
+from passes.annotate_shapes import restore_tensor_state, tensor_state
 from passes.functional_linear import FunctionalLinearPass
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,6 @@ class _Tracer(fx.Tracer):
         self._env: dict[fx.Node, Any] = {}
         self._interpreter: fx.Interpreter | None = None
         self._mode: FakeTensorMode | None = None
-        self.guards = 0
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves):
@@ -117,7 +117,6 @@ class _Tracer(fx.Tracer):
             "p3b_fx.trace(model, input_shape=...) of this input"
         )
         self.create_proxy("call_function", torch._assert, (cond, message), {})
-        self.guards += 1
         return value
 
     def _value(self, node: fx.Node, kind: type) -> Any:
@@ -209,6 +208,7 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
             f"cannot tell the input shape of {type(model).__name__}: pass input_shape=(1, C, H, W)"
         )
     was_training = model.training
+    state = tensor_state(model)  # undone after: what forwards store in their modules while traced
     model.eval()
     try:
         concrete = _concrete_args(model)
@@ -233,6 +233,7 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
         ) from exc
     finally:
         model.train(was_training)
+        restore_tensor_state(model, state)
     _drop_specialised_inputs(graph)
     name = type(model).__name__
     gm = fx.GraphModule(model, graph, class_name=f"Traced{name}" if name != "GraphModule" else name)

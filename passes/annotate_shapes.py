@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -30,7 +30,7 @@ def _shape_of(val: Any) -> Any:
     return None
 
 
-def _tensor_state(gm: fx.GraphModule) -> dict[tuple[str, str], Any]:
+def tensor_state(gm: nn.Module) -> dict[tuple[str, str], Any]:
     """Every module's buffers and plain tensor attributes, by (module path, name)."""
     state: dict[tuple[str, str], Any] = {}
     for path, module in gm.named_modules():
@@ -39,7 +39,7 @@ def _tensor_state(gm: fx.GraphModule) -> dict[tuple[str, str], Any]:
     return state
 
 
-def _restore(gm: fx.GraphModule, state: dict[tuple[str, str], Any]) -> None:
+def restore_tensor_state(gm: nn.Module, state: dict[tuple[str, str], Any]) -> None:
     """Undo what a module's forward stored in itself while running on fake tensors (ConViT caches
     ``self.rel_indices = self.get_rel_indices(N)``: a fake tensor there broke every later real run)."""
     for (path, name), value in state.items():
@@ -64,7 +64,7 @@ class AnnotateShapesPass(GraphPass):
         shape = (self.batch, *self.input_shape[1:])
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         example = mode.from_tensor(torch.empty(shape, device=module_device(gm), dtype=module_dtype(gm)))
-        state = _tensor_state(gm)
+        state = tensor_state(gm)
         try:
             with torch.no_grad():
                 FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
@@ -74,7 +74,7 @@ class AnnotateShapesPass(GraphPass):
                 "Pass the model's real input shape to p3b_fx.trace(model, input_shape=...)"
             ) from exc
         finally:
-            _restore(gm, state)
+            restore_tensor_state(gm, state)
         modified = False
         for node in gm.graph.nodes:
             new = _shape_of(node.meta.pop("val", None))

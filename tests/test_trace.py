@@ -150,6 +150,34 @@ def test_control_flow_on_shapes_is_specialised_to_the_traced_shape_and_guarded()
     assert p3b_fx.trace(model, input_shape=(1, 8, 4))(torch.randn(2, 8, 4)).shape == (2, 4)
 
 
+class _CacheThenBranch(nn.Module):
+    """A leaf that caches a tensor in its module, then a branch on a shape: specialising the branch
+    runs the leaf on fake tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.test_find_groups import _CachingMlp  # noqa: PLC0415 - a registered trace leaf
+
+        self.mlp = _CachingMlp(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        if x.shape[1] % 2:
+            x = x[:, :-1]
+        return x.sum(dim=1)
+
+
+def test_specialising_leaves_no_fake_tensor_in_the_model() -> None:
+    from torch._subclasses.fake_tensor import FakeTensor  # noqa: PLC0415
+
+    model = _CacheThenBranch().eval()
+    gm = p3b_fx.trace(model, input_shape=(1, 7, 4))
+    assert not isinstance(model.mlp.cache, FakeTensor)
+    x = torch.randn(2, 7, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+
+
 # timm leaf modules the tracer opens (p3b_fx.tracing.OPENED_LEAVES), each in a model that holds it;
 # TinyViT at 64 px pads its windows (16 tokens a side, window 7), at 224 px it does not
 OPENED = [
