@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from p3b_fx.core import meta
 from p3b_fx.core.groups import GroupSet
 from p3b_fx.core.pass_infra import PassResult
 from passes.slim_common import PlanPass
@@ -55,7 +56,7 @@ def _rewrite_split(node: fx.Node, groups: GroupSet, kept: dict[str, int]) -> boo
         return False
     sections = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
     dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    shapes = node.meta.get("p3b.shape")
+    shapes = node.meta.get(meta.SHAPE)
     if not isinstance(sections, (int, list, tuple)) or not isinstance(dim_arg, int) or not shapes:
         return False
     dim = dim_arg % len(shapes[0])

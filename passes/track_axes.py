@@ -113,11 +113,6 @@ class Tracker:
         aligned by broadcasting). Two different labels on one axis are Unsupported. A label against an
         axis no label runs along is exact only where that axis broadcasts (size 1); otherwise the other
         operand keeps every element of the axis, so the label is marked (fixed), not dropped."""
-        if max(len(a), len(b), len(sizes[0]), len(sizes[1])) > rank:
-            raise Unsupported(
-                f"operands of rank {len(sizes[0])} and {len(sizes[1])} do not broadcast to the rank-{rank} "
-                f"result of node '{node.name}'"
-            )
         a = ((),) * (rank - len(a)) + tuple(self.resolve(a))
         b = ((),) * (rank - len(b)) + tuple(self.resolve(b))
         size_a = (1,) * (rank - len(sizes[0])) + tuple(sizes[0])
