@@ -362,9 +362,10 @@ def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
     return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))  # type: ignore[no-untyped-call]
 
 
-def _joined(node: fx.Node, t: Tracker) -> tuple[list[fx.Node], State, int]:
+def _joined(node: fx.Node, t: Tracker) -> tuple[list[fx.Node], State, int, tuple[str, str] | None]:
     """The tensors ``cat`` / ``stack`` join, their state where they meet as in an add (for ``cat``
-    the joined axis is left out of that: its labels are marked, it carries none), and the dim; the
+    the joined axis is left out of that: its labels are marked, it carries none), the dim, and the
+    split they put back together (:func:`_permuted_parts`; then a ``cat`` marks nothing); the
     result keeps zeros when every input is tracked and keeps them."""
     tensors = _dim(node, 0, "tensors")
     if not isinstance(tensors, (list, tuple)) or not all(isinstance(x, fx.Node) for x in tensors):
@@ -374,12 +375,13 @@ def _joined(node: fx.Node, t: Tracker) -> tuple[list[fx.Node], State, int]:
     dim = int(_dim(node, 1, "dim", 0)) % (rank + int(not concat))
     state: State = ((),) * rank
     known: tuple[int, ...] = (1,) * rank
+    parts = _permuted_parts(node, t, tensors, dim, concat)
     for x in tensors:
         if x not in t.states:
             continue
         own, size = t.states[x], tuple(x.meta[meta.SHAPE])
         if concat:
-            if own[dim]:
+            if own[dim] and parts is None:
                 t.labels.mark((own[dim],), f"concatenated along at node '{node.name}'")
             own, size = (*own[:dim], (), *own[dim + 1 :]), (*size[:dim], 1, *size[dim + 1 :])
         state = t.unify(node, state, own, rank, (known, size))
@@ -388,21 +390,60 @@ def _joined(node: fx.Node, t: Tracker) -> tuple[list[fx.Node], State, int]:
         if x not in t.states:
             _untracked_operand(t, state, x, mark_at=node)
     t.zero[node] = all(x in t.states and t.zero.get(x, False) for x in tensors)
-    return list(tensors), state, dim
+    return list(tensors), state, dim, parts
+
+
+def _permuted_parts(
+    node: fx.Node, t: Tracker, tensors: Sequence[fx.Node], dim: int, concat: bool
+) -> tuple[str, str] | None:
+    """(selector, group label) where ``cat`` / ``stack`` puts back together the parts a ``chunk`` or
+    a strided slice took apart, in any order and each through zero-keeping elementwise ops: rotary
+    embeddings' ``cat([-x2, x1], -1)`` of a chunk's halves, or ``stack([-x[..., 1::2], x[..., ::2]],
+    -1)`` of the odd and even dims (then reshaped back). Every input is tracked and carries the
+    same single label L along the joined axis (``cat``) or along the axis before the new one
+    (``stack``); L and a selector S with one element per input are the two factors one split made
+    (S × L for a chunk, L × S for a strided slice). The result runs along S × L, or L × S, so it
+    meets the unsplit axis element by element in L, while S, a fixed selector, is kept whole, and
+    the order of the parts within it does not matter. None otherwise."""
+    if not tensors or not all(x in t.states for x in tensors):
+        return None
+    at = dim if concat else dim - 1
+    axes = {t.resolve(t.states[x][at]) if 0 <= at < len(t.states[x]) else () for x in tensors}
+    if len(axes) != 1:
+        return None
+    axis: tuple[str, ...] = next(iter(axes))
+    if len(axis) != 1:
+        return None
+    label = axis[0]
+    for kids in t.labels.children.values():
+        if concat and kids[1] == label and t.labels.sizes[kids[0]] == len(tensors):
+            selector = kids[0]
+        elif not concat and kids[0] == label and t.labels.sizes[kids[1]] == len(tensors):
+            selector = kids[1]
+        else:
+            continue
+        t.labels.roles.setdefault(selector, Role.SELECT)
+        t.labels.mark(((selector,),), f"its parts are joined in another order at node '{node.name}'")
+        return selector, label
+    return None
 
 
 def cat(node: fx.Node, t: Tracker) -> State:
     """``cat(tensors, dim)``: the other axes of every input meet as in an add; along ``dim`` the
     inputs' elements are laid end to end, so a group axis there would need its slices told apart:
-    it is marked (fixed), and no group runs along the joined axis (rotary embeddings' ``cat`` of the
-    rotated halves of the head dims, or of prefix and patch tokens)."""
-    return _joined(node, t)[1]
+    it is marked (fixed), and no group runs along the joined axis (prefix and patch tokens), except
+    where the inputs are the parts of one split axis (:func:`_permuted_parts`: rotary embeddings'
+    ``cat`` of the rotated halves of the head dims), which the result runs along again."""
+    _, state, dim, parts = _joined(node, t)
+    return state if parts is None else (*state[:dim], parts, *state[dim + 1 :])
 
 
 def stack(node: fx.Node, t: Tracker) -> State:
-    """``stack(tensors, dim)``: the inputs meet as in an add and a new axis, no group's, is inserted."""
-    _, state, dim = _joined(node, t)
-    return (*state[:dim], (), *state[dim:])
+    """``stack(tensors, dim)``: the inputs meet as in an add and a new axis, no group's, is inserted;
+    where the inputs are the parts a strided slice took (:func:`_permuted_parts`), the new axis is
+    that slice's selector, so a reshape that merges it back gives the unsplit axis."""
+    _, state, dim, parts = _joined(node, t)
+    return (*state[:dim], (parts[0],) if parts else (), *state[dim:])
 
 
 def cast(node: fx.Node, t: Tracker) -> State:
@@ -432,6 +473,7 @@ def getitem(node: fx.Node, t: Tracker) -> Any:
 
 
 def _index_tensor(node: fx.Node, t: Tracker, state: State, idx: Any) -> State:
+    src_shape = node.args[0].meta[meta.SHAPE]  # type: ignore[union-attr]
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if Ellipsis in items:
         at = items.index(Ellipsis)
@@ -446,6 +488,11 @@ def _index_tensor(node: fx.Node, t: Tracker, state: State, idx: Any) -> State:
         if state[axis] and it != slice(None):
             if not isinstance(it, (int, slice)):
                 raise Unsupported("indexes into a group axis with a tensor or a list")
+            strided = _strided(node, t, state[axis], it, src_shape[axis]) if isinstance(it, slice) else None
+            if strided is not None:
+                out.append(strided)
+                axis += 1
+                continue
             # a slice or an element of a group axis: exact only while the axis keeps every element
             t.labels.mark((state[axis],), f"sliced or indexed at node '{node.name}'")
             if isinstance(it, slice):
@@ -460,6 +507,33 @@ def _index_tensor(node: fx.Node, t: Tracker, state: State, idx: Any) -> State:
     assert isinstance(src, fx.Node)
     t.zero[node] = t.zero.get(src, False)
     return tuple(out)
+
+
+def _strided(
+    node: fx.Node, t: Tracker, axis: tuple[str, ...], it: slice, size: int
+) -> tuple[str, ...] | None:
+    """``x[..., start::step]`` over a whole group axis (interleaved rotary embeddings take the odd and
+    the even per-head dims, ``x[..., 1::2]`` and ``x[..., ::2]``): the innermost label of size n is
+    a reshape into (n / step, step), and the slice picks one element of the step-factor, so the
+    n / step factor stays a group axis (pairs of dims for rotary) and the step-factor becomes a fixed
+    selector, as a ``chunk``'s parts do. None where the slice is not of that form (then the axis is
+    fixed as for any other slice)."""
+    step = 1 if it.step is None else it.step
+    start = 0 if it.start is None else it.start
+    last = t.resolve(axis[-1])
+    if not (
+        isinstance(step, int) and isinstance(start, int) and step > 1 and 0 <= start < step
+        and (it.stop is None or (isinstance(it.stop, int) and it.stop >= size))
+        and t.labels.sizes[last] % step == 0
+    ):  # fmt: skip
+        return None
+    try:
+        pairs, selector = t.labels.split(last, t.labels.sizes[last] // step)
+    except Unsupported:
+        return None
+    t.labels.roles[selector] = Role.SELECT
+    t.labels.mark(((selector,),), f"picked by a strided slice at node '{node.name}' (pairs kept whole)")
+    return (*axis[:-1], pairs)
 
 
 def shape_access(node: fx.Node, t: Tracker) -> None:
@@ -528,12 +602,15 @@ def _binary_one_tracked(  # noqa: PLR0917 - private helper of binary()
 
 
 def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None = None) -> None:
-    """``b``, an untracked operand broadcast against a value of ``state``: every axis of it that
-    spans a group axis must come from parameters (:func:`_param_source`), which the rewrite then
-    slices along that axis; the nodes between them get that axis as their state, so the rewrite
-    also resizes their reshapes. Where there is no such source, the node is Unsupported; with
-    ``mark_at``, only that axis' groups are marked unprunable (an attention bias spanning the heads
-    leaves the head dims free)."""
+    """``b``, an untracked operand broadcast against a value of ``state``: an axis of it that spans a
+    group axis and comes from parameters (:func:`_param_source`) is sliced by the rewrite along that
+    axis; the nodes between them get that axis as their state, so the rewrite also resizes their
+    reshapes. Any other such axis, with ``mark_at`` (an elementwise op, a join, an attention mask:
+    ops that keep element e of the axis from element e of each operand), is gathered by the rewrite
+    at run time (``Tracker.gathers``: the kept elements of ``b`` before ``mark_at``, exact since the
+    op commutes with keeping a subset): a rotary table computed outside the block, per head or per
+    head dim. Where ``b`` is itself computed from a tracked value (its size would already be slim),
+    that axis' groups are marked unprunable instead; without ``mark_at``, the node is Unsupported."""
     if not isinstance(b, fx.Node):
         return
     other = b.meta.get(meta.SHAPE) or ()
@@ -552,7 +629,24 @@ def _untracked_operand(t: Tracker, state: State, b: Any, mark_at: fx.Node | None
             reason = f"operand '{b.name}' spans a group axis and is no parameter ({source})"
             if mark_at is None:
                 raise Unsupported(reason)
-            t.labels.mark((axis,), f"{reason} at node '{mark_at.name}'")
+            if _reads_tracked(t, b):
+                t.labels.mark((axis,), f"{reason} at node '{mark_at.name}'")
+            else:  # the slim graph gathers the kept elements of b at run time
+                t.gathers.setdefault(mark_at, []).append((b, i, axis))
+
+
+def _reads_tracked(t: Tracker, b: fx.Node) -> bool:
+    """Whether ``b`` is computed from a value the tracker reached (tracked, or failed on)."""
+    seen: set[fx.Node] = set()
+    stack = [b]
+    while stack:
+        n = stack.pop()
+        if n in t.states or n in t.failed:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack += n.all_input_nodes
+    return False
 
 
 _SAME_AXES_METHODS = {"contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "detach"}
@@ -581,6 +675,8 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
     """
     path: list[tuple[fx.Node, int]] = []
     for _ in range(64):
+        if node.op == "get_attr" and _read_elsewhere(node):
+            return f"'{node.target}' is no parameter and is read at another node too"
         if node.op == "get_attr":
             return [(str(node.target), axis)], path
         if len(node.users) > 1:
@@ -602,6 +698,17 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
         path.append((node, axis))
         node, axis = src, mapped
     return "the chain back to a parameter is too long"
+
+
+def _read_elsewhere(node: fx.Node) -> bool:
+    """Whether ``node`` gets a buffer or constant (not a parameter) that another node of the graph
+    gets too: one rotary table read by every block (torch.fx makes a module's tensor attribute a
+    constant, one per tensor), which slicing for one block would cut for the others. A parameter
+    read twice is :func:`passes.find_groups._shared_fixed`'s case."""
+    gm = node.graph.owning_module
+    if gm is None or str(node.target) in dict(gm.named_parameters()):
+        return False
+    return sum(1 for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target) > 1
 
 
 def _module(node: fx.Node) -> nn.Module | None:

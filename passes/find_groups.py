@@ -148,7 +148,11 @@ def _analyse(
     buffers = _buffer_specs(gm, dims)
     flops = _flop_terms(gm, nodes, trackers, leaf_group, dims)
     infos = {
-        n.name: NodeInfo(axes=_axes(t, s, leaf_group), sdpa_scale=t.sdpa_scales.get(n.name))
+        n.name: NodeInfo(
+            axes=_axes(t, s, leaf_group),
+            sdpa_scale=t.sdpa_scales.get(n.name),
+            gathers=_gathers(t, n, leaf_group),
+        )
         for t in trackers
         for n, s in t.states.items()
         if _is_state(s)
@@ -214,6 +218,17 @@ def _lanes(br: Branch, names: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node
         claimed |= set(mine)
         lanes.append((mine[0], mine[-1]))
     return lanes if claimed == inside else single
+
+
+def _gathers(
+    t: Tracker, node: fx.Node, leaf_group: dict[str, str]
+) -> tuple[tuple[str, int, tuple[Factor, ...]], ...]:
+    """``Tracker.gathers`` of ``node``: (operand, its dim, that dim's factors over the groups)."""
+    out = []
+    for operand, dim, axis in t.gathers.get(node, ()):
+        leaves = t.labels.axis_leaves(t.resolve(axis))
+        out.append((operand.name, dim, tuple((t.labels.sizes[leaf], leaf_group[leaf]) for leaf in leaves)))
+    return tuple(out)
 
 
 def _is_state(s: Any) -> bool:

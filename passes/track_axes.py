@@ -50,6 +50,8 @@ class Tracker:
     secondary: set[str] = field(default_factory=set)  # roots started at a linear of its own (run)
     alias: dict[str, str] = field(default_factory=dict)  # merged label -> the label it merged into
     norms: list[fx.Node] = field(default_factory=list)  # norms over a group axis (axis_rules._norm_over_last)
+    # untracked operands the slim graph gathers at run time: node -> (operand, operand dim, group axis)
+    gathers: dict[fx.Node, list[tuple[fx.Node, int, tuple[str, ...]]]] = field(default_factory=dict)
 
     def state_or_empty(self, node: fx.Node) -> State:
         if node in self.states:
@@ -64,7 +66,7 @@ class Tracker:
         self, node: fx.Node, a: tuple[str, ...], b: tuple[str, ...], size_a: int, size_b: int
     ) -> tuple[str, ...]:
         a, b = self.resolve(a), self.resolve(b)
-        if a == b:
+        if self.same_axis(a, b):
             return a
         if not a and size_a == 1:
             return b
@@ -74,6 +76,12 @@ class Tracker:
         if merged is not None:
             return merged
         raise Unsupported("two different index spaces meet on one axis")
+
+    def same_axis(self, a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+        """Whether axes ``a`` and ``b`` (resolved) are one index space: the same labels, or labels that
+        refine to the same leaves (an axis ``D`` and the ``(D/2, 2)`` a strided slice split it into,
+        merged back by a reshape)."""
+        return a == b or (bool(a) and bool(b) and self.labels.axis_leaves(a) == self.labels.axis_leaves(b))
 
     def _merge(self, a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...] | None:
         """Where ``a`` and ``b`` meet element by element and one side comes from a projection of its
@@ -120,6 +128,9 @@ class Tracker:
         out = []
         for x, y, sx, sy in zip(a, b, size_a, size_b, strict=True):
             x, y = self.resolve(x), self.resolve(y)  # noqa: PLW2901 - an earlier axis may have merged
+            if self.same_axis(x, y):
+                out.append(x)
+                continue
             merged = self._merge(x, y) if x != y and x and y else None
             if merged is not None:
                 out.append(merged)

@@ -968,7 +968,8 @@ def test_describe_prints_the_groups_and_the_reachable_ratios_and_writes_nothing(
     assert prune_cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "blocks.0.attn" in text and "heads    size 4      prunable" in text
-    assert "head_dim" in text and "fixed: concatenated along at node" in text
+    assert "head_dim size 8      prunable" in text  # 8 pairs of 16 dims, rotated together
+    assert "select'  size 2      fixed: indexed by chunk/split at node" in text
     assert "--granularity deploy (heads+hidden): --prune-ratio up to" in text
     assert not out.exists()
     assert prune_cli.main(["--model", "resnet18", "--describe"]) != 0

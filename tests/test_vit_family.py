@@ -3,7 +3,8 @@
 Fail-closed groups are allowed (and expected: the head dims a rotary embedding slices and rotates,
 a per-head bias the slim graph cannot resize); a silently wrong graph is not. BEiT's table and
 vit_relpos's bias MLP are followed back from the attention bias, so their heads are pruned; the
-rotary models (EVA-02, RoPE ViT, DINOv3, Perception Encoder) prune whole heads with head_dim fixed;
+rotary models (EVA-02, RoPE ViT and rope-mixed, DINOv3, Perception Encoder) prune whole heads and
+pairs of head dims, gathering the kept rows of their rotary tables;
 EVA-02's SwiGLU (a chunked fc1) prunes its hidden neurons in pairs. And ``--torch-compile`` compiles
 each family's masked model whole (``fullgraph``): no graph break.
 """
@@ -18,9 +19,11 @@ import torch
 
 import p3b_fx
 from p3b_fx import KeepPlan, train
+from p3b_fx.core.groups import Role
 from p3b_fx.errors import P3BError
 from p3b_fx.export.jetpack import jetpack
 from p3b_fx.export.onnx import export_onnx
+from passes.gather_operands import GATHERED
 
 FAMILY = [
     "eva02_tiny_patch14_224",  # SwiGLU MLP, rotary embeddings
@@ -135,15 +138,17 @@ ROTARY = [
     "vit_small_patch16_dinov3",  # rotate half: chunk, cat; embedding computed at run time
     "vit_pe_core_tiny_patch16_384",
     "eva02_base_patch14_224",  # separate q, k and v projections
+    "vit_small_patch16_rope_mixed_224",  # a rotary table per head, computed outside the blocks
 ]
 
 
 @pytest.mark.parametrize("name", ROTARY)
-def test_rotary_attention_prunes_whole_heads(name: str, tmp_path: Path) -> None:
-    """A rotary embedding slices and rotates the head dims of q and k (prefix tokens cut off and
-    joined back along the tokens): head_dim is fixed with the node that slices it, the heads stay
-    free, and the slim model (qkv, or q, k and v, and proj without the dropped heads) equals the
-    hard-masked one, also in ONNX."""
+def test_rotary_attention_prunes_heads_and_pairs_of_head_dims(name: str, tmp_path: Path) -> None:
+    """A rotary embedding rotates pairs of head dims of q and k (dims 2i and 2i+1, or i and i + d/2)
+    by a table computed outside the block: head_dim is pruned a pair at a time (the factor within
+    a pair is a fixed selector), the heads are free, the slim graph reads only the kept rows of the
+    table (per head dim, and per head for rope-mixed), and the slim model equals the hard-masked
+    one, also in ONNX."""
     model = timm.create_model(name, pretrained=False, depth=1, img_size=32, patch_size=8, embed_dim=64,
                               num_heads=4).eval()  # fmt: skip
     _random_weights(model, 0.5)  # large weights (and layer scales), so a wrong slice would show
@@ -151,13 +156,19 @@ def test_rotary_attention_prunes_whole_heads(name: str, tmp_path: Path) -> None:
     groups = p3b_fx.find_groups(gm)
     heads, head_dim = groups.group("blocks.0.attn:heads"), groups.group("blocks.0.attn:head_dim")
     assert heads.prunable, heads.reason
-    assert not head_dim.prunable and "at node '" in head_dim.reason
-    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn:heads": [1, 2]})
+    assert head_dim.prunable and head_dim.size == 8, head_dim.reason  # 8 pairs of the 16 dims
+    (pair,) = [g for g in groups if g.block == "blocks.0.attn" and g.role is Role.SELECT and g.size == 2]
+    assert not pair.prunable and "at node '" in pair.reason
+    keep = {"blocks.0.attn:heads": [1, 2], "blocks.0.attn:head_dim": [0, 3, 4, 7]}
+    plan = KeepPlan.from_mapping(groups, keep)
     slim = p3b_fx.slim(gm, plan, groups)
     attn = slim.get_submodule("blocks.0.attn")
     linears = [getattr(attn, n, None) for n in ("qkv", "q_proj", "k_proj", "v_proj")]
     qkv = sum(m.out_features for m in linears if m is not None)
-    assert (qkv, attn.proj.in_features) == (3 * 2 * 16, 2 * 16)
+    assert (qkv, attn.proj.in_features) == (3 * 2 * 8, 2 * 8)
+    tables = [b for k, b in slim.named_buffers() if k.startswith("_tensor_constant") and b.shape[-1] == 8]
+    gathered = any(n.meta.get(GATHERED) for n in slim.graph.nodes)
+    assert gathered or tables  # a table computed at run time is gathered, a constant one sliced
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out, dense = slim(x), gm(x)
@@ -167,6 +178,28 @@ def test_rotary_attention_prunes_whole_heads(name: str, tmp_path: Path) -> None:
     atol = 1e-6 * max(scale, 100.0)
     report = export_onnx(slim, x, tmp_path / "rotary.onnx", jetpack=jetpack("6.1"), atol=atol)
     assert report.parity_max_abs_diff <= atol
+
+
+def test_a_rotary_model_slimmed_twice_equals_its_masked_model() -> None:
+    """Slimming the slim model again (its groups found anew) narrows the rotary tables' gathers it
+    already has, rather than gathering twice; both steps equal their hard-masked models."""
+    model = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, depth=1, img_size=32,
+                              patch_size=8, embed_dim=64, num_heads=4).eval()  # fmt: skip
+    _random_weights(model, 0.5)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    first = p3b_fx.slim(gm, KeepPlan.random(groups, 0.75, seed=1), groups)
+    again = p3b_fx.trace(first)
+    regrouped = p3b_fx.find_groups(again)
+    assert regrouped.group("blocks.0.attn:head_dim").prunable
+    plan = KeepPlan.random(regrouped, 0.6, seed=2)
+    second = p3b_fx.slim(again, plan, regrouped)
+    gathers = [n for n in second.graph.nodes if n.meta.get(GATHERED)]
+    assert gathers and len(gathers) == len([n for n in first.graph.nodes if n.meta.get(GATHERED)])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        masked = p3b_fx.apply_masks(again, plan, regrouped)
+        torch.testing.assert_close(second(x), masked(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ MODELS = (
     # attention variants
     "beit_base_patch16_224", "beitv2_base_patch16_224", "vit_relpos_small_patch16_224",
     "eva02_tiny_patch14_224", "eva02_base_patch14_224", "eva02_base_patch16_clip_224",
-    "beit3_base_patch16_224", "vit_small_patch16_rope_224",
+    "beit3_base_patch16_224", "vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_224",
     "vit_small_patch16_dinov3", "vit_pe_core_tiny_patch16_384", "vit_small_patch16_18x2_224",
     "vit_base_patch16_xp_224", "cait_xxs24_224", "xcit_nano_12_p16_224", "convit_tiny",
     # hierarchical and windowed

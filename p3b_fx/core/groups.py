@@ -135,6 +135,9 @@ class NodeInfo:
 
     axes: tuple[tuple[str, ...], ...] = ()  # leaf group names along each output axis
     sdpa_scale: float | None = None  # dense softmax scale to pin on an SDPA node
+    # operands computed outside the groups that span a group axis (a rotary table): (operand node,
+    # its dim, that dim's row-major factors); the slim graph reads only their kept elements
+    gathers: tuple[tuple[str, int, tuple[Factor, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

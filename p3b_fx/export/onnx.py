@@ -10,6 +10,9 @@ fails on ``aten::index_add`` and has no SDPA at opset 13: ``passes.lower_index_a
 ``passes.decompose_sdpa`` rewrite those first. ``passes.transpose_gathers`` then moves the slim
 graph's last-axis channel gathers onto axis 0 (bitwise the same; ONNX Runtime CPU copies an
 innermost-axis Gather element by element). Its effect under TensorRT is not measured here.
+First of all, ``passes.fold_constants`` turns tensors computed from the weights alone into
+buffers: the exporter loses the shapes of such chains, and lowered a ``chunk`` of rope-mixed ViT's
+rotary table to a Slice with a wrong end (off by 3.4 before any pruning).
 
 Every file is written to a temporary path in the target directory and renamed only after all
 checks passed: ``onnx.checker`` (full check), the opset actually written, every op against the
@@ -41,6 +44,7 @@ from p3b_fx.export.jetpack import JetPack, tensorrt_onnx_ops
 from p3b_fx.tracing import copy_graph_module, trace
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.decompose_sdpa import DecomposeSdpaPass
+from passes.fold_constants import FoldConstantsPass
 from passes.fold_static_shapes import FoldStaticShapesPass
 from passes.lower_index_add import LowerIndexAddPass, is_index_add
 from passes.transpose_gathers import TransposeGathersPass
@@ -142,8 +146,9 @@ def _temporary_file(target: Path) -> Iterator[Path]:
 def _prepare_graph(
     model: nn.Module, example: torch.Tensor, jp: JetPack, dynamic_batch: bool
 ) -> fx.GraphModule:
-    """A traced copy in eval mode, rewritten into ops the exporter and TensorRT both take (with a
-    static input, its shape arithmetic folded into literals)."""
+    """A traced copy in eval mode, rewritten into ops the exporter and TensorRT both take: tensors
+    computed from the weights alone folded into buffers, and with a static input, its shape
+    arithmetic folded into literals."""
     try:
         gm = (
             copy_graph_module(model)
@@ -152,7 +157,7 @@ def _prepare_graph(
         )
         gm.eval()
         _drop_asserts(gm)
-        passes: list[GraphPass] = []
+        passes: list[GraphPass] = [FoldConstantsPass()]
         gathers = any(n.op == "call_function" and n.target is torch.index_select for n in gm.graph.nodes)
         if gathers or any(is_index_add(n) for n in gm.graph.nodes):
             passes += [AnnotateShapesPass(input_shape=tuple(example.shape)), LowerIndexAddPass(),

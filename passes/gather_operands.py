@@ -1,0 +1,77 @@
+"""GatherOperandsPass: operands computed outside the groups read only the kept elements.
+
+Pattern: a node of a live block with ``NodeInfo.gathers``: an operand that spans a group axis but
+is neither tracked nor read from parameters (a rotary table computed outside the block, per head
+dim or per head, ``q * cos``). Result: ``torch.index_select(operand, dim, idx)`` replaces that
+operand of the node (idx an int64 buffer under ``p3b_index``, row-major over the dim's factors).
+Why: the node keeps element e of the axis from element e of each operand, so keeping a subset
+commutes with it; the operand's producer stays dense (it may be shared with other blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from p3b_fx.core.pass_infra import PassResult
+from passes.slim_common import PlanPass, compose_index, flat_index, index_buffer, nodes_by_name
+
+GATHERED = "p3b.gathered_operand"
+"""``node.meta`` flag of the index_select this pass inserts (a second run narrows it instead)."""
+
+
+@dataclass(frozen=True)
+class GatherOperandsPass(PlanPass):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        kept = self.plan.effective(self.groups)
+        names = nodes_by_name(gm)
+        modified = False
+        for name, info in self.groups.nodes.items():
+            node = names.get(name)  # gone with a removed block
+            if node is None:
+                continue
+            for operand_name, dim, factors in info.gathers:
+                idx = flat_index(factors, kept)
+                operand = _current(node, names.get(operand_name))
+                if operand is None or idx is None:
+                    continue
+                done = _chain(operand).get(dim)
+                if done is not None:  # a graph slimmed before: narrow its gather
+                    source = done.args[2]
+                    assert isinstance(source, fx.Node)
+                    modified |= compose_index(gm, source, tuple(idx.tolist()))
+                    continue
+                idx_node = index_buffer(gm, f"{name}:{operand_name}:{dim}", idx, node)
+                with gm.graph.inserting_before(node):
+                    gathered = gm.graph.call_function(torch.index_select, (operand, dim, idx_node))
+                gathered.meta[GATHERED] = True
+                node.replace_input_with(operand, gathered)
+                modified = True
+        return PassResult(gm, modified)
+
+
+def _current(node: fx.Node, operand: fx.Node | None) -> fx.Node | None:
+    """What ``node`` reads in place of ``operand`` now: ``operand``, or the last of the gathers this
+    pass put between them (one per dim); None when ``node`` does not read it."""
+    for arg in node.all_input_nodes:
+        at: fx.Node | None = arg
+        while at is not None:
+            if at is operand:
+                return arg
+            src = at.args[0] if at.meta.get(GATHERED) else None
+            at = src if isinstance(src, fx.Node) else None
+    return None
+
+
+def _chain(operand: fx.Node) -> dict[int, fx.Node]:
+    """The gathers this pass inserted ending at ``operand``, by the dim each one selects along."""
+    found: dict[int, fx.Node] = {}
+    at = operand
+    while at.meta.get(GATHERED):
+        found.setdefault(int(at.args[1]), at)  # type: ignore[arg-type]
+        src = at.args[0]
+        assert isinstance(src, fx.Node)
+        at = src
+    return found
