@@ -397,7 +397,7 @@ def _permuted_parts(
     node: fx.Node, t: Tracker, tensors: Sequence[fx.Node], dim: int, concat: bool
 ) -> tuple[str, str] | None:
     """(selector, group label) where ``cat`` / ``stack`` puts back together the parts a ``chunk`` or
-    a strided slice took apart, in any order and each through zero-keeping elementwise ops: rotary
+    a strided slice took apart, in any order and each through any ops that keep its labels: rotary
     embeddings' ``cat([-x2, x1], -1)`` of a chunk's halves, or ``stack([-x[..., 1::2], x[..., ::2]],
     -1)`` of the odd and even dims (then reshaped back). Every input is tracked and carries the
     same single label L along the joined axis (``cat``) or along the axis before the new one

@@ -241,3 +241,62 @@ def test_static_shape_arithmetic_is_folded_so_tensorrt_8_parses_it(tmp_path: Pat
     assert "Mod" not in report.ops and report.parity_max_abs_diff <= 1e-6
     dynamic = export_onnx(gm, x, tmp_path / "pad.onnx", jetpack=jetpack("6.1"), dynamic_batch=True)
     assert dynamic.parity_max_abs_diff <= 1e-6
+
+
+class LearntRotary(nn.Module):
+    """A per-head table computed from learnt angles at each call and chunked into sin and cos, as
+    rope-mixed ViTs do (their export, which this fold mended, is checked in test_vit_family)."""
+
+    def __init__(self, noise: bool = False) -> None:
+        super().__init__()
+        self.angles = nn.Parameter(torch.randn(2, 4, 16, 8))
+        self.proj = nn.Linear(16, 16)
+        self.noise = noise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sin, cos = self.angles.sin().repeat_interleave(2, -1), self.angles.cos().repeat_interleave(2, -1)
+        sin, cos = torch.cat([sin, cos], -1).to(self.angles.dtype)[0].chunk(2, -1)
+        q = self.proj(x).reshape(x.shape[0], 16, 4, 4).permute(0, 2, 1, 3)  # (batch, heads, tokens, dims)
+        out = q * cos[..., :4] + q.flip(-1) * sin[..., :4]
+        return out + torch.rand_like(self.angles).sum().mul(0) if self.noise else out  # never folded
+
+
+def test_weight_only_tensors_are_folded_into_constants_for_export(tmp_path: Path) -> None:
+    from p3b_fx.tracing import copy_graph_module  # noqa: PLC0415
+    from passes.fold_constants import CONST_MODULE, FoldConstantsPass  # noqa: PLC0415
+
+    x = torch.randn(2, 16, 16)
+    noisy = FoldConstantsPass()(p3b_fx.trace(LearntRotary(noise=True).eval(), input_shape=(2, 16, 16)))
+    assert any(n.target is torch.rand_like for n in noisy.graph_module.graph.nodes)  # random: not folded
+    gm = p3b_fx.trace(LearntRotary().eval(), input_shape=(2, 16, 16))
+    folded = FoldConstantsPass()(copy_graph_module(gm)).graph_module
+    assert not any(n.target in ("sin", "cos", "chunk") for n in folded.graph.nodes)
+    assert any(str(n.target).startswith(CONST_MODULE) for n in folded.graph.nodes if n.op == "get_attr")
+    torch.testing.assert_close(folded(x), gm(x), atol=0, rtol=0)
+    assert FoldConstantsPass()(folded).modified is False
+    report = export_onnx(gm, x, tmp_path / "rotary.onnx", jetpack=jetpack("6.1"))
+    assert report.parity_max_abs_diff <= 1e-5
+
+
+class GridRotary(nn.Module):
+    """A table computed from the input's token count at each call (DINOv3's rotary grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = torch.arange(x.shape[1])[:, None] * torch.linspace(0, 1, 16)
+        return self.proj(x) * angles.cos()
+
+
+def test_a_table_computed_from_the_input_shape_is_a_constant_only_for_a_static_export(tmp_path: Path) -> None:
+    gm = p3b_fx.trace(GridRotary(), input_shape=(2, 8, 16))
+    x = torch.randn(2, 8, 16)
+    static = onnx_export._prepare_graph(gm, x, jetpack("6.1"), dynamic_batch=False)
+    dynamic = onnx_export._prepare_graph(gm, x, jetpack("6.1"), dynamic_batch=True)
+    assert not any(n.target == "cos" for n in static.graph.nodes)
+    assert any(n.target == "cos" for n in dynamic.graph.nodes)  # the batch may vary, the grid is traced
+    torch.testing.assert_close(static(x), gm(x), atol=0, rtol=0)
+    report = export_onnx(gm, x, tmp_path / "grid.onnx", jetpack=jetpack("6.1"))
+    assert "Cos" not in report.ops and report.parity_max_abs_diff <= 1e-5

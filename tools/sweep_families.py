@@ -40,6 +40,7 @@ MODELS: dict[str, list[str]] = {
     "eva02_base_patch16_clip_224": ["--model-kwargs", SMALL],
     "beit3_base_patch16_224": ["--model-kwargs", SMALL],
     "vit_small_patch16_rope_224": ["--model-kwargs", SMALL],
+    "vit_small_patch16_rope_mixed_224": ["--model-kwargs", SMALL],
     "vit_small_patch16_dinov3": ["--model-kwargs", SMALL],
     "vit_pe_core_tiny_patch16_384": ["--model-kwargs", SMALL],
     "vit_relpos_small_patch16_224": ["--model-kwargs", SMALL],

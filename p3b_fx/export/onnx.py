@@ -12,7 +12,9 @@ graph's last-axis channel gathers onto axis 0 (bitwise the same; ONNX Runtime CP
 innermost-axis Gather element by element). Its effect under TensorRT is not measured here.
 First of all, ``passes.fold_constants`` turns tensors computed from the weights alone into
 buffers: the exporter loses the shapes of such chains, and lowered a ``chunk`` of rope-mixed ViT's
-rotary table to a Slice with a wrong end (off by 3.4 before any pruning).
+rotary table to a Slice with a wrong end (off by 3.4 before any pruning). With a static input it
+runs again after the shapes are folded, so a rotary table computed from the input's grid
+(DINOv3), and the slim graph's gather of its kept rows, become constants as well.
 
 Every file is written to a temporary path in the target directory and renamed only after all
 checks passed: ``onnx.checker`` (full check), the opset actually written, every op against the
@@ -148,7 +150,7 @@ def _prepare_graph(
 ) -> fx.GraphModule:
     """A traced copy in eval mode, rewritten into ops the exporter and TensorRT both take: tensors
     computed from the weights alone folded into buffers, and with a static input, its shape
-    arithmetic folded into literals."""
+    arithmetic folded into literals, and then what only those literals and weights compute too."""
     try:
         gm = (
             copy_graph_module(model)
@@ -165,7 +167,8 @@ def _prepare_graph(
         if not jp.sdpa_export:
             passes.append(DecomposeSdpaPass())
         if not dynamic_batch:  # last: the passes above may probe other batch sizes
-            passes.append(FoldStaticShapesPass(tuple(example.shape)))
+            # then a table computed from the input's shape alone (DINOv3's rotary grid) is constant too
+            passes += [FoldStaticShapesPass(tuple(example.shape)), FoldConstantsPass()]
         return PassManager(passes).run(gm).graph_module
     except P3BError as exc:
         raise ExportError(
