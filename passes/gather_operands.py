@@ -16,10 +16,18 @@ import torch
 from torch import fx
 
 from p3b_fx.core.pass_infra import PassResult
-from passes.slim_common import PlanPass, compose_index, flat_index, index_buffer, nodes_by_name
+from passes.slim_common import INDEX_MODULE, PlanPass, compose_index, flat_index, index_buffer, nodes_by_name
 
-GATHERED = "p3b.gathered_operand"
-"""``node.meta`` flag of the index_select this pass inserts (a second run narrows it instead)."""
+_PREFIX = "operand:"
+"""Index buffers of this pass are named ``p3b_index.operand_…``: how a second run (or one on a
+graph traced again, or loaded, which keeps no node meta) recognises its gathers."""
+
+
+def is_operand_gather(node: fx.Node) -> bool:
+    """Whether ``node`` is an ``index_select`` this pass inserted."""
+    idx = node.args[2] if node.target is torch.index_select and len(node.args) > 2 else None
+    ours = f"{INDEX_MODULE}.operand_"
+    return isinstance(idx, fx.Node) and idx.op == "get_attr" and str(idx.target).startswith(ours)
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,9 @@ class GatherOperandsPass(PlanPass):
                     assert isinstance(source, fx.Node)
                     modified |= compose_index(gm, source, tuple(idx.tolist()))
                     continue
-                idx_node = index_buffer(gm, f"{name}:{operand_name}:{dim}", idx, node)
+                idx_node = index_buffer(gm, f"{_PREFIX}{name}:{operand_name}:{dim}", idx, node)
                 with gm.graph.inserting_before(node):
                     gathered = gm.graph.call_function(torch.index_select, (operand, dim, idx_node))
-                gathered.meta[GATHERED] = True
                 node.replace_input_with(operand, gathered)
                 modified = True
         return PassResult(gm, modified)
@@ -60,7 +67,7 @@ def _current(node: fx.Node, operand: fx.Node | None) -> fx.Node | None:
         while at is not None:
             if at is operand:
                 return arg
-            src = at.args[0] if at.meta.get(GATHERED) else None
+            src = at.args[0] if is_operand_gather(at) else None
             at = src if isinstance(src, fx.Node) else None
     return None
 
@@ -69,7 +76,7 @@ def _chain(operand: fx.Node) -> dict[int, fx.Node]:
     """The gathers this pass inserted ending at ``operand``, by the dim each one selects along."""
     found: dict[int, fx.Node] = {}
     at = operand
-    while at.meta.get(GATHERED):
+    while is_operand_gather(at):
         found.setdefault(int(at.args[1]), at)  # type: ignore[arg-type]
         src = at.args[0]
         assert isinstance(src, fx.Node)

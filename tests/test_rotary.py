@@ -14,7 +14,7 @@ from torch import nn
 
 import p3b_fx
 from p3b_fx import KeepPlan, Role
-from passes.gather_operands import GATHERED, GatherOperandsPass
+from passes.gather_operands import GatherOperandsPass, is_operand_gather
 from passes.rewrite_slim import slim_passes
 from tests.conftest import tiny_vit
 
@@ -102,7 +102,7 @@ def test_rotary_head_dims_are_pruned_in_pairs_and_the_table_is_gathered(style: s
     keep = {"blocks.0.attn:head_dim": [0, 2, 5], "blocks.1.attn:head_dim": [1, 4],
             "blocks.1.attn:heads": [0, 3]}  # fmt: skip
     slim = _assert_exact(gm, groups, KeepPlan.from_mapping(groups, keep))
-    gathers = [n for n in slim.graph.nodes if n.meta.get(GATHERED)]
+    gathers = [n for n in slim.graph.nodes if is_operand_gather(n)]
     # q and k each read sin and cos: 4 gathers per block, one more per operand along the heads
     assert len(gathers) == 2 * 4 + (4 if per_head else 0)
     assert slim.get_submodule("blocks.0.attn.qkv").out_features == 3 * 4 * 6
@@ -118,7 +118,7 @@ def test_a_fixed_table_read_by_q_and_k_is_gathered_and_its_constants_stay_dense(
     groups = p3b_fx.find_groups(gm)
     keep = {"blocks.0.attn:head_dim": [0, 2, 5], "blocks.1.attn:head_dim": [1, 4]}
     slim = _assert_exact(gm, groups, KeepPlan.from_mapping(groups, keep))
-    assert len([n for n in slim.graph.nodes if n.meta.get(GATHERED)]) == 8
+    assert len([n for n in slim.graph.nodes if is_operand_gather(n)]) == 8
     constants = [b for k, b in slim.named_buffers() if k.startswith("_tensor_constant")]
     assert constants and all(b.shape == (16, 12) for b in constants)
 
@@ -149,7 +149,7 @@ def test_a_table_shared_by_two_blocks_is_gathered_for_each_not_sliced_once() -> 
     assert all(groups.group(f"blocks.{i}.attn:head_dim").prunable for i in range(2))
     keep = {"blocks.0.attn:head_dim": [0, 2, 5], "blocks.1.attn:head_dim": [1, 3, 4]}  # as many, not the same
     slim = _assert_exact(gm, groups, KeepPlan.from_mapping(groups, keep))
-    assert len([n for n in slim.graph.nodes if n.meta.get(GATHERED)]) == 4  # q and k of each block
+    assert len([n for n in slim.graph.nodes if is_operand_gather(n)]) == 4  # q and k of each block
     assert all(b.shape == (16, 12) for k, b in slim.named_buffers() if k.startswith("_tensor_constant"))
 
 

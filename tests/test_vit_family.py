@@ -23,7 +23,8 @@ from p3b_fx.core.groups import Role
 from p3b_fx.errors import P3BError
 from p3b_fx.export.jetpack import jetpack
 from p3b_fx.export.onnx import export_onnx
-from passes.gather_operands import GATHERED
+from passes.gather_operands import is_operand_gather
+from tests.conftest import assert_loads_with_torch_alone
 
 FAMILY = [
     "eva02_tiny_patch14_224",  # SwiGLU MLP, rotary embeddings
@@ -167,7 +168,7 @@ def test_rotary_attention_prunes_heads_and_pairs_of_head_dims(name: str, tmp_pat
     qkv = sum(m.out_features for m in linears if m is not None)
     assert (qkv, attn.proj.in_features) == (3 * 2 * 8, 2 * 8)
     tables = [b for k, b in slim.named_buffers() if k.startswith("_tensor_constant") and b.shape[-1] == 8]
-    gathered = any(n.meta.get(GATHERED) for n in slim.graph.nodes)
+    gathered = any(is_operand_gather(n) for n in slim.graph.nodes)
     assert gathered or tables  # a table computed at run time is gathered, a constant one sliced
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -180,9 +181,10 @@ def test_rotary_attention_prunes_heads_and_pairs_of_head_dims(name: str, tmp_pat
     assert report.parity_max_abs_diff <= atol
 
 
-def test_a_rotary_model_slimmed_twice_equals_its_masked_model() -> None:
-    """Slimming the slim model again (its groups found anew) narrows the rotary tables' gathers it
-    already has, rather than gathering twice; both steps equal their hard-masked models."""
+def test_a_rotary_model_slimmed_twice_equals_its_masked_model(tmp_path: Path) -> None:
+    """Slimming the slim model again (traced anew, which keeps no node meta, and its groups found
+    anew) narrows the rotary tables' gathers it already has, rather than gathering twice; it equals
+    its hard-masked model and loads with torch alone."""
     model = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, depth=1, img_size=32,
                               patch_size=8, embed_dim=64, num_heads=4).eval()  # fmt: skip
     _random_weights(model, 0.5)
@@ -194,12 +196,13 @@ def test_a_rotary_model_slimmed_twice_equals_its_masked_model() -> None:
     assert regrouped.group("blocks.0.attn:head_dim").prunable
     plan = KeepPlan.random(regrouped, 0.6, seed=2)
     second = p3b_fx.slim(again, plan, regrouped)
-    gathers = [n for n in second.graph.nodes if n.meta.get(GATHERED)]
-    assert gathers and len(gathers) == len([n for n in first.graph.nodes if n.meta.get(GATHERED)])
+    gathers = [n for n in second.graph.nodes if is_operand_gather(n)]
+    assert gathers and len(gathers) == len([n for n in first.graph.nodes if is_operand_gather(n)])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         masked = p3b_fx.apply_masks(again, plan, regrouped)
         torch.testing.assert_close(second(x), masked(x), atol=1e-5, rtol=0)
+    assert_loads_with_torch_alone(second, x, tmp_path)
 
 
 @pytest.mark.parametrize(
