@@ -121,7 +121,7 @@ def test_p3b_prunes_beit_attention_end_to_end(tmp_path: Path, granularity: str) 
 
 
 def test_p3b_deploy_prunes_eva02_heads_and_swiglu_hidden_end_to_end(tmp_path: Path) -> None:
-    """Deploy granularity on EVA-02 (whole heads, head_dim fixed by the rotary embedding, and SwiGLU
+    """Deploy granularity on EVA-02 (whole heads, head_dim kept whole for fused attention, and SwiGLU
     hidden neurons in pairs): P3B meets the budget, and the slim model equals the hard-masked one."""
     kwargs = {"img_size": 16, "patch_size": 4, "depth": 1}
     cfg = PruneConfig(model="eva02_tiny_patch14_224", model_kwargs=kwargs, data="digits", num_classes=10,

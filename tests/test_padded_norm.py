@@ -147,16 +147,19 @@ def test_p3b_prunes_the_hidden_neurons_under_a_norm_end_to_end(tmp_path: Path) -
 
 def test_eva02_base_hidden_neurons_and_heads_under_inner_norms_are_prunable() -> None:
     """EVA-02-CLIP-B: a LayerNorm over the SwiGLU's hidden neurons and one over heads × head_dim
-    before the projection. Both groups are free now (head_dim stays fixed: rotary)."""
+    before the projection. Both groups are free now (head_dim, in rotary pairs, too)."""
     model = timm.create_model("eva02_base_patch16_clip_224", pretrained=False, depth=1, img_size=32,
                               embed_dim=64, num_heads=4)  # fmt: skip
     gm = p3b_fx.trace(_random(model).eval())
     groups = p3b_fx.find_groups(gm)
-    for name in ("blocks.0.attn:heads", "blocks.0.mlp:hidden"):
+    for name in ("blocks.0.attn:heads", "blocks.0.attn:head_dim", "blocks.0.mlp:hidden"):
         assert groups.group(name).prunable, groups.group(name).reason
-    plan = KeepPlan.from_mapping(
-        groups, {"blocks.0.attn:heads": [0, 3], "blocks.0.mlp:hidden": list(range(0, 170, 2))}
-    )
+    keep = {
+        "blocks.0.attn:heads": [0, 3],
+        "blocks.0.attn:head_dim": [1, 2, 6],
+        "blocks.0.mlp:hidden": list(range(0, 170, 2)),
+    }
+    plan = KeepPlan.from_mapping(groups, keep)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = p3b_fx.slim(gm, plan, groups)(x)
