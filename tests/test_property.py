@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -52,3 +54,53 @@ def test_random_models_and_plans(
     assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
     again = p3b_fx.trace(slim)
     assert torch.equal(again(x), slim(x))
+
+
+@st.composite
+def rotary_configs(draw: st.DrawFn) -> dict[str, object]:
+    """timm's Eva (EVA-02, the RoPE ViTs, DINOv3 and the Perception Encoder are all built from it):
+    each kind of rotary table and rotation, fused or separate q/k/v, SwiGLU, inner norms."""
+    heads = draw(st.integers(1, 4))
+    rope = draw(st.sampled_from(["cat", "mixed", "dinov3"]))
+    head_dim = draw(st.sampled_from([8, 16] if rope == "dinov3" else [4, 8, 12]))  # dinov3: 4 | head_dim
+    return {
+        "depth": draw(st.integers(1, 2)),
+        "num_heads": heads,
+        "embed_dim": heads * head_dim,
+        "patch_size": 8,
+        "img_size": 8 * draw(st.integers(2, 3)),
+        "use_rot_pos_emb": True,
+        "rope_type": rope,
+        "rope_rotate_half": False if rope == "mixed" else draw(st.booleans()),
+        "qkv_fused": draw(st.booleans()),
+        "qk_norm": draw(st.booleans()),
+        "swiglu_mlp": (swiglu := draw(st.booleans())),
+        "scale_mlp": swiglu and draw(st.booleans()),
+        "scale_attn_inner": draw(st.booleans()),
+        "class_token": draw(st.booleans()),
+        "num_reg_tokens": draw(st.sampled_from([0, 2])),
+        "num_classes": 3,
+    }
+
+
+@settings(max_examples=int(os.environ.get("P3B_ROTARY_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(cfg=rotary_configs(), ratio=st.floats(0.1, 1.0), seed=st.integers(0, 10_000))
+def test_random_rotary_models_and_plans(cfg: dict[str, object], ratio: float, seed: int) -> None:
+    """Head dims pruned in pairs, the rotary table's kept rows gathered or sliced: slim == masked."""
+    model = tiny_vit(name="eva02_tiny_patch14_224", **cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # weights large enough that a wrong slice shows
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    head_dim = groups.group("blocks.0.attn:head_dim")
+    assert head_dim.prunable and head_dim.size * 2 == int(cfg["embed_dim"]) // int(cfg["num_heads"]), head_dim
+    plan = KeepPlan.random(groups, ratio, seed)
+    size = int(cfg["img_size"])  # type: ignore[call-overload]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0
+        )
