@@ -248,9 +248,8 @@ def _inner_groups(
     leaf_group: dict[str, str] = {}
     for leaf in leaves:
         role = _role(t.labels, leaf, br.kind)
-        reason = t.labels.reason(leaf) or (
-            "" if leaf in reaching else "does not reach the block's last linear"
-        )
+        ends_well = leaf in reaching or _contracted(t.labels, leaf)
+        reason = t.labels.reason(leaf) or ("" if ends_well else "does not reach the block's last linear")
         name = f"{br.name}:{role}"
         while name in leaf_group.values() or name in taken:
             name += "'"
@@ -258,6 +257,19 @@ def _inner_groups(
         groups.append(Group(name, br.name, role, t.labels.sizes[leaf], (), not reason, reason))
     members = _members(t, leaf_group)
     return [_with_members(g, members.get(g.name, ())) for g in groups], leaf_group
+
+
+def _contracted(labels: Labels, leaf: str) -> bool:
+    """Whether ``leaf`` (or a label it refines) is summed over by a contraction (q · k) that keeps it
+    exact (``Tracker.contract``): the per-head dims of a q/k projection of their own, which v's
+    projection does not share (TNT), end there rather than at the last linear; pruning them slims
+    the q/k projection and the attention scores alone."""
+    name: str | None = leaf
+    while name is not None:
+        if name in labels.contracted:
+            return True
+        name = next((p for p, kids in labels.children.items() if name in kids), None)
+    return False
 
 
 def _role(labels: Labels, leaf: str, kind: BlockKind) -> Role:

@@ -411,3 +411,25 @@ def test_window_reverse_on_the_write_path_keeps_the_written_channels_free(
     windowed = [g for g in groups.groups if g.role == p3b_fx.Role.WRITE and g.block.endswith("attn")]
     assert windowed and all(g.prunable for g in windowed), [g.reason for g in windowed if not g.prunable]
     _assert_random_plans_exact(gm, groups, torch.randn(2, 3, 64, 64))
+
+
+def test_q_and_k_head_dims_that_v_does_not_share_are_prunable() -> None:
+    """TNT projects q and k with one linear and v with another: the q/k head dims are summed over in
+    q · k and never reach the output projection. Pruning them slims the q/k projection alone, and
+    is exact (q is zero there in the hard-masked model)."""
+    model = timm.create_model("tnt_s_patch16_224", pretrained=False, depth=1).eval()
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    head_dim = groups.group("blocks.0.attn_out:head_dim")
+    assert head_dim.prunable and head_dim.size == 64, head_dim.reason
+    assert {m.param for m in head_dim.members} == {"blocks.0.attn_out.qk.weight"}
+    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn_out:head_dim": list(range(0, 64, 2))})
+    slim = p3b_fx.slim(gm, plan, groups)
+    assert slim.get_submodule("blocks.0.attn_out.qk").out_features == 2 * 6 * 32
+    assert slim.get_submodule("blocks.0.attn_out.v").out_features == 384
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert (out - dense).abs().max() > 1e-3
