@@ -83,7 +83,9 @@ class KeepPlan:
         if self.fingerprint != groups.fingerprint():
             raise PlanError(
                 f"keep plan was made for architecture {self.fingerprint}, but this model is "
-                f"{groups.fingerprint()}: make the plan from this model's groups (p3b_fx.find_groups)"
+                f"{groups.fingerprint()}: make the plan from this model's groups (p3b_fx.find_groups); "
+                "a plan from another model, or from a p3b-fx version that grouped this model differently "
+                "(rotary head dims, for one, are pruned in pairs since 2026-11-28), does not fit"
             )
         seen: set[str] = set()
         for name, idx in self.keep:
