@@ -1133,7 +1133,8 @@ class Loop:
     def state_dict(self) -> dict[str, Any]:
         gen = self.loaders[0].generator
         return {
-            "format": 1, "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
+            "format": 1, "config": self.cfg.to_dict(), "groups": self.pruner.groups.fingerprint(),
+            "epoch": self.epoch, "step": self.step,
             "accuracy": self.accuracy, "losses": self.losses, "masked": self.masked.state_dict(),
             "opt": self.opt.state_dict(),
             "probes": self.pruner.probes.state_dict(), "probe_opt": self.probe_opt.state_dict(),
@@ -1165,6 +1166,7 @@ class Loop:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
             check_resume_config(state["config"], self.cfg, path)
+            check_resume_groups(state, self.pruner.groups, set(self.masked.state_dict()), path)
             self.masked.load_state_dict(state["masked"])
             self.opt.load_state_dict(state["opt"])
             self.pruner.probes.load_state_dict(state["probes"])
@@ -1188,6 +1190,27 @@ class Loop:
             self.loaders[0].generator.set_state(state["loader_rng"])
         trim_log(self.out, state.get("log_lines"))
         logger.info("resumed %s at epoch %d, step %d", path, self.epoch, self.step)
+
+
+def check_resume_groups(state: Mapping[str, Any], groups: GroupSet, keys: set[str], path: Path) -> None:
+    """Refuse a checkpoint written for other groups of the same model: a p3b-fx update can group a
+    model differently (rotary head dims are pruned in pairs since 2026-11-28), and its gates and
+    statistics then fit no more. A checkpoint from before the groups' fingerprint was saved in it is
+    recognised by the masked model's state: gates (or other entries) this run's model lacks or has
+    in excess (``keys``)."""
+    saved = state.get("groups")
+    if saved is None:
+        masked = state.get("masked")
+        if not isinstance(masked, Mapping) or set(masked) == keys:
+            return
+        saved = "unknown: written by an earlier p3b-fx"
+    if saved != groups.fingerprint():
+        raise CheckpointError(
+            f"{path} was written for other groups of this model (architecture {saved}, now "
+            f"{groups.fingerprint()}): p3b-fx now groups it differently (rotary head dims, for one, are "
+            "pruned in pairs since 2026-11-28), so its gates and statistics do not fit; start the run "
+            "again with --force (the other runs' files are not touched)"
+        )
 
 
 RESUME_FREE_OPTIONS = frozenset(

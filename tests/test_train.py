@@ -998,3 +998,28 @@ def test_img_size_reaches_a_model_without_that_argument_through_the_data_only(tm
     assert train.model_input(model, cfg)[0] == 48
     with pytest.raises(ConfigError, match="unexpected keyword argument 'img_size'"):
         train.build_model(cfg.replace(img_size=None, model_kwargs={"img_size": 48}))
+
+
+@pytest.mark.parametrize("how", ["fingerprint", "gates", "old-and-same"])
+def test_a_checkpoint_for_other_groups_of_the_model_says_start_again(tmp_path: Path, how: str) -> None:
+    """A p3b-fx update may group a model differently (rotary head dims in pairs since 2026-11-28):
+    a checkpoint written for the old groups is refused with that reason, whether it records the
+    groups' fingerprint or (written before it did) only shows other gates; a checkpoint without
+    the fingerprint whose gates fit still resumes."""
+    cfg = tiny_config(tmp_path / "run")
+    train.run(cfg, stop_after_epoch=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["groups"] == p3b_fx.find_groups(p3b_fx.trace(train.build_model(cfg))).fingerprint()
+    if how == "fingerprint":
+        state["groups"] = "0123456789abcdef"
+    else:
+        del state["groups"]
+    if how == "gates":
+        state["masked"]["p3b_masks.g_blocks_0_attn_head_dim_"] = torch.ones(2)
+    torch.save(state, path)
+    if how == "old-and-same":
+        assert train.run(cfg.replace(resume=True))["params_slim"] > 0
+        return
+    with pytest.raises(CheckpointError, match=r"written for other groups of this model .* --force"):
+        train.run(cfg.replace(resume=True))
