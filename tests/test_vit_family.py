@@ -54,6 +54,18 @@ def _assert_random_plans_exact(gm: torch.fx.GraphModule, groups: p3b_fx.GroupSet
         assert (out - dense).abs().max() > 1e-2
 
 
+def _slim_exactly(
+    gm: torch.fx.GraphModule, groups: p3b_fx.GroupSet, plan: KeepPlan, x: torch.Tensor
+) -> torch.fx.GraphModule:
+    """The slim model of ``plan``, checked equal to the hard-masked one and unlike the dense one."""
+    slim = p3b_fx.slim(gm, plan, groups)
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert (out - dense).abs().max() > 1e-3
+    return slim
+
+
 def _random_weights(model: torch.nn.Module, scale: float) -> None:
     """Every parameter drawn at random (seed 0) times ``scale``: large enough that a wrong slice shows."""
     gen = torch.Generator().manual_seed(0)
@@ -121,14 +133,9 @@ def test_relpos_heads_are_pruned_with_their_bias_mlp(name: str, tmp_path: Path) 
     heads = groups.group("blocks.0.attn:heads")
     assert heads.prunable, heads.reason
     assert ("blocks.0.attn.rel_pos.mlp.fc2.weight", 0) in {(m.param, m.dim) for m in heads.members}
-    plan = KeepPlan.from_mapping(groups, {"blocks.0.attn:heads": [1, 2]})
-    slim = p3b_fx.slim(gm, plan, groups)
-    assert slim.get_submodule("blocks.0.attn.rel_pos.mlp.fc2").out_features == 2
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        out, dense = slim(x), gm(x)
-        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
-    assert (out - dense).abs().max() > 1e-3
+    slim = _slim_exactly(gm, groups, KeepPlan.from_mapping(groups, {"blocks.0.attn:heads": [1, 2]}), x)
+    assert slim.get_submodule("blocks.0.attn.rel_pos.mlp.fc2").out_features == 2
     report = export_onnx(slim, x, tmp_path / "relpos.onnx", jetpack=jetpack("6.1"))
     assert report.parity_max_abs_diff <= 1e-4
 
@@ -425,11 +432,6 @@ def test_q_and_k_head_dims_that_v_does_not_share_are_prunable() -> None:
     assert head_dim.prunable and head_dim.size == 64, head_dim.reason
     assert {m.param for m in head_dim.members} == {"blocks.0.attn_out.qk.weight"}
     plan = KeepPlan.from_mapping(groups, {"blocks.0.attn_out:head_dim": list(range(0, 64, 2))})
-    slim = p3b_fx.slim(gm, plan, groups)
+    slim = _slim_exactly(gm, groups, plan, torch.randn(2, 3, 224, 224))
     assert slim.get_submodule("blocks.0.attn_out.qk").out_features == 2 * 6 * 32
     assert slim.get_submodule("blocks.0.attn_out.v").out_features == 384
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        out, dense = slim(x), gm(x)
-        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
-    assert (out - dense).abs().max() > 1e-3
