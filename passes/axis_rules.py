@@ -793,6 +793,8 @@ def matmul(node: fx.Node, t: Tracker) -> State:
     sa, sb = t.state_or_empty(a), t.state_or_empty(b)
     if len(sa) < 2 or len(sb) < 2:
         raise Unsupported("matmul of a vector")
+    if (a in t.states) != (b in t.states):
+        return _matmul_one_untracked(node, t, a, b)
     k = t.unify_axis(node, sa[-1], sb[-2], a.meta[meta.SHAPE][-1], b.meta[meta.SHAPE][-2])
     t.contract(node, k, (a, b))
     shape_a, shape_b = a.meta[meta.SHAPE][:-2], b.meta[meta.SHAPE][:-2]
@@ -802,6 +804,26 @@ def matmul(node: fx.Node, t: Tracker) -> State:
             t.labels.roles.setdefault(label, Role.HEADS)
     t.zero[node] = t.zero.get(a, False) and t.zero.get(b, False)
     return (*batch, sa[-2], sb[-1])
+
+
+def _matmul_one_untracked(node: fx.Node, t: Tracker, a: fx.Node, b: fx.Node) -> State:
+    """``a @ b`` where one side comes from outside the block (GC ViT's global query, computed once
+    per stage from pooled features, times the block's own keys): that side's batch axes and its
+    contracted axis span the tracked side's groups, so the slim graph gathers their kept elements
+    (:func:`_untracked_operand`); the contraction stays exact where the tracked side keeps zeros."""
+    tracked, other = (a, b) if a in t.states else (b, a)
+    st, rank_o = t.states[tracked], len(other.meta[meta.SHAPE])
+    batch_rank = len(node.meta[meta.SHAPE]) - 2
+    batch = ((),) * (batch_rank - (len(st) - 2)) + tuple(st[:-2])
+    k = st[-1] if tracked is a else st[-2]
+    own = (*batch[batch_rank - (rank_o - 2) :], *(((), k) if other is a else (k, ())))
+    _untracked_operand(t, own, other, mark_at=node)
+    t.contract(node, k, (a, b))
+    for axis in batch:
+        for label in axis:
+            t.labels.roles.setdefault(label, Role.HEADS)
+    t.zero[node] = False
+    return (*batch, (), st[-1]) if other is a else (*batch, st[-2], ())
 
 
 def sdpa(node: fx.Node, t: Tracker) -> State:

@@ -435,3 +435,22 @@ def test_q_and_k_head_dims_that_v_does_not_share_are_prunable() -> None:
     slim = _slim_exactly(gm, groups, plan, torch.randn(2, 3, 224, 224))
     assert slim.get_submodule("blocks.0.attn_out.qk").out_features == 2 * 6 * 32
     assert slim.get_submodule("blocks.0.attn_out.v").out_features == 384
+
+
+def test_gc_vit_global_query_is_gathered_per_block(tmp_path: Path) -> None:
+    """GC ViT's global blocks take q from a query computed once per stage from pooled features (no
+    projection of the block's own), times the block's keys: q's heads and head dims are gathered
+    at run time, so the block's heads and head dims are prunable; exact, also in ONNX."""
+    model = timm.create_model("gcvit_xxtiny", pretrained=False, img_size=64).eval()
+    _random_weights(model, 0.2)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    for name in ("stages.0.blocks.1.attn:heads", "stages.0.blocks.1.attn:head_dim"):
+        assert groups.group(name).prunable, groups.group(name).reason
+    keep = {"stages.0.blocks.1.attn:heads": [1], "stages.0.blocks.1.attn:head_dim": list(range(0, 32, 3))}
+    x = torch.randn(2, 3, 64, 64)
+    slim = _slim_exactly(gm, groups, KeepPlan.from_mapping(groups, keep), x)
+    assert slim.get_submodule("stages.0.blocks.1.attn.qkv").out_features == 2 * 1 * 11
+    assert any(is_operand_gather(n) for n in slim.graph.nodes)
+    report = export_onnx(slim, x, tmp_path / "gcvit.onnx", jetpack=jetpack("6.1"))
+    assert report.parity_max_abs_diff <= 1e-4

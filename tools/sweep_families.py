@@ -63,6 +63,8 @@ MODELS: dict[str, list[str]] = {
     "tiny_vit_5m_224": ["--img-size", "64"],
     "twins_svt_small": ["--img-size", "64", "--model-kwargs", '{"depths": [1, 1, 1, 1]}'],
     "mobilevit_xxs": ["--img-size", "64"],
+    "tnt_s_patch16_224": ["--model-kwargs", '{"depth": 1}'],
+    "nextvit_small": ["--img-size", "64"],
 }  # fmt: skip
 """timm name → the flags that make it small (models without a depth argument run at 64 px; Swin
 with two small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids; SwinV2's 8 × 8
