@@ -706,9 +706,13 @@ def _read_elsewhere(node: fx.Node) -> bool:
     constant, one per tensor), which slicing for one block would cut for the others. A parameter
     read twice is :func:`passes.find_groups._shared_fixed`'s case."""
     gm = node.graph.owning_module
-    if gm is None or str(node.target) in dict(gm.named_parameters()):
+    if gm is None:
         return False
-    return sum(1 for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target) > 1
+    try:
+        gm.get_parameter(str(node.target))
+        return False
+    except AttributeError:
+        return sum(1 for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target) > 1
 
 
 def _module(node: fx.Node) -> nn.Module | None:

@@ -24,7 +24,12 @@ from p3b_fx.core.pass_infra import GraphPass, PassResult
 
 CONST_MODULE = "p3b_const"
 
-_RANDOM = ("rand", "bernoulli", "normal", "dropout", "multinomial", "uniform", "poisson")
+_RANDOM = frozenset({
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+    "bernoulli_", "normal", "normal_", "uniform_", "multinomial", "poisson", "dropout", "dropout1d",
+    "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+})  # fmt: skip
+"""Ops that draw random numbers (by name: function, method or in-place method)."""
 
 
 def _dynamic(node: fx.Node, dynamic: set[fx.Node]) -> bool:
@@ -34,8 +39,8 @@ def _dynamic(node: fx.Node, dynamic: set[fx.Node]) -> bool:
         return True
     if node.op == "call_module":  # a module computes from its input: folded only if that is static
         return any(i in dynamic for i in node.all_input_nodes) or not node.all_input_nodes
-    name = str(getattr(node.target, "__name__", node.target)).lower()
-    return any(word in name for word in _RANDOM) or any(i in dynamic for i in node.all_input_nodes)
+    name = str(getattr(node.target, "__name__", node.target))
+    return name in _RANDOM or any(i in dynamic for i in node.all_input_nodes)
 
 
 @dataclass(frozen=True)

@@ -111,21 +111,35 @@ def test_rotary_head_dims_are_pruned_in_pairs_and_the_table_is_gathered(style: s
     assert torch.equal(slim.get_parameter(table), gm.get_parameter(table))  # gathered from, not sliced
 
 
-def test_a_fixed_table_read_by_q_and_k_is_gathered_and_its_constants_stay_dense() -> None:
+def _tables(slim: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> list[int]:
+    """Widths of the slim graph's sliced rotary tables; each column must be a column of a dense
+    table of ``gm`` (16 tokens × 12 dims)."""
+    dense = [b for b in gm.buffers() if b.shape == (16, 12)]  # the tables and their sin and cos
+    widths = []
+    for k, table in slim.named_buffers():
+        if k.startswith("p3b_index.table_"):
+            assert table.shape[0] == 16
+            for i in range(table.shape[1]):
+                assert any(torch.equal(table[:, i], d[:, j]) for d in dense for j in range(12))
+            widths.append(int(table.shape[1]))
+    return sorted(widths)
+
+
+def test_a_fixed_table_read_by_q_and_k_gets_a_sliced_copy_for_each() -> None:
     """torch.fx makes a table computed from buffers a constant per tensor, here read by q and by k:
-    slicing it for one would cut it for the other, so both gather from it."""
+    slicing it in place for one would cut it for the other, so each reader gets its own sliced copy
+    (no gathering at run time)."""
     gm = p3b_fx.trace(_model("interleaved", learnt=False))
     groups = p3b_fx.find_groups(gm)
     keep = {"blocks.0.attn:head_dim": [0, 2, 5], "blocks.1.attn:head_dim": [1, 4]}
     slim = _assert_exact(gm, groups, KeepPlan.from_mapping(groups, keep))
-    assert len([n for n in slim.graph.nodes if is_operand_gather(n)]) == 8
-    constants = [b for k, b in slim.named_buffers() if k.startswith("_tensor_constant")]
-    assert constants and all(b.shape == (16, 12) for b in constants)
+    assert not any(is_operand_gather(n) for n in slim.graph.nodes)
+    assert _tables(slim, gm) == [4, 4, 4, 4, 6, 6, 6, 6]  # sin and cos of q and k, 2 and 3 pairs kept
 
 
-def test_a_table_shared_by_two_blocks_is_gathered_for_each_not_sliced_once() -> None:
-    """One buffer that two blocks read (a rotary table owned by a shared module) cannot be sliced for
-    both: each block gathers its own kept rows, and the buffer stays dense."""
+def test_a_table_shared_by_two_blocks_is_sliced_for_each_not_once() -> None:
+    """One buffer that two blocks read (a rotary table owned by a shared module) cannot be sliced in
+    place for both: each reader gets its own copy of its block's kept columns."""
 
     class Direct(_RotaryAttention):
         def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:  # timm passes attn_mask, is_causal
@@ -149,8 +163,8 @@ def test_a_table_shared_by_two_blocks_is_gathered_for_each_not_sliced_once() -> 
     assert all(groups.group(f"blocks.{i}.attn:head_dim").prunable for i in range(2))
     keep = {"blocks.0.attn:head_dim": [0, 2, 5], "blocks.1.attn:head_dim": [1, 3, 4]}  # as many, not the same
     slim = _assert_exact(gm, groups, KeepPlan.from_mapping(groups, keep))
-    assert len([n for n in slim.graph.nodes if is_operand_gather(n)]) == 4  # q and k of each block
-    assert all(b.shape == (16, 12) for k, b in slim.named_buffers() if k.startswith("_tensor_constant"))
+    assert not any(is_operand_gather(n) for n in slim.graph.nodes)
+    assert _tables(slim, gm) == [6, 6, 6, 6]  # q and k of each block, 3 pairs each
 
 
 def test_a_table_computed_from_a_tracked_value_fixes_the_head_dims() -> None:

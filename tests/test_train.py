@@ -1021,5 +1021,7 @@ def test_a_checkpoint_for_other_groups_of_the_model_says_start_again(tmp_path: P
     if how == "old-and-same":
         assert train.run(cfg.replace(resume=True))["params_slim"] > 0
         return
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
     with pytest.raises(CheckpointError, match=r"written for other groups of this model .* --force"):
         train.run(cfg.replace(resume=True))
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before  # nothing lost
