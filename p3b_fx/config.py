@@ -71,7 +71,9 @@ class PruneConfig:
     Torch-Pruning hooks change the model's shapes as it trains, stays eager. The same functions
     (tested against eager), compiled on first use and once more per combination of the step's
     switches (taps recording, gates scoring). ``reduce-overhead`` adds CUDA graphs to the model
-    (CUDA only; never to the probes, see :func:`p3b_fx.train.compiled`).
+    (CUDA only). ``probe_cudagraphs`` (experimental, ``reduce-overhead`` only, no CLI flag until a
+    GPU has measured it: ``tools/bench_train_step.py`` variants 16 and 17) captures the probes in CUDA
+    graphs too; by default they are compiled without (see :func:`p3b_fx.train.compiled`).
 
     ``batch_size`` is per process; ``world_size`` (the number of torchrun processes) is filled in by
     :func:`p3b_fx.train.run` from the process group, so the effective batch is their product.
@@ -110,6 +112,7 @@ class PruneConfig:
     probe_dtype: str = "float32"
     probe_impl: str = "auto"
     torch_compile: str = "off"
+    probe_cudagraphs: bool = False
     augment: bool = True
     seed: int = 0
     out: str = "runs/p3b"
@@ -316,6 +319,11 @@ def _check_shares(cfg: PruneConfig) -> None:
         raise ConfigError(
             f"probe_fraction {cfg.probe_fraction} must be in (0, 1]: the share of each mini-batch the "
             "probes read (1 = all of it, the reference)"
+        )
+    if cfg.probe_cudagraphs and cfg.torch_compile != "reduce-overhead":
+        raise ConfigError(
+            f"probe_cudagraphs captures the probes in CUDA graphs, which only torch_compile "
+            f"'reduce-overhead' makes; got torch_compile {cfg.torch_compile!r}"
         )
 
 

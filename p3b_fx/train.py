@@ -436,10 +436,11 @@ def compiled(
     keep using ``module``. Compilation happens on the first call (and once more per new combination
     of the guards: taps recording, gates scoring, a last batch of another size).
 
-    ``cudagraphs=False`` turns ``reduce-overhead`` into ``default`` for this module. The probes need
-    it: calling a second CUDA-graphed module starts a new CUDAGraph-trees generation, which would
-    invalidate the masked model's outputs (the tapped features the probes read, the logits the step
-    reads after them) before they are read.
+    ``cudagraphs=False`` turns ``reduce-overhead`` into ``default`` for this module: the probes'
+    default. Calling a second CUDA-graphed module starts a new CUDAGraph-trees iteration, which frees
+    the masked model's outputs (the tapped features the probes read, the logits). With
+    ``probe_cudagraphs`` the step reads the logits and copies the features before the probes run
+    (:meth:`Loop.train_step`); what that saves on a GPU is not measured yet (``docs/gpu-check.md``).
 
     ``fullgraph=True`` (the masked model and the probes) makes a graph break an error
     (:func:`compile_errors` words it) instead of a silent split: under torch 2.11 a split inside the
@@ -994,7 +995,14 @@ class Loop:
         if isinstance(self.pruner.probes, BenefitProbes):  # one stream layout: grouping applies
             self.pruner.probes.grouped = probe_grouped(self.cfg, self.device)
         self.probe_net = distributed.wrap(
-            compiled(self.pruner.probes, self.cfg, self.device, cudagraphs=False, fullgraph=True), self.device
+            compiled(
+                self.pruner.probes,
+                self.cfg,
+                self.device,
+                cudagraphs=self.cfg.probe_cudagraphs,
+                fullgraph=True,
+            ),
+            self.device,
         )
         self.opt = make_optimizer(self.masked, self.cfg)
         self.probe_opt = adamw([{"params": list(self.pruner.probes.parameters())}], self.cfg.scaled_lr)
@@ -1075,11 +1083,16 @@ class Loop:
         with record_function("p3b.optimizer"):
             self.scaler.step(self.opt)
             self.scaler.update()
+        # read before the probes run: CUDA-graphed probes start a new CUDAGraph-trees iteration,
+        # which frees the graphed model's outputs (the logits; the taps, copied below)
+        acc = (logits.detach().argmax(-1) == y).float().mean()
         if probing:
             with record_function("p3b.probes"):
                 n = probe_samples(y.shape[0], self.cfg.probe_fraction)
+                copy = self.cfg.probe_cudagraphs  # a float32 tap is otherwise passed as a view
+                feats = [f[:n].detach().to(torch.float32, copy=copy) for f in self.taps.take()]
                 with probe_autocast(self.device, self.cfg.probe_dtype), compile_errors("the probes"):
-                    probe_out = self.probe_net([f[:n].detach().float() for f in self.taps.take()], y[:n])
+                    probe_out = self.probe_net(feats, y[:n])
                 self.probe_opt.zero_grad(set_to_none=True)
                 with compile_errors("the probes' backward"):
                     probe_out.loss.backward()
@@ -1090,7 +1103,6 @@ class Loop:
         # bound by kernel launches; every sync idles the GPU while the host catches up). A NaN loss
         # has by now gone through one optimiser step in memory; the run stops here, the checkpoints
         # on disk are untouched
-        acc = (logits.detach().argmax(-1) == y).float().mean()
         loss_value, acc_value = torch.stack([loss.detach().float(), acc]).tolist()
         if not math.isfinite(loss_value):
             check_loss(loss, self.step, "P3B training")
@@ -1214,11 +1226,21 @@ def check_resume_groups(state: Mapping[str, Any], groups: GroupSet, keys: set[st
 
 
 RESUME_FREE_OPTIONS = frozenset(
-    {"resume", "force", "device", "out", "dist_timeout", "world_size", "probe_impl", "torch_compile"}
+    {
+        "resume",
+        "force",
+        "device",
+        "out",
+        "dist_timeout",
+        "world_size",
+        "probe_impl",
+        "torch_compile",
+        "probe_cudagraphs",
+    }
 )
 """Options a resumed run may change: where and how it runs, not what it computes (``probe_impl``
-picks between two implementations of the same probes, ``torch_compile`` between eager and compiled
-runs of the same step; ``world_size`` is checked on its own)."""
+picks between two implementations of the same probes, ``torch_compile`` and ``probe_cudagraphs``
+between eager, compiled and graphed runs of the same step; ``world_size`` is checked on its own)."""
 
 
 def check_resume_config(saved: Mapping[str, Any], cfg: PruneConfig, path: Path) -> None:

@@ -836,23 +836,28 @@ def _loop(cfg: PruneConfig, model: torch.nn.Module, device: torch.device) -> tra
 
 
 @pytest.mark.parametrize(
-    ("device", "mode"),
-    [("cpu", "default"), pytest.param("cuda", "default", marks=pytest.mark.gpu),
-     pytest.param("cuda", "reduce-overhead", marks=pytest.mark.gpu)],
+    ("device", "mode", "probe_graphs"),
+    [("cpu", "default", False), pytest.param("cuda", "default", False, marks=pytest.mark.gpu),
+     pytest.param("cuda", "reduce-overhead", False, marks=pytest.mark.gpu),
+     pytest.param("cuda", "reduce-overhead", True, marks=pytest.mark.gpu)],
 )  # fmt: skip
-def test_torch_compile_runs_the_same_p3b_step(tmp_path: Path, device: str, mode: str) -> None:
+def test_torch_compile_runs_the_same_p3b_step(
+    tmp_path: Path, device: str, mode: str, probe_graphs: bool
+) -> None:
     """--torch-compile: three P3B steps (a warm-up one, then two pruning ones; grouped conv probes)
     give the eager run's losses, weights, Taylor scores, block benefits, probe weights and probe
     BatchNorm statistics, up to rounding; the compiled step has no graph break. On CUDA in float32
     (no AMP), so that rounding stays small; with CUDA graphs the taps hold graph outputs that the
-    probes must read before the next step overwrites them."""
+    probes must read before the next step overwrites them, and with ``probe_cudagraphs`` the probes'
+    own graph frees them (the step copies them first)."""
     torch.manual_seed(0)
     model = train.build_model(tiny_config(tmp_path / "m"))
     dev = torch.device(device)
     loops = {}
     for m in ("off", mode):
         cfg = tiny_config(tmp_path / m, probe="patch_conv", probe_hidden=8, probe_impl="grouped",
-                          torch_compile=m, device=device, amp=False)  # fmt: skip
+                          torch_compile=m, device=device, amp=False,
+                          probe_cudagraphs=probe_graphs and m != "off")  # fmt: skip
         torch.manual_seed(1)  # the same probe initialisation
         loops[m] = _loop(cfg, copy.deepcopy(model), dev)
     assert not isinstance(loops["off"].net, torch._dynamo.eval_frame.OptimizedModule)
@@ -933,6 +938,9 @@ def test_torch_compile_end_to_end_and_bad_modes(tmp_path: Path) -> None:
         train.compiled(torch.nn.Linear(2, 2), cfg, cpu)
     with pytest.raises(ConfigError, match="torch_compile mode"):
         tiny_config(tmp_path / "x", torch_compile="max-speed")
+    for mode in ("off", "default"):  # CUDA graphs for the probes come only with those of the model
+        with pytest.raises(ConfigError, match="probe_cudagraphs captures the probes in CUDA graphs"):
+            tiny_config(tmp_path / "x", torch_compile=mode, probe_cudagraphs=True)
     saved = PruneConfig(torch_compile="off").to_dict()
     train.check_resume_config(saved, PruneConfig(torch_compile="default"), tmp_path)
 

@@ -75,6 +75,7 @@ class Variant(NamedTuple):
     impl: str
     mode: str
     fraction: float = 1.0
+    probe_graphs: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -101,10 +102,15 @@ VARIANTS: dict[str, Variant] = {
         "patch_conv", 0.25, 1, "float32", "per-block", "off", 0.25),
     "conv, hidden dim/4, grouped, probes on a quarter of each batch, torch.compile + CUDA graphs": Variant(
         "patch_conv", 0.25, 1, "float32", "grouped", "reduce-overhead", 0.25),
+    "conv, hidden dim/4, grouped, torch.compile + CUDA graphs, probes graphed too": Variant(
+        "patch_conv", 0.25, 1, "float32", "grouped", "reduce-overhead", 1.0, True),
+    "conv, hidden dim/4, grouped, bf16 probes, torch.compile + CUDA graphs, probes graphed too": Variant(
+        "patch_conv", 0.25, 1, "bfloat16", "grouped", "reduce-overhead", 1.0, True),
 }  # fmt: skip
 """label → (probe kind, conv hidden width as a share of the model width, probe_every, probe_dtype,
-probe_impl, torch_compile mode, probe_fraction). The default's conv probes run per block on the CPU
-and grouped on CUDA (``probe_impl=auto``): the two columns are the default on each device. A
+probe_impl, torch_compile mode, probe_fraction, probe_cudagraphs). The default's conv probes run per
+block on the CPU and grouped on CUDA (``probe_impl=auto``): the two columns are the default on each
+device. A
 compiled variant is compared with the plain step compiled in the same mode (timed in the same
 rounds); CUDA graphs (``reduce-overhead``) run on CUDA only."""
 
@@ -129,7 +135,7 @@ def _config(args: argparse.Namespace, out: str) -> PruneConfig:
         model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits",
         num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
         device=args.device, amp=True, probe_hidden=hidden, probe_every=args.every,
-        probe_fraction=args.fraction,
+        probe_fraction=args.fraction, probe_cudagraphs=args.probe_graphs,
         probe_dtype=args.probe_dtype, probe_impl=args.probe_impl, torch_compile=args.torch_compile,
     )  # fmt: skip
 
@@ -277,7 +283,8 @@ def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
 def _variant_args(args: argparse.Namespace, label: str) -> argparse.Namespace:
     v = VARIANTS[label]
     return _with(args, probe=v.kind, hidden_share=v.share, every=v.every, probe_dtype=v.dtype,
-                 probe_impl=v.impl, torch_compile=v.mode, fraction=v.fraction)  # fmt: skip
+                 probe_impl=v.impl, torch_compile=v.mode, fraction=v.fraction,
+                 probe_graphs=v.probe_graphs)  # fmt: skip
 
 
 def _variant_flags(label: str) -> list[str]:
@@ -285,7 +292,7 @@ def _variant_flags(label: str) -> list[str]:
     v = VARIANTS[label]
     return ["--probe", v.kind, "--hidden-share", str(v.share), "--every", str(v.every),
             "--probe-dtype", v.dtype, "--fraction", str(v.fraction), "--probe-impl", v.impl,
-            "--torch-compile", v.mode]  # fmt: skip
+            "--torch-compile", v.mode, *(["--probe-graphs"] if v.probe_graphs else [])]  # fmt: skip
 
 
 def _selected(args: argparse.Namespace) -> list[str]:
@@ -626,6 +633,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--probe-impl", default="per-block", help=argparse.SUPPRESS)
     p.add_argument("--torch-compile", default="off", help=argparse.SUPPRESS)
+    p.add_argument("--probe-graphs", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--variants",
         type=int,
