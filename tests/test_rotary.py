@@ -213,3 +213,29 @@ def test_the_gather_pass_is_idempotent() -> None:
     for p in slim_passes(groups, plan):
         gm = p(gm).graph_module
     assert GatherOperandsPass(groups, plan)(gm).modified is False
+
+
+@pytest.mark.parametrize(
+    ("style", "per_head", "learnt"), [("interleaved", True, True), ("half", False, False)]
+)
+def test_the_gathers_and_sliced_tables_stay_on_the_models_device(
+    style: str, per_head: bool, learnt: bool
+) -> None:
+    """The run-time gathers' index buffers and the per-reader table copies are made on the model's
+    device: "meta" stands in for CUDA here (it refuses CPU operands as CUDA does), as in
+    ``tests/test_slim.py::test_every_pass_keeps_a_model_on_its_own_device``. A learnt per-head table
+    is gathered at run time; a fixed one becomes constants that the rewrite slices."""
+    meta = torch.device("meta")
+    gm = p3b_fx.trace(_model(style, per_head=per_head, learnt=learnt).to(meta), input_shape=(1, 3, 32, 32))
+    groups = p3b_fx.find_groups(gm)
+    slim = p3b_fx.slim(gm, KeepPlan.random(groups, 0.6, 1), groups)
+    made = [
+        k
+        for k, _ in slim.named_buffers()
+        if k.startswith("p3b_index.operand_" if learnt else "p3b_index.table_")
+    ]
+    assert made, "the case must exercise the gather pass"
+    where = {k: t.device for k, t in (*slim.named_parameters(), *slim.named_buffers())}
+    assert all(d == meta for d in where.values()), {k: d for k, d in where.items() if d != meta}
+    with torch.no_grad():
+        assert slim(torch.empty(2, 3, 32, 32, device=meta)).shape == (2, 5)
