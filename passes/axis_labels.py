@@ -29,9 +29,11 @@ class Labels:
     marks: dict[str, str] = field(default_factory=dict)
     roles: dict[str, Role] = field(default_factory=dict)
     contracted: set[str] = field(default_factory=set)
+    made: int = 0  # labels made so far: names stay unique after merges delete some
 
     def new(self, size: int) -> str:
-        name = f"{self.prefix}#{len(self.sizes)}"
+        name = f"{self.prefix}#{self.made}"
+        self.made += 1
         self.sizes[name] = size
         return name
 
@@ -90,12 +92,14 @@ class Labels:
                 return self.root(parent)
         return label
 
-    def merge(self, keep: str, drop: str) -> None:
+    def merge(self, keep: str, drop: str) -> list[tuple[str, str]]:
         """Make ``drop`` the index space ``keep`` is: two projections whose outputs meet element by
         element (PVT's q and its kv from a pooled copy of the input) index one set of heads. Split
-        labels merge part by part; marks, roles and contraction carry over."""
+        labels merge part by part; marks, roles and contraction carry over. Returns every (dropped,
+        kept) pair, the parts' included, so that states naming a dropped label can be renamed."""
         if keep == drop:
-            return
+            return []
+        merged = [(drop, keep)]
         if self.sizes[keep] != self.sizes[drop]:
             raise Unsupported(f"axes of {self.sizes[keep]} and {self.sizes[drop]} elements meet")
         kept_kids, dropped_kids = self.children.get(keep), self.children.pop(drop, None)
@@ -105,7 +109,7 @@ class Labels:
             if [self.sizes[k] for k in kept_kids] != [self.sizes[k] for k in dropped_kids]:
                 raise Unsupported("two axes split two different ways meet")
             for a, b in zip(kept_kids, dropped_kids, strict=True):
-                self.merge(a, b)
+                merged += self.merge(a, b)
         for parent, kids in self.children.items():
             if drop in kids:
                 self.children[parent] = tuple(keep if k == drop else k for k in kids)
@@ -117,6 +121,7 @@ class Labels:
             self.contracted.discard(drop)
             self.contracted.add(keep)
         del self.sizes[drop]
+        return merged
 
 
 def reshape_state(

@@ -248,6 +248,35 @@ def squeeze(node: fx.Node, t: Tracker) -> State:
     return tuple(axis for d, axis in enumerate(state) if d not in dropped)
 
 
+def repeat_interleave(node: fx.Node, t: Tracker) -> State:
+    """``x.repeat_interleave(g, dim)``: grouped-query attention gives each key/value head to the g
+    query heads that share it. ``out[i·g + j] = x[i]`` along ``dim`` is a reshape of the axis into
+    (n, g) whose g-factor copies one element: the n-factor keeps ``x``'s labels, and the g-factor is
+    a new label that no parameter owns. Where it meets the query heads, the query heads split into
+    (key/value heads, query heads per key/value head) and merge with it (``Tracker._align``). It is
+    fixed: a key/value head is kept or dropped with all the query heads that read it, and the repeat
+    count in the graph stays valid."""
+    state: State = unary(True)(node, t)
+    repeats, dim = _dim(node, 1, "repeats"), _dim(node, 2, "dim")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1 or dim is None:
+        raise Unsupported("repeat_interleave by a tensor of counts, or over the flattened tensor")
+    dim = int(dim) % len(state)
+    axis = t.resolve(state[dim])
+    if not axis or repeats == 1:
+        return state
+    if node.kwargs.get("output_size") is not None:
+        raise Unsupported("repeat_interleave with a fixed output_size")
+    copies = t.labels.new(repeats)
+    t.secondary.add(copies)  # free to merge, as a projection of its own is
+    t.labels.roles[copies] = Role.HEADS
+    t.labels.mark(
+        ((copies,),),
+        f"the query heads that share one key/value head (grouped-query attention) at node '{node.name}' "
+        "are kept together",
+    )
+    return (*state[:dim], (*axis, copies), *state[dim + 1 :])
+
+
 def softmax(node: fx.Node, t: Tracker) -> State:
     return _softmax_over(node, t, _dim(node, 1, "dim"))
 
@@ -878,7 +907,8 @@ def build_rules() -> dict[Any, Rule]:
                   "chunk": chunk, torch.chunk: chunk, "split": chunk, torch.split: chunk,
                   torch.cat: cat, torch.concat: cat, torch.stack: stack, "type_as": cast, "to": cast,
                   F.normalize: normalize, "unsqueeze": unsqueeze, torch.unsqueeze: unsqueeze,
-                  "squeeze": squeeze, torch.squeeze: squeeze,
+                  "squeeze": squeeze, torch.squeeze: squeeze, "repeat_interleave": repeat_interleave,
+                  torch.repeat_interleave: repeat_interleave,
                   operator.getitem: getitem, getattr: shape_access, "size": shape_access,
                   operator.matmul: matmul, torch.matmul: matmul, "matmul": matmul, torch.bmm: matmul,
                   F.scaled_dot_product_attention: sdpa})  # fmt: skip

@@ -9,6 +9,7 @@ through the graph finds them for any model built from these ops, and fails close
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,16 +90,43 @@ class Tracker:
         space: merge them label by label (same count, same sizes). Two axes of the first linear's own
         labels never merge (they are different parts of one output). Returns the merged axis, or None."""
         sizes = self.labels.sizes
-        if not a or not b or len(a) != len(b) or any(sizes[x] != sizes[y] for x, y in zip(a, b, strict=True)):
-            return None
         own = [all(self.labels.root(x) in self.secondary for x in side) for side in (a, b)]
-        if not any(own):
+        if not any(own) or not a or not b:
+            return None
+        a, b = self._align(a, b, own)
+        if len(a) != len(b) or any(sizes[x] != sizes[y] for x, y in zip(a, b, strict=True)):
             return None
         keep, drop = (a, b) if not own[0] or own[1] else (b, a)
         for k, d in zip(keep, drop, strict=True):
-            self.labels.merge(k, d)
-            self._rename(d, k)
-        return keep
+            for old, new in self.labels.merge(k, d):  # the parts of split labels too
+                self._rename(old, new)
+        merged: tuple[str, ...] = self.resolve(keep)
+        return merged
+
+    def _align(
+        self, a: tuple[str, ...], b: tuple[str, ...], own: list[bool]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``a`` and ``b`` with a one-label side that is not its own projection's refined into the
+        factor sizes of the other side, where the element counts agree: the query heads meet the
+        (key/value heads, copies) that ``repeat_interleave`` made of the keys (grouped-query
+        attention), so the query heads split into (key/value heads, query heads per key/value head).
+        Otherwise ``a`` and ``b`` as they are."""
+        sizes = self.labels.sizes
+        for one, other, own_one in ((a, b, own[0]), (b, a, own[1])):
+            if own_one or len(one) != 1 or len(other) < 2:
+                continue
+            if sizes[one[0]] != math.prod(sizes[x] for x in other):
+                continue
+            parts, rest = [], one[0]
+            try:
+                for x in other[:-1]:
+                    first, rest = self.labels.split(rest, sizes[x])
+                    parts.append(first)
+            except Unsupported:
+                return a, b
+            refined = (*parts, rest)
+            return (refined, b) if one is a else (a, refined)
+        return a, b
 
     def _rename(self, old: str, new: str) -> None:
         self.alias[old] = new

@@ -240,6 +240,45 @@ def test_a_label_meeting_an_unlabelled_axis_is_fixed_unless_that_axis_broadcasts
     assert "meets an axis no group runs along" in tracker.labels.reason(label)
 
 
+def test_merging_split_labels_renames_their_parts_in_every_state_and_names_stay_unique() -> None:
+    """Two split labels that merge (k's head dims, split by a rotary chunk before k meets q) merge
+    part by part, and the tracker renames the parts too: a state naming a dropped part would point
+    at no group. A label made after a merge gets a name no other label has."""
+    from passes.axis_labels import Labels  # noqa: PLC0415
+    from passes.track_axes import Tracker  # noqa: PLC0415
+
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    node = next(iter(gm.graph.nodes))
+    tracker = Tracker(gm, Labels("b"))
+    q, k = tracker.labels.new(8), tracker.labels.new(8)
+    tracker.secondary.add(k)  # k: a projection of its own, free to merge into q
+    q_parts, k_parts = tracker.labels.split(q, 4), tracker.labels.split(k, 4)
+    tracker.states[node] = ((), (k_parts[1],))
+    assert tracker.unify(node, ((q,),), ((k,),), 1, ((8,), (8,))) == ((q,),)
+    assert tracker.states[node] == ((), (q_parts[1],))
+    made = tracker.labels.new(3)
+    assert made not in (q, *q_parts) and tracker.labels.sizes[q] == 8
+
+
+def test_a_single_label_meeting_a_split_one_of_its_own_is_split_to_match() -> None:
+    """Query heads (one label of 12) meet the (key/value heads, copies) that ``repeat_interleave``
+    made of the keys: the query heads split into (6, 2) and merge with them part by part."""
+    from passes.axis_labels import Labels, Unsupported  # noqa: PLC0415
+    from passes.track_axes import Tracker  # noqa: PLC0415
+
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    node = next(iter(gm.graph.nodes))
+    tracker = Tracker(gm, Labels("b"))
+    q_heads, kv_heads, copies = tracker.labels.new(12), tracker.labels.new(6), tracker.labels.new(2)
+    tracker.secondary |= {kv_heads, copies}
+    out = tracker.unify_axis(node, (q_heads,), (kv_heads, copies), 12, 12)
+    assert tracker.labels.children[q_heads] == out and [tracker.labels.sizes[x] for x in out] == [6, 2]
+    assert tracker.resolve((kv_heads, copies)) == out
+    other = tracker.labels.new(12)  # neither side its own projection: two different index spaces
+    with pytest.raises(Unsupported, match="two different index spaces"):
+        tracker.unify_axis(node, (other,), out, 12, 12)
+
+
 class _SqueezeMlp(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()

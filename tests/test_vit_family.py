@@ -455,3 +455,46 @@ def test_gc_vit_global_query_is_gathered_per_block(tmp_path: Path) -> None:
     assert any(is_operand_gather(n) for n in slim.graph.nodes)
     report = export_onnx(slim, x, tmp_path / "gcvit.onnx", jetpack=jetpack("6.1"))
     assert report.parity_max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_query_attention_prunes_key_value_heads_with_their_query_heads(
+    fused: bool, tmp_path: Path
+) -> None:
+    """Grouped-query attention (Sapiens2: timm's Eva with ``num_kv_heads``) repeats each key/value
+    head for the query heads that share it (``repeat_interleave``). The query heads split into (key/
+    value heads, query heads per key/value head): the first factor is pruned, taking k's and v's
+    head with all its query heads; the second is fixed, so the repeat count stays valid. q/k head
+    dims (rotary pairs) and v's head dims are pruned too, through SDPA and through ``q @ kᵀ``; the
+    slim model equals the hard-masked one, also in ONNX. The first block has full attention."""
+    model = timm.create_model("vit_base_patch16_sapiens2", pretrained=False, depth=2, num_kv_heads=(4, 2),
+                              img_size=32, patch_size=8, embed_dim=64, num_heads=4).eval()  # fmt: skip
+    model.blocks[1].attn.fused_attn = fused
+    _random_weights(model, 0.5)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    block = "blocks.1.attn"
+    assert {n for n in gm.graph.nodes if "repeat_interleave" in str(n.target)}
+    kv_heads, per_kv = groups.group(f"{block}:heads"), groups.group(f"{block}:heads'")
+    assert (kv_heads.size, kv_heads.prunable) == (2, True), kv_heads.reason
+    assert per_kv.size == 2 and not per_kv.prunable and "grouped-query attention" in per_kv.reason
+    head_dim, v_dim = groups.group(f"{block}:head_dim"), groups.group(f"{block}:inner")
+    assert (head_dim.size, v_dim.size) == (8, 16) and head_dim.prunable and v_dim.prunable
+    assert groups.group("blocks.0.attn:heads").size == 4  # full attention: every head on its own
+    plan = KeepPlan.from_mapping(
+        groups,
+        {f"{block}:heads": [1], f"{block}:head_dim": [0, 3, 4, 7], f"{block}:inner": list(range(0, 16, 2))},
+    )
+    x = torch.randn(2, 3, 32, 32)
+    slim = _slim_exactly(gm, groups, plan, x)
+    attn = slim.get_submodule(block)
+    widths = (
+        attn.q_proj.out_features,
+        attn.k_proj.out_features,
+        attn.v_proj.out_features,
+        attn.proj.in_features,
+    )
+    assert widths == (1 * 2 * 8, 1 * 8, 1 * 8, 1 * 2 * 8)  # kv heads × query heads per kv head × dims
+    _assert_random_plans_exact(gm, groups, x)
+    report = export_onnx(slim, x, tmp_path / "gqa.onnx", jetpack=jetpack("6.1"), atol=1e-4)
+    assert report.parity_max_abs_diff <= 1e-4

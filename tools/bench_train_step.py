@@ -221,7 +221,9 @@ def probe_flop_share(args: argparse.Namespace, label: str) -> float:
     """FLOPs of the probes' forward and backward on one probed step, as a share of the plain step's
     forward and backward (torch's FLOP counter, on the CPU with a batch of 8: the share does not
     depend on the device, the batch or the precision, and a probe fraction of 1/4 is exact)."""
-    small = _with(_variant_args(args, label), batch_size=8, device="cpu", torch_compile="off")
+    small = _with(
+        _variant_args(args, label), batch_size=8, device="cpu", torch_compile="off", probe_graphs=False
+    )
     device = torch.device("cpu")
     x, y = _batch(small, device)
     with tempfile.TemporaryDirectory() as tmp:

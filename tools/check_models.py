@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,6 +55,7 @@ MODELS = (
     "sam2_hiera_tiny", "samvit_base_patch16",
     # more ViTs of timm 1.0.31
     "naflexvit_base_patch16_gap", "vit_so150m_patch16_reg4_map_256", "aimv2_large_patch14_224",
+    "vit_base_patch16_sapiens2",
     # efficient and hybrid designs for small devices (blocks behind leaf modules, convolutions)
     "tiny_vit_5m_224", "mobilevit_xxs", "nextvit_small", "edgenext_xx_small", "fastvit_sa12",
     "swiftformer_xs", "csatv2", "efficientvit_m0",
@@ -66,7 +68,16 @@ lands near 1e-15 there, a wrong slice near the effect itself. In float32 some ra
 masked model alone, which a float32 check would take for a bug."""
 
 
+KWARGS: dict[str, dict[str, Any]] = {
+    # grouped-query attention in the middle blocks only: one full, one with 6 key/value heads
+    "vit_base_patch16_sapiens2": {"depth": 2, "num_kv_heads": (12, 6), "img_size": 224},
+}
+"""Models built with these arguments instead of ``depth=1``."""
+
+
 def _model(name: str) -> torch.nn.Module:
+    if name in KWARGS:
+        return timm.create_model(name, pretrained=False, **KWARGS[name]).eval()
     try:
         return timm.create_model(name, pretrained=False, depth=1).eval()
     except (TypeError, ValueError):  # no depth argument (multi-stage models)

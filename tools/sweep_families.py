@@ -43,6 +43,8 @@ MODELS: dict[str, list[str]] = {
     "vit_small_patch16_rope_mixed_224": ["--model-kwargs", SMALL],
     "vit_small_patch16_dinov3": ["--model-kwargs", SMALL],
     "vit_pe_core_tiny_patch16_384": ["--model-kwargs", SMALL],
+    "vit_base_patch16_sapiens2": [  # grouped-query attention in the second block
+        "--model-kwargs", '{"img_size": 32, "patch_size": 8, "depth": 2, "num_kv_heads": [12, 6]}'],
     "vit_relpos_small_patch16_224": ["--model-kwargs", SMALL],
     "vit_small_patch14_reg4_dinov2": ["--model-kwargs", SMALL],
     "vit_base_patch16_clip_224": ["--model-kwargs", SMALL],

@@ -45,6 +45,7 @@ from p3b_fx.errors import ExportError, P3BError
 from p3b_fx.export.jetpack import JetPack, tensorrt_onnx_ops
 from p3b_fx.tracing import copy_graph_module, trace
 from passes.annotate_shapes import AnnotateShapesPass
+from passes.decompose_rms_norm import DecomposeRmsNormPass
 from passes.decompose_sdpa import DecomposeSdpaPass
 from passes.fold_constants import FoldConstantsPass
 from passes.fold_static_shapes import FoldStaticShapesPass
@@ -159,7 +160,7 @@ def _prepare_graph(
         )
         gm.eval()
         _drop_asserts(gm)
-        passes: list[GraphPass] = [FoldConstantsPass()]
+        passes: list[GraphPass] = [FoldConstantsPass(), DecomposeRmsNormPass()]  # no RMSNorm below opset 23
         gathers = any(n.op == "call_function" and n.target is torch.index_select for n in gm.graph.nodes)
         if gathers or any(is_index_add(n) for n in gm.graph.nodes):
             passes += [AnnotateShapesPass(input_shape=tuple(example.shape)), LowerIndexAddPass(),
