@@ -498,3 +498,21 @@ def test_grouped_query_attention_prunes_key_value_heads_with_their_query_heads(
     _assert_random_plans_exact(gm, groups, x)
     report = export_onnx(slim, x, tmp_path / "gqa.onnx", jetpack=jetpack("6.1"), atol=1e-4)
     assert report.parity_max_abs_diff <= 1e-4
+
+
+@pytest.mark.slow
+def test_the_masked_grouped_query_model_has_no_graph_break() -> None:
+    """``--torch-compile`` on Sapiens2: the masked, tapped and folded model with a grouped-query
+    block (its ``repeat_interleave`` included) traces into one graph."""
+    model = timm.create_model("vit_base_patch16_sapiens2", pretrained=False, depth=2, num_kv_heads=(4, 2),
+                              img_size=32, patch_size=8, embed_dim=64, num_heads=4).train()  # fmt: skip
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert groups.group("blocks.1.attn:heads").prunable
+    masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
+    taps = train.tap(masked, groups)
+    p3b_fx.fold_masks(masked)
+    bank.scoring(True)
+    taps.recording = True
+    explained = torch._dynamo.explain(masked)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
