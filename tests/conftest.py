@@ -27,6 +27,13 @@ def tiny_vit(**overrides: Any) -> nn.Module:
     return model
 
 
+def sapiens2() -> nn.Module:
+    """A small Sapiens2 (timm's Eva: RoPE, qk RMSNorm, SwiGLU, RMSNorm) in eval mode: block 0 with
+    full attention over 4 heads, block 1 with grouped-query attention (2 key/value heads)."""
+    return timm.create_model("vit_base_patch16_sapiens2", pretrained=False, depth=2, num_kv_heads=(4, 2),
+                             img_size=32, patch_size=8, embed_dim=64, num_heads=4).eval()  # fmt: skip
+
+
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct storages ``model(x)``'s autograd graph keeps for backward."""
     seen: dict[int, int] = {}

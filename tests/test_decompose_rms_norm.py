@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -14,6 +13,7 @@ from p3b_fx.core.pass_infra import PassManager
 from p3b_fx.export.jetpack import jetpack
 from p3b_fx.export.onnx import export_onnx
 from passes.decompose_rms_norm import DecomposeRmsNormPass, is_rms_norm, rms_norm_ops
+from tests.conftest import sapiens2
 
 
 class Norms(nn.Module):
@@ -66,8 +66,7 @@ def test_the_ops_compute_as_torch_does_in_every_dtype(dtype: torch.dtype) -> Non
 def test_a_vit_with_rms_norm_exports_to_every_jetpack(version: str, tmp_path: Path) -> None:
     """Sapiens2 (timm's Eva with RmsNorm, qk-norm and grouped-query attention) exports where no ONNX
     opset a JetPack reads has RMSNorm; the ONNX model equals the torch one."""
-    model = timm.create_model("vit_base_patch16_sapiens2", pretrained=False, depth=2, num_kv_heads=(4, 2),
-                              img_size=32, patch_size=8, embed_dim=64, num_heads=4).eval()  # fmt: skip
+    model = sapiens2()
     x = torch.randn(2, 3, 32, 32)
     report = export_onnx(model, x, tmp_path / "m.onnx", jetpack=jetpack(version), atol=1e-4)
     assert report.parity_max_abs_diff <= 1e-4

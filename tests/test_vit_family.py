@@ -24,7 +24,7 @@ from p3b_fx.errors import P3BError
 from p3b_fx.export.jetpack import jetpack
 from p3b_fx.export.onnx import export_onnx
 from passes.gather_operands import is_operand_gather
-from tests.conftest import assert_loads_with_torch_alone
+from tests.conftest import assert_loads_with_torch_alone, sapiens2
 
 FAMILY = [
     "eva02_tiny_patch14_224",  # SwiGLU MLP, rotary embeddings
@@ -106,14 +106,21 @@ def test_the_masked_model_has_no_graph_break(name: str) -> None:
     except (TypeError, ValueError):  # models without a depth argument
         model = timm.create_model(name, pretrained=False, img_size=64).train()
     gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
-    groups = p3b_fx.find_groups(gm)
+    assert _graph_breaks(gm, p3b_fx.find_groups(gm), torch.randn(2, 3, 64, 64)) == []
+
+
+def _graph_breaks(gm: torch.fx.GraphModule, groups: p3b_fx.GroupSet, x: torch.Tensor) -> list[str]:
+    """Why dynamo breaks the masked, tapped and folded model of ``gm`` (gates scoring, taps
+    recording) into more than one graph: one line per break, none when it traces whole."""
     masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
     taps = train.tap(masked, groups)
     p3b_fx.fold_masks(masked)
     bank.scoring(True)
     taps.recording = True
-    explained = torch._dynamo.explain(masked)(torch.randn(2, 3, 64, 64))
-    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    explained = torch._dynamo.explain(masked)(x)
+    if explained.graph_break_count == 0:
+        return []
+    return [b.reason.splitlines()[0] for b in explained.break_reasons] or ["a break without a reason"]
 
 
 @pytest.mark.parametrize("name", ["vit_relpos_small_patch16_224", "vit_relpos_medium_patch16_cls_224"])
@@ -467,8 +474,7 @@ def test_grouped_query_attention_prunes_key_value_heads_with_their_query_heads(
     head with all its query heads; the second is fixed, so the repeat count stays valid. q/k head
     dims (rotary pairs) and v's head dims are pruned too, through SDPA and through ``q @ kᵀ``; the
     slim model equals the hard-masked one, also in ONNX. The first block has full attention."""
-    model = timm.create_model("vit_base_patch16_sapiens2", pretrained=False, depth=2, num_kv_heads=(4, 2),
-                              img_size=32, patch_size=8, embed_dim=64, num_heads=4).eval()  # fmt: skip
+    model = sapiens2()
     model.blocks[1].attn.fused_attn = fused
     _random_weights(model, 0.5)
     gm = p3b_fx.trace(model)
@@ -504,15 +510,7 @@ def test_grouped_query_attention_prunes_key_value_heads_with_their_query_heads(
 def test_the_masked_grouped_query_model_has_no_graph_break() -> None:
     """``--torch-compile`` on Sapiens2: the masked, tapped and folded model with a grouped-query
     block (its ``repeat_interleave`` included) traces into one graph."""
-    model = timm.create_model("vit_base_patch16_sapiens2", pretrained=False, depth=2, num_kv_heads=(4, 2),
-                              img_size=32, patch_size=8, embed_dim=64, num_heads=4).train()  # fmt: skip
-    gm = p3b_fx.trace(model)
+    gm = p3b_fx.trace(sapiens2().train())
     groups = p3b_fx.find_groups(gm)
     assert groups.group("blocks.1.attn:heads").prunable
-    masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
-    taps = train.tap(masked, groups)
-    p3b_fx.fold_masks(masked)
-    bank.scoring(True)
-    taps.recording = True
-    explained = torch._dynamo.explain(masked)(torch.randn(2, 3, 32, 32))
-    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert _graph_breaks(gm, groups, torch.randn(2, 3, 32, 32)) == []
