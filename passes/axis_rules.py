@@ -277,6 +277,26 @@ def repeat_interleave(node: fx.Node, t: Tracker) -> State:
     return (*state[:dim], (*axis, copies), *state[dim + 1 :])
 
 
+_POOLED_AXES: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+}  # fmt: skip
+"""Pooling modules → how many trailing axes they pool over."""
+
+
+def pool(node: fx.Node, t: Tracker) -> State:
+    """A max or average pool module over the last 1–3 axes (SAM 2's Hiera pools its queries over the
+    token grid at a stage change): each channel is pooled on its own, so the axes before the pooled
+    ones keep their groups, and a pruned channel, zero at every position, pools to zero (padding
+    included). A group axis among the pooled ones is unsupported."""
+    state: State = unary(True)(node, t)
+    mod = t.gm.get_submodule(str(node.target))
+    if getattr(mod, "return_indices", False):
+        raise Unsupported("a pool that returns indices")
+    if any(state[-_POOLED_AXES[type(mod)] :]):
+        raise Unsupported("pools over a group axis")
+    return state
+
+
 def softmax(node: fx.Node, t: Tracker) -> State:
     return _softmax_over(node, t, _dim(node, 1, "dim"))
 
@@ -896,6 +916,7 @@ def build_rules() -> dict[Any, Rule]:
         rules[key] = unary(False)
     for key in (*_MUL, *_DIV, *_ADD):
         rules[key] = binary
+    rules.update(dict.fromkeys(_POOLED_AXES, pool))
     rules.update({F.layer_norm: layer_norm, nn.LayerNorm: layer_norm, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
                   "reshape": reshape, "view": reshape, "reshape_as": reshape_as, "view_as": reshape_as,

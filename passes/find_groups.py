@@ -379,10 +379,36 @@ def _channel_path(
 
 
 def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
-    """Whether ``user`` is ``x.reshape_as(node)`` (or ``view_as``): it reads ``node``'s shape at run
-    time, so for the slim width too. Other shape reads (``node.shape[-1]`` used in arithmetic) could
-    let the width change values: they count as users, and the channels stay whole."""
-    return user.op == "call_method" and user.target in ("reshape_as", "view_as") and node not in user.args[:1]
+    """Whether ``user`` reads no more of ``node`` than a size pruning the channels leaves alone:
+    ``x.reshape_as(node)`` (or ``view_as``) reads the shape at run time, so the slim width too; and
+    ``node.shape[i]`` or ``node.size(i)`` of another axis than the channels, the last (SAM's and
+    SAM 2's window unpartition computes the batch from ``windows.shape[0]``). A read of the channel
+    size (``node.shape[-1]`` used in arithmetic) could let the width change values: it counts as a
+    user, and the channels stay whole."""
+    if user.op == "call_method" and user.target in ("reshape_as", "view_as"):
+        return node not in user.args[:1]
+    rank = len(node.meta.get(meta.SHAPE) or ())
+
+    def other_axis(i: object) -> bool:
+        return (
+            isinstance(i, int)
+            and not isinstance(i, bool)
+            and rank > 0
+            and -rank <= i < rank
+            and i % rank != rank - 1
+        )
+
+    if user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",):
+        return bool(user.users) and all(
+            u.op == "call_function" and u.target is operator.getitem and other_axis(u.args[1])
+            for u in user.users
+        )
+    return (
+        user.op == "call_method"
+        and user.target == "size"
+        and len(user.args) == 2
+        and other_axis(user.args[1])
+    )
 
 
 def _channel_norm(
@@ -452,6 +478,8 @@ def _layout_op(node: fx.Node, src: fx.Node, size: int) -> bool:
         return isinstance(dims, (tuple, list)) and all(
             isinstance(d, int) and d % rank != rank - 1 for d in dims
         )
+    if node.target in ("permute", torch.permute, "transpose", torch.transpose, "swapaxes"):
+        return _keeps_last_axis(node, len(shape_in))  # SAM's window unpartition
     if node.target is operator.getitem:
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         picks = [i for i in index if i is not None]
@@ -460,6 +488,19 @@ def _layout_op(node: fx.Node, src: fx.Node, size: int) -> bool:
         return len(picks) < len(shape_in) or picks[-1] == slice(None)
     key = (getattr(node.target, "__module__", ""), getattr(node.target, "__name__", ""))
     return node.op == "call_function" and key in _WINDOW_FUNCTIONS
+
+
+def _keeps_last_axis(node: fx.Node, rank: int) -> bool:
+    """Whether permute / transpose ``node`` (of a rank-``rank`` tensor) leaves the last axis last."""
+    rest = [*node.args[1:], *node.kwargs.values()]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = list(rest[0])
+    dims = [d % rank for d in rest if isinstance(d, int) and not isinstance(d, bool) and -rank <= d < rank]
+    if not rest or len(dims) != len(rest):
+        return False
+    if node.target in ("permute", torch.permute):
+        return len(dims) == rank and dims[-1] == rank - 1
+    return len(dims) == 2 and rank - 1 not in dims
 
 
 def _joins(node: fx.Node) -> bool:

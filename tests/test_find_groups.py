@@ -369,21 +369,34 @@ class _LayoutAfterMlp(nn.Module):
             return torch.roll(y, shifts=1, dims=-1)
         if self.after == "crop-channels":
             return torch.nn.functional.pad(y[..., 1:], (0, 1))
+        if self.after == "unpartition":  # SAM's window unpartition: the batch from y.shape[0]
+            rows = y.shape[0]
+            grid = y.view(rows, 1, n, d).permute(0, 2, 1, 3).transpose(0, 1).transpose(0, 1)
+            return grid.reshape(rows, n, d)
+        if self.after == "channel-size":  # the channel count read as a number
+            return y * y.shape[-1] ** -0.5
+        if self.after == "permute-channels":
+            return y.permute(0, 2, 1).permute(0, 2, 1)
         return y.reshape(b, n * 2, d // 2).reshape(b, n, d)  # splits the channel axis
 
 
-@pytest.mark.parametrize("after", ["grid", "roll-channels", "crop-channels", "split"])
+@pytest.mark.parametrize(
+    "after",
+    ["grid", "unpartition", "roll-channels", "crop-channels", "split", "channel-size", "permute-channels"],
+)
 def test_layout_ops_after_the_last_linear_keep_the_written_channels_only_if_they_keep_the_channel_axis(
     after: str,
 ) -> None:
-    """Reshapes that keep the channel axis last and whole, rolls over other axes and crops of other
-    axes pass the written channels through; a roll, crop or reshape of the channel axis fixes them."""
+    """Reshapes that keep the channel axis last and whole, rolls over other axes, crops of other
+    axes, permutes and transposes that leave the channel axis last, and reads of other axes' sizes
+    pass the written channels through; a roll, crop, reshape or permute of the channel axis, or a
+    read of the channel count, fixes them."""
     model = tiny_vit(depth=1)
     model.blocks[0].mlp = _LayoutAfterMlp(48, after)
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     write = groups.group("blocks.0.mlp:write")
-    assert write.prunable == (after == "grid"), write.reason
+    assert write.prunable == (after in ("grid", "unpartition")), write.reason
     x = torch.randn(2, 3, 32, 32)
     for seed in range(2):
         plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
@@ -391,6 +404,38 @@ def test_layout_ops_after_the_last_linear_keep_the_written_channels_only_if_they
             slim_out = p3b_fx.slim(gm, plan, groups)(x)
             masked_out = p3b_fx.apply_masks(gm, plan, groups)(x)
         torch.testing.assert_close(slim_out, masked_out, atol=1e-5, rtol=0)
+
+
+class _PooledMlp(nn.Module):
+    """An MLP that pools its hidden activations over the tokens, or over the hidden neurons."""
+
+    def __init__(self, d: int, over_hidden: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.over_hidden = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), over_hidden
+        self.pool = nn.MaxPool1d(3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)  # (B, N, hidden)
+        h = self.pool(h) if self.over_hidden else self.pool(h.transpose(1, 2)).transpose(1, 2)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("over_hidden", [False, True])
+def test_a_pool_keeps_the_groups_of_the_axes_it_does_not_pool(over_hidden: bool) -> None:
+    """A pool module pools each channel alone: pooling the tokens keeps the hidden neurons
+    prunable (and exact); pooling over the hidden neurons fixes them, naming the node."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _PooledMlp(48, over_hidden)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    hidden = groups.group("blocks.0.mlp:hidden")
+    assert hidden.prunable == (not over_hidden), hidden.reason
+    assert not over_hidden or "pools over a group axis" in hidden.reason
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
+                                   atol=1e-5, rtol=0)  # fmt: skip
 
 
 def test_a_module_called_by_two_blocks_is_kept_whole() -> None:

@@ -514,3 +514,34 @@ def test_the_masked_grouped_query_model_has_no_graph_break() -> None:
     groups = p3b_fx.find_groups(gm)
     assert groups.group("blocks.1.attn:heads").prunable
     assert _graph_breaks(gm, groups, torch.randn(2, 3, 32, 32)) == []
+
+
+def test_sam2_hiera_prunes_pooled_query_heads_and_windowed_writes(tmp_path: Path) -> None:
+    """SAM 2's image encoder (Hiera): at a stage change a block max-pools its queries over the token
+    grid (``q_pool``, an ``nn.MaxPool2d`` per channel), and windowed blocks unpartition their output
+    (reading the batch from ``windows.shape[0]``, permuting positions) before the residual add. Both
+    keep their groups: heads and head dims of the pooling blocks, written channels of the windowed
+    ones. Slim equals hard-masked, also in ONNX."""
+    model = timm.create_model("sam2_hiera_tiny", pretrained=False, embed_dim=32, num_heads=1,
+                              stages=(1, 2, 2, 1), global_att_blocks=(2,), window_spec=(8, 4, 4, 2),
+                              num_classes=5).eval()  # fmt: skip
+    assert isinstance(model.blocks[1].attn.q_pool, torch.nn.MaxPool2d) and model.blocks[0].window_size[0] > 0
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    for name in (
+        "blocks.1.attn:heads",
+        "blocks.1.attn:head_dim",
+        "blocks.0.attn:write",
+        "blocks.3.attn:heads",
+    ):
+        assert groups.group(name).prunable, (name, groups.group(name).reason)
+    x = torch.randn(2, 3, 64, 64)
+    _assert_random_plans_exact(gm, groups, x)
+    plan = KeepPlan.from_mapping(
+        groups, {"blocks.1.attn:heads": [1], "blocks.0.attn:write": list(range(0, 32, 2))}
+    )
+    slim = _slim_exactly(gm, groups, plan, x)
+    assert slim.get_submodule("blocks.1.attn").qkv.out_features == 3 * 32  # one head of 32 dims
+    report = export_onnx(slim, x, tmp_path / "sam2.onnx", jetpack=jetpack("6.1"), atol=1e-4)
+    assert report.parity_max_abs_diff <= 1e-4
