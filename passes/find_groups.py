@@ -157,15 +157,17 @@ def _analyse(
         for n, s in t.states.items()
         if _is_state(s)
     }
-    for node in path.reshapes if write_g.prunable else ():  # their channel size follows the write group
+    for node, dim in path.reshapes if write_g.prunable else ():  # their channel size follows the write group
         rank = len(node.meta[meta.SHAPE])
-        infos[node.name] = NodeInfo(axes=((),) * (rank - 1) + ((write_g.name,),))
+        infos[node.name] = NodeInfo(
+            axes=tuple((write_g.name,) if d == dim % rank else () for d in range(rank))
+        )
     (read, write), *more = lanes
     block = Block(br.name, br.kind, tuple(g.name for g in groups), params, flops, br.input_node, br.add_node,
                   read.name, write.name, br.branch_input,
                   tuple((r.name, w.name) for r, w in more), buffers,
                   path.norm.name if path.norm is not None else "",
-                  _inner_norms(trackers, leaf_group) + _write_norms(path, write_g))  # fmt: skip
+                  _inner_norms(trackers, leaf_group) + _write_norms(path, write_g), path.dim)  # fmt: skip
     return block, groups, infos
 
 
@@ -309,9 +311,11 @@ class _WritePath:
     """What :func:`_channel_path` collects between a block's last linear and its residual add."""
 
     members: list[Member] = field(default_factory=list)
-    reshapes: list[fx.Node] = field(default_factory=list)  # their channel size follows the write group
+    # reshapes and the axis (negative) of the channels in their output: that size follows the write group
+    reshapes: list[tuple[fx.Node, int]] = field(default_factory=list)
     norm: fx.Node | None = None  # the last op on the way that does not keep zeros (a norm)
     padded: list[fx.Node] = field(default_factory=list)  # LayerNorms / RMSNorms over the channels
+    dim: int = -1  # the channels' axis (negative) where the branch meets the residual add
 
 
 def _write_group(
@@ -336,6 +340,8 @@ def _write_group(
             _, reason = _channel_path(gm, join, out, size, path)
     if len(writes) > 1 and path.norm is not None and not reason:
         reason = f"'{path.norm.name}' normalises a parallel lane's written channels"
+    if len(writes) > 1 and path.dim != -1 and not reason:
+        reason = "parallel lanes write their channels along another axis than the last"
     group = Group(f"{br.name}:write", br.name, Role.WRITE, size, tuple(path.members), not reason, reason)
     return group, path
 
@@ -349,15 +355,21 @@ def _channel_path(
     None) to the first op joining lanes. Returns (the last node reached, why the channels cannot be
     pruned: empty when they can)."""
     while node is not out:
-        users = [u for u in node.users if not _reads_shape_only(u, node)]
+        users = [u for u in node.users if not _reads_shape_only(u, node, path.dim)]
         if len(users) != 1:
             return node, f"'{node.name}' has {len(users)} users between the last linear and the residual add"
         user = users[0]
         if out is None and _joins(user):
             return node, ""
+        off_last = _off_last_axis_step(gm, user, node, size, path)
+        if off_last is not None:
+            if off_last:
+                return node, off_last
+            node = user
+            continue
         if _layout_op(user, node, size):
             if _is_reshape(user):
-                path.reshapes.append(user)
+                path.reshapes.append((user, -1))
             node = user
             continue
         norm = _channel_norm(gm, user, node, size)
@@ -378,11 +390,12 @@ def _channel_path(
     return node, ""
 
 
-def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+def _reads_shape_only(user: fx.Node, node: fx.Node, channels: int = -1) -> bool:
     """Whether ``user`` reads no more of ``node`` than a size pruning the channels leaves alone:
     ``x.reshape_as(node)`` (or ``view_as``) reads the shape at run time, so the slim width too; and
-    ``node.shape[i]`` or ``node.size(i)`` of another axis than the channels, the last (SAM's and
-    SAM 2's window unpartition computes the batch from ``windows.shape[0]``). A read of the channel
+    ``node.shape[i]`` or ``node.size(i)`` of another axis than the channels' (``channels``, the
+    last unless a permute moved them; SAM's and SAM 2's window unpartition computes the batch from
+    ``windows.shape[0]``). A read of the channel
     size (``node.shape[-1]`` used in arithmetic) could let the width change values: it counts as a
     user, and the channels stay whole."""
     if user.op == "call_method" and user.target in ("reshape_as", "view_as"):
@@ -395,7 +408,7 @@ def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
             and not isinstance(i, bool)
             and rank > 0
             and -rank <= i < rank
-            and i % rank != rank - 1
+            and i % rank != channels % rank
         )
 
     if user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",):
@@ -479,7 +492,7 @@ def _layout_op(node: fx.Node, src: fx.Node, size: int) -> bool:
             isinstance(d, int) and d % rank != rank - 1 for d in dims
         )
     if node.target in ("permute", torch.permute, "transpose", torch.transpose, "swapaxes"):
-        return _keeps_last_axis(node, len(shape_in))  # SAM's window unpartition
+        return _moved_axis(node, len(shape_in), len(shape_in) - 1) == len(shape_in) - 1  # SAM's unpartition
     if node.target is operator.getitem:
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         picks = [i for i in index if i is not None]
@@ -490,17 +503,96 @@ def _layout_op(node: fx.Node, src: fx.Node, size: int) -> bool:
     return node.op == "call_function" and key in _WINDOW_FUNCTIONS
 
 
-def _keeps_last_axis(node: fx.Node, rank: int) -> bool:
-    """Whether permute / transpose ``node`` (of a rank-``rank`` tensor) leaves the last axis last."""
+def _off_last_axis_step(
+    gm: fx.GraphModule, user: fx.Node, node: fx.Node, size: int, path: _WritePath
+) -> str | None:
+    """A step of the channel path that moves the channels off the last axis (or back), or follows
+    them there (ConvNeXt-style blocks: only ops that leave them alone): "" when ``user`` is taken,
+    the reason the channels stay whole when it cannot be, None when the channels are last and stay."""
+    moved = _channels_moved(user, node, size, path.dim)
+    if moved is not None:
+        path.dim = moved
+        return ""
+    if path.dim == -1:
+        return None
+    if _leaves_channels_alone(gm, user, node, size):
+        return ""
+    scale = _channel_scale(user, node, size, path.dim)
+    if scale is not None:  # FastViT's layer scale, (C, 1, 1) on (N, C, H, W)
+        path.members.append(Member(scale[0], scale[1], (size,), 0))
+        return ""
+    reshaped = _reshaped_channels(user, node, size, path.dim) if _is_reshape(user) else None
+    if reshaped is not None:  # (N, C, H·W) → (N, C, H, W): the channels' axis kept whole
+        path.reshapes.append((user, reshaped))
+        path.dim = reshaped
+        return ""
+    return f"no channel rule for '{user.name}' ({describe(gm, user)}) on axis {path.dim}"
+
+
+def _channel_scale(node: fx.Node, src: fx.Node, size: int, dim: int) -> tuple[str, int] | None:
+    """(parameter, its dim) where ``node`` multiplies ``src`` by a parameter of one value per channel
+    on axis ``dim`` (negative), 1 on every other axis it spans; else None."""
+    if node.target not in (operator.mul, torch.mul, "mul"):
+        return None
+    other = node.args[1] if node.args[0] is src else node.args[0]
+    shape = other.meta.get(meta.SHAPE) if isinstance(other, fx.Node) and other.op == "get_attr" else None
+    if not shape or len(shape) < -dim or shape[dim] != size or math.prod(shape) != size:
+        return None
+    assert isinstance(other, fx.Node)
+    return str(other.target), len(shape) + dim
+
+
+def _reshaped_channels(node: fx.Node, src: fx.Node, size: int, dim: int) -> int | None:
+    """The axis (negative) of the ``size`` channels (on axis ``dim`` of ``src``) in reshape ``node``'s
+    output, where it keeps them whole: as many elements before them on both sides (row-major, so
+    channel c stays channel c, and a narrower channel axis reshapes the same way); else None."""
+    shape_in, shape_out = src.meta.get(meta.SHAPE), node.meta.get(meta.SHAPE)
+    if not shape_in or not shape_out or shape_in[dim] != size:
+        return None
+    before = math.prod(shape_in[: dim % len(shape_in)])
+    for axis, width in enumerate(shape_out):
+        if width == size and math.prod(shape_out[:axis]) == before:
+            return axis - len(shape_out)
+    return None
+
+
+def _leaves_channels_alone(gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int) -> bool:
+    """Whether ``node`` passes channels that are not on the last axis through untouched:
+    ``contiguous``, or an op without a parameter that :func:`_channel_param` takes (drop path,
+    dropout, a number times the tensor)."""
+    return (node.op == "call_method" and node.target == "contiguous") or _channel_param(
+        gm, node, src, size
+    ) == ()
+
+
+def _channels_moved(node: fx.Node, src: fx.Node, size: int, dim: int) -> int | None:
+    """Where permute / transpose ``node`` of ``src`` puts the ``size`` channels on axis ``dim`` (a
+    negative index): the new axis, when it moves them (EdgeNeXt's ConvNeXt blocks permute
+    (N, H, W, C) back to (N, C, H, W) before the residual add); else None."""
+    shape = src.meta.get(meta.SHAPE)
+    if not shape or shape[dim] != size or not node.args or node.args[0] is not src:
+        return None
+    rank, axis = len(shape), dim % len(shape)
+    new = _moved_axis(node, rank, axis)
+    return None if new is None or new == axis else new - rank
+
+
+def _moved_axis(node: fx.Node, rank: int, axis: int) -> int | None:
+    """Where permute / transpose ``node`` of a rank-``rank`` tensor puts axis ``axis`` (0-based), or
+    None when ``node`` is neither or its dims are not plain ints."""
+    if node.target not in ("permute", torch.permute, "transpose", torch.transpose, "swapaxes"):
+        return None
     rest = [*node.args[1:], *node.kwargs.values()]
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         rest = list(rest[0])
     dims = [d % rank for d in rest if isinstance(d, int) and not isinstance(d, bool) and -rank <= d < rank]
     if not rest or len(dims) != len(rest):
-        return False
+        return None
     if node.target in ("permute", torch.permute):
-        return len(dims) == rank and dims[-1] == rank - 1
-    return len(dims) == 2 and rank - 1 not in dims
+        return dims.index(axis) if sorted(dims) == list(range(rank)) else None
+    if len(dims) != 2:
+        return None
+    return dims[1] if axis == dims[0] else dims[0] if axis == dims[1] else axis
 
 
 def _joins(node: fx.Node) -> bool:

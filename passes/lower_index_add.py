@@ -1,9 +1,10 @@
 """LowerIndexAddPass: ``index_add`` write-backs → pad, gather, add.
 
-Pattern: ``torch.index_add(x, -1, idx, y)`` (or ``x.index_add(-1, idx, y)``) with ``idx`` a
+Pattern: ``torch.index_add(x, dim, idx, y)`` (or ``x.index_add(dim, idx, y)``; ``dim`` the last
+axis, or another: a ConvNeXt-style block writes (N, C, H, W) along -3) with ``idx`` a
 constant index buffer read by a ``get_attr`` node, indices unique, and ``x``'s shape known from
 ``node.meta[p3b.shape]`` (``passes.annotate_shapes``) or torch's ``tensor_meta``.
-Result: ``x + index_select(pad(y, (0, 1)), -1, spread)`` where ``spread[c]`` is the position of
+Result: ``x + index_select(pad(y, (0, 1) on dim), dim, spread)`` where ``spread[c]`` is the position of
 channel ``c`` in ``idx``, or the zero column appended by ``pad`` for channels ``idx`` does not
 touch. ``spread`` is a new int64 buffer. Every output element is ``x[c] + y[j]`` or ``x[c] + 0``:
 numerically identical to ``index_add``.
@@ -70,7 +71,8 @@ def spread_index(index: torch.Tensor, width: int) -> torch.Tensor:
     return spread
 
 
-def _spread_for(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, torch.Tensor]:
+def _spread_for(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, int, torch.Tensor]:
+    """(x, y, the axis as a negative index, spread) of index_add ``node``."""
     x, dim, index, y, alpha = _arguments(node)
     shape = known_shape(x)
     if shape is None:
@@ -78,16 +80,17 @@ def _spread_for(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, torch.Tens
             f"LowerIndexAddPass: the shape of '{x}' (input of node '{node.name}') is unknown; "
             "run AnnotateShapesPass (or torch.fx ShapeProp) first"
         )
-    if dim not in (-1, len(shape) - 1) or alpha != 1:
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape) or alpha != 1:
         raise PassError(
             f"LowerIndexAddPass: node '{node.name}' has dim={dim}, alpha={alpha}; only "
-            "index_add along the last axis with alpha=1 is lowered"
+            f"index_add along one of the {len(shape)} axes with alpha=1 is lowered"
         )
+    axis = dim % len(shape) - len(shape)
     try:
-        spread = spread_index(_index_tensor(gm, node, index), shape[-1])
+        spread = spread_index(_index_tensor(gm, node, index), shape[axis])
     except ValueError as exc:
         raise PassError(f"LowerIndexAddPass: node '{node.name}': {exc}") from exc
-    return x, y, spread
+    return x, y, axis, spread
 
 
 def _new_buffer_name(gm: fx.GraphModule) -> str:
@@ -106,16 +109,20 @@ class LowerIndexAddPass(GraphPass):
         for node in list(gm.graph.nodes):
             if not is_index_add(node):
                 continue
-            x, y, spread = _spread_for(gm, node)
+            x, y, axis, spread = _spread_for(gm, node)
             name = _new_buffer_name(gm)
             gm.register_buffer(name, spread)
             with gm.graph.inserting_before(node):
-                padded = gm.graph.call_function(torch.nn.functional.pad, (y, (0, 1)))
+                # F.pad lists the last axis first: (0, 0) for each axis after ``axis``, then (0, 1)
+                pad = (0, 0) * (-axis - 1) + (0, 1)
+                padded = gm.graph.call_function(torch.nn.functional.pad, (y, pad))
                 y_shape = known_shape(y)
                 if y_shape is not None:  # lets later passes (TransposeGathersPass) see the rank
-                    padded.meta[meta.SHAPE] = (*y_shape[:-1], y_shape[-1] + 1)
+                    grown = list(y_shape)
+                    grown[axis] += 1
+                    padded.meta[meta.SHAPE] = tuple(grown)
                 spread_node = gm.graph.get_attr(name)
-                spread_y = gm.graph.call_function(torch.index_select, (padded, -1, spread_node))
+                spread_y = gm.graph.call_function(torch.index_select, (padded, axis, spread_node))
                 out = gm.graph.call_function(operator.add, (x, spread_y))
             replace_node(gm, node, out)
             modified = True

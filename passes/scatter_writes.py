@@ -1,9 +1,10 @@
 """ScatterWritesPass: a block writes only the residual channels its plan keeps.
 
 Pattern: a live block whose write group shrinks; its residual ``add(x, y)``. Result:
-``torch.index_add(x, -1, idx, y)`` (y is already narrow: the last linear's rows and any
-per-channel scale after it were sliced). Why: writing the kept channels in place of adding a
-zero-padded tensor saves the padding and computes the same sum.
+``torch.index_add(x, dim, idx, y)`` on the channels' axis ``dim`` (``Block.write_dim``: the last,
+or -3 where a ConvNeXt-style block permutes back to (N, C, H, W)); y is already narrow (the last
+linear's rows and any per-channel scale after it were sliced). Why: writing the kept channels in
+place of adding a zero-padded tensor saves the padding and computes the same sum.
 """
 
 from __future__ import annotations
@@ -44,6 +45,6 @@ class ScatterWritesPass(PlanPass):
             stream, branch = residual_operands(add, block.output_node)
             idx_node = index_buffer(gm, group, idx, add)
             add.target, add.op = torch.index_add, "call_function"
-            add.args, add.kwargs = (stream, -1, idx_node, branch), {}
+            add.args, add.kwargs = (stream, block.write_dim, idx_node, branch), {}
             modified = True
         return PassResult(gm, modified)

@@ -375,28 +375,32 @@ class _LayoutAfterMlp(nn.Module):
             return grid.reshape(rows, n, d)
         if self.after == "channel-size":  # the channel count read as a number
             return y * y.shape[-1] ** -0.5
-        if self.after == "permute-channels":
-            return y.permute(0, 2, 1).permute(0, 2, 1)
+        if self.after == "permute-channels":  # channels off the last axis and back: positions only
+            return y.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+        if self.after == "channel-size-permuted":  # the channel count read where a permute put it
+            z = y.permute(0, 2, 1)
+            return (z * z.shape[1] ** -0.5).permute(0, 2, 1)
         return y.reshape(b, n * 2, d // 2).reshape(b, n, d)  # splits the channel axis
 
 
 @pytest.mark.parametrize(
     "after",
-    ["grid", "unpartition", "roll-channels", "crop-channels", "split", "channel-size", "permute-channels"],
-)
+    ["grid", "unpartition", "permute-channels", "roll-channels", "crop-channels", "split", "channel-size",
+     "channel-size-permuted"],
+)  # fmt: skip
 def test_layout_ops_after_the_last_linear_keep_the_written_channels_only_if_they_keep_the_channel_axis(
     after: str,
 ) -> None:
     """Reshapes that keep the channel axis last and whole, rolls over other axes, crops of other
-    axes, permutes and transposes that leave the channel axis last, and reads of other axes' sizes
-    pass the written channels through; a roll, crop, reshape or permute of the channel axis, or a
-    read of the channel count, fixes them."""
+    axes, permutes and transposes (also away from the last axis and back), and reads of other axes'
+    sizes pass the written channels through; a roll, crop or reshape of the channel axis, or a read
+    of the channel count (wherever a permute put it), fixes them."""
     model = tiny_vit(depth=1)
     model.blocks[0].mlp = _LayoutAfterMlp(48, after)
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     write = groups.group("blocks.0.mlp:write")
-    assert write.prunable == (after in ("grid", "unpartition")), write.reason
+    assert write.prunable == (after in ("grid", "unpartition", "permute-channels")), write.reason
     x = torch.randn(2, 3, 32, 32)
     for seed in range(2):
         plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)

@@ -93,16 +93,37 @@ def test_duplicate_indices_are_refused() -> None:
         LowerIndexAddPass()(gm)
 
 
-def test_other_axis_is_refused() -> None:
+@pytest.mark.parametrize("dim", [1, -2, 2])  # not the batch: shape propagation runs batch 2
+def test_any_axis_lowers_exactly(dim: int) -> None:
+    """Channels written back along another axis than the last (a ConvNeXt-style block's (N, C, H, W)
+    along -3): pad and gather along that axis give index_add's values bitwise."""
+
     class Rows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("idx", torch.tensor([3, 0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.index_add(x, dim, self.idx, x.narrow(dim, 1, 2) * 2)
+
+    gm = fx.symbolic_trace(Rows())
+    reference = fx.symbolic_trace(Rows())
+    PassManager([AnnotateShapesPass(input_shape=(4, 5, 6)), LowerIndexAddPass()]).run(gm)
+    assert not any(is_index_add(n) for n in gm.graph.nodes)
+    x = torch.randn(4, 5, 6)
+    assert torch.equal(gm(x), reference(x))
+
+
+def test_a_dim_out_of_range_or_a_scaled_add_is_refused() -> None:
+    class Scaled(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.register_buffer("idx", torch.tensor([0, 2]))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.index_add(x, 1, self.idx, x[:, :2])
+            return torch.index_add(x, 1, self.idx, x[:, :2], alpha=2)
 
-    gm = fx.symbolic_trace(Rows())
+    gm = fx.symbolic_trace(Scaled())
     AnnotateShapesPass(input_shape=(1, 5, 8))(gm)
-    with pytest.raises(PassError, match="last axis"):
+    with pytest.raises(PassError, match="alpha=2"):
         LowerIndexAddPass()(gm)

@@ -545,3 +545,31 @@ def test_sam2_hiera_prunes_pooled_query_heads_and_windowed_writes(tmp_path: Path
     assert slim.get_submodule("blocks.1.attn").qkv.out_features == 3 * 32  # one head of 32 dims
     report = export_onnx(slim, x, tmp_path / "sam2.onnx", jetpack=jetpack("6.1"), atol=1e-4)
     assert report.parity_max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "block"),
+    [("edgenext_xx_small", "stages.0.blocks.0.mlp"), ("fastvit_sa12", "stages.3.blocks.0.token_mixer")],
+)
+def test_channels_written_back_in_n_c_h_w_are_prunable(name: str, block: str, tmp_path: Path) -> None:
+    """Blocks whose residual stream is (N, C, H, W): EdgeNeXt's ConvNeXt blocks permute their MLP
+    output back from (N, H, W, C), FastViT's attention transposes and reshapes (N, H·W, C) into
+    (N, C, H, W) and scales it by a (C, 1, 1) layer scale. Their written channels are a group (the
+    layer scale sliced with it), written back along axis -3; slim equals hard-masked, also in ONNX,
+    where that write-back is lowered to pad, gather and add along the same axis."""
+    model = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    write = groups.group(f"{block}:write")
+    assert write.prunable, write.reason
+    assert groups.block(block).write_dim == -3
+    x = torch.randn(2, 3, 64, 64)
+    plan = KeepPlan.from_mapping(groups, {write.name: list(range(0, write.size, 2))})
+    slim = _slim_exactly(gm, groups, plan, x)
+    adds = [n for n in slim.graph.nodes if n.target is torch.index_add]
+    assert adds and all(n.args[1] == -3 for n in adds)
+    with torch.no_grad():
+        atol = 1e-5 * max(float(slim(x).abs().max()), 1.0)  # FastViT's random-weight outputs reach 1e6
+    report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
+    assert report.parity_max_abs_diff <= atol

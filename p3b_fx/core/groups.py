@@ -113,6 +113,9 @@ class Block:
     write_site: str = ""
     # norms over a group axis inside the block (EVA-02's SwiGLU norm, BEiT-3's inner attention norm)
     norms: tuple[InnerNorm, ...] = ()
+    # the axis (negative) of the written channels at the residual add: -1, or -3 where a ConvNeXt-
+    # style block permutes (N, H, W, C) back to (N, C, H, W) before it (EdgeNeXt)
+    write_dim: int = -1
 
     def all_lanes(self) -> tuple[tuple[str, str], ...]:
         """(first linear, last linear) of every lane, the block's own first."""
