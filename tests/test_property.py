@@ -58,10 +58,17 @@ def test_random_models_and_plans(
 
 @st.composite
 def rotary_configs(draw: st.DrawFn) -> dict[str, object]:
-    """timm's Eva (EVA-02, the RoPE ViTs, DINOv3 and the Perception Encoder are all built from it):
-    each kind of rotary table and rotation, fused or separate q/k/v, SwiGLU, inner norms."""
+    """timm's Eva (EVA-02, the RoPE ViTs, DINOv3, the Perception Encoder and Sapiens2 are all built
+    from it): each kind of rotary table and rotation, fused or separate q/k/v, SwiGLU, inner norms,
+    and timm's other attention class, with grouped-query attention (key/value heads shared by 1–4
+    query heads each)."""
     heads = draw(st.integers(1, 4))
+    fused = draw(st.booleans())
+    attn = draw(st.sampled_from(["eva", "rope"]))
     rope = draw(st.sampled_from(["cat", "mixed", "dinov3"]))
+    # grouped queries: not with a table per head (rope-mixed), which timm's attention cannot share
+    shared = draw(st.sampled_from([g for g in (1, 2, 4) if heads % g == 0]))
+    kv_heads = heads // shared if attn == "rope" and rope != "mixed" else heads
     head_dim = draw(st.sampled_from([8, 16] if rope == "dinov3" else [4, 8, 12]))  # dinov3: 4 | head_dim
     return {
         "depth": draw(st.integers(1, 2)),
@@ -72,7 +79,9 @@ def rotary_configs(draw: st.DrawFn) -> dict[str, object]:
         "use_rot_pos_emb": True,
         "rope_type": rope,
         "rope_rotate_half": False if rope == "mixed" else draw(st.booleans()),
-        "qkv_fused": draw(st.booleans()),
+        "qkv_fused": fused and kv_heads == heads,  # timm fuses q, k and v only without grouped queries
+        "attn_type": attn,
+        "num_kv_heads": kv_heads,
         "qk_norm": draw(st.booleans()),
         "swiglu_mlp": (swiglu := draw(st.booleans())),
         "scale_mlp": swiglu and draw(st.booleans()),
@@ -97,6 +106,14 @@ def test_random_rotary_models_and_plans(cfg: dict[str, object], ratio: float, se
     groups = p3b_fx.find_groups(gm)
     head_dim = groups.group("blocks.0.attn:head_dim")
     assert head_dim.prunable and head_dim.size * 2 == int(cfg["embed_dim"]) // int(cfg["num_heads"]), head_dim
+    heads, kv_heads = int(cfg["num_heads"]), int(cfg["num_kv_heads"])  # type: ignore[call-overload]
+    if kv_heads == 1 < heads:  # every query head reads the one key/value head: kept together
+        assert not groups.group("blocks.0.attn:heads").prunable
+    elif heads > 1:  # one group per key/value head; the query heads that read one are kept together
+        assert groups.group("blocks.0.attn:heads").size == kv_heads
+        if kv_heads < heads:
+            shared = groups.group("blocks.0.attn:heads'")
+            assert shared.size == heads // kv_heads and not shared.prunable, shared
     plan = KeepPlan.random(groups, ratio, seed)
     size = int(cfg["img_size"])  # type: ignore[call-overload]
     x = torch.randn(2, 3, size, size)
