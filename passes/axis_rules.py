@@ -262,7 +262,9 @@ def repeat_interleave(node: fx.Node, t: Tracker) -> State:
         raise Unsupported("repeat_interleave by a tensor of counts, or over the flattened tensor")
     dim = int(dim) % len(state)
     axis = t.resolve(state[dim])
-    if not axis or repeats == 1:
+    src = node.args[0]
+    single = isinstance(src, fx.Node) and tuple(src.meta[meta.SHAPE])[dim] == 1  # one key/value head
+    if (not axis and not single) or repeats == 1:
         return state
     if node.kwargs.get("output_size") is not None:
         raise Unsupported("repeat_interleave with a fixed output_size")

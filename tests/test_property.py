@@ -108,7 +108,7 @@ def test_random_rotary_models_and_plans(cfg: dict[str, object], ratio: float, se
     assert head_dim.prunable and head_dim.size * 2 == int(cfg["embed_dim"]) // int(cfg["num_heads"]), head_dim
     heads, kv_heads = int(cfg["num_heads"]), int(cfg["num_kv_heads"])  # type: ignore[call-overload]
     if kv_heads == 1 < heads:  # every query head reads the one key/value head: kept together
-        assert not groups.group("blocks.0.attn:heads").prunable
+        assert "grouped-query attention" in groups.group("blocks.0.attn:heads").reason
     elif heads > 1:  # one group per key/value head; the query heads that read one are kept together
         assert groups.group("blocks.0.attn:heads").size == kv_heads
         if kv_heads < heads:
