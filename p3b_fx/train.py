@@ -1509,12 +1509,17 @@ def check_stream(cfg: PruneConfig, prep: Prepared) -> None:
 
 
 def _report_head(cfg: PruneConfig, groups: GroupSet) -> dict[str, Any]:
+    # the whole model's parameters at the keep ratio: with --blocks-only the blocks' share of it, plus
+    # the parameters outside the blocks, which that run never prunes
+    params = budget_mod.cost_model_from_groups(groups, budget_mod.BudgetUnit.PARAMS)
+    blocks = budget_mod.budget_target(budget_mod.dense_costs(params), params.nonblock, cfg.keep_ratio,
+                                      cfg.blocks_only)  # fmt: skip
     return {
         "method": cfg.method, "prune_ratio": 0.0 if cfg.method == "dense" else cfg.prune_ratio,
         "budget": cfg.budget,
         "granularity": cfg.granularity, "params_dense": groups.params_total,
         "flops_dense": groups.flops_total,
-        "budget_params": round(cfg.keep_ratio * groups.params_total),
+        "budget_params": round(blocks + params.nonblock),
         "world_size": cfg.world_size, "effective_batch": cfg.effective_batch,
     }  # fmt: skip
 

@@ -42,14 +42,17 @@ class BlockSearch:
 
 
 def is_add(node: fx.Node) -> bool:
-    """A residual write: ``a + b``, or a slim graph's ``torch.index_add(a, -1, idx, b)``."""
+    """A residual write: ``a + b``, or a slim graph's ``torch.index_add(a, dim, idx, b)``."""
     if node.op == "call_function" and (node.target in _ADD_TARGETS or is_index_add(node)):
         return True
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
 def is_index_add(node: fx.Node) -> bool:
-    return node.target is torch.index_add and bool(node.args[1] == -1)
+    """A slim graph's write-back of a block's kept channels: along the last axis, or along another
+    (``Block.write_dim``: -3 where the stream is (N, C, H, W))."""
+    dim = node.args[1] if node.target is torch.index_add and len(node.args) > 1 else None
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim < 0
 
 
 def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -89,9 +92,12 @@ def _common_prefix(names: list[str]) -> str:
 
 def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
     if is_index_add(node):
-        a, b = node.args[0], node.args[3]
-        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
-        same = a.meta[meta.SHAPE][:-1] == b.meta[meta.SHAPE][:-1]
+        a, b, dim = node.args[0], node.args[3], node.args[1]
+        assert isinstance(a, fx.Node) and isinstance(b, fx.Node) and isinstance(dim, int)
+        shape_a, shape_b = list(a.meta[meta.SHAPE]), list(b.meta[meta.SHAPE])
+        same = len(shape_a) == len(shape_b) and shape_a[:dim] + shape_a[dim + 1 or len(shape_a) :] == (
+            shape_b[:dim] + shape_b[dim + 1 or len(shape_b) :]
+        )
         return (a, b) if same and a in _ancestors_in_range(b, order[a] - 1, order) else None
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(args) != 2 or args[0].meta.get(meta.SHAPE) != args[1].meta.get(meta.SHAPE):

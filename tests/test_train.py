@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import p3b_fx
 from p3b_fx import benefit, train
+from p3b_fx import budget as budget_mod
 from p3b_fx.benefit import BenefitProbes, BlockwiseProbes
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.plan import KeepPlan
@@ -471,6 +472,22 @@ def test_flops_budget_end_to_end(tmp_path: Path, blocks_only: bool) -> None:
         assert abs(blocks / (0.5 * dense_blocks) - 1) <= 0.01
     else:
         assert abs(report["flops_slim"] / (0.5 * report["flops_dense"]) - 1) <= 0.01
+
+
+def test_a_blocks_only_report_names_the_parameters_it_aimed_at(tmp_path: Path) -> None:
+    """With --blocks-only the report's parameter budget is the blocks' share at the keep ratio plus
+    the parameters outside the blocks (which the run never prunes), not the keep ratio of the whole
+    model; the slim model meets it."""
+    cfg = tiny_config(tmp_path / "run", blocks_only=True)
+    report = train.run(cfg)
+    groups = p3b_fx.find_groups(p3b_fx.trace(train.build_model(cfg)))  # its head is not resized yet
+    blocks = float(
+        budget_mod.dense_costs(budget_mod.cost_model_from_groups(groups, budget_mod.BudgetUnit.PARAMS)).sum()
+    )
+    outside = report["params_dense"] - blocks  # the embedding and the head the run resized to 10 classes
+    assert outside > 0.05 * blocks  # enough to tell the two budgets apart
+    assert report["budget_params"] == round(0.5 * blocks + outside)
+    assert report["budget_met"] and abs(report["params_slim"] / report["budget_params"] - 1) <= 0.01
 
 
 def test_global_baselines_refuse_a_flops_budget() -> None:

@@ -573,3 +573,10 @@ def test_channels_written_back_in_n_c_h_w_are_prunable(name: str, block: str, tm
         atol = 1e-5 * max(float(slim(x).abs().max()), 1.0)  # FastViT's random-weight outputs reach 1e6
     report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
     assert report.parity_max_abs_diff <= atol
+    again = p3b_fx.trace(slim)  # the slim model is a model like any other: its write-back is a residual add
+    regrouped = p3b_fx.find_groups(again)
+    assert regrouped.group(write.name).prunable and regrouped.block(block).write_dim == -3
+    plan = KeepPlan.random(regrouped, 0.75, seed=1)
+    with torch.no_grad():
+        twice, masked = p3b_fx.slim(again, plan, regrouped)(x), p3b_fx.apply_masks(again, plan, regrouped)(x)
+    torch.testing.assert_close(twice, masked, atol=atol, rtol=0)  # float32 rounding of outputs near 1e4
