@@ -1225,19 +1225,8 @@ def check_resume_groups(state: Mapping[str, Any], groups: GroupSet, keys: set[st
         )
 
 
-RESUME_FREE_OPTIONS = frozenset(
-    {
-        "resume",
-        "force",
-        "device",
-        "out",
-        "dist_timeout",
-        "world_size",
-        "probe_impl",
-        "torch_compile",
-        "probe_cudagraphs",
-    }
-)
+RESUME_FREE_OPTIONS = frozenset({"resume", "force", "device", "out", "dist_timeout", "world_size",
+                                 "probe_impl", "torch_compile", "probe_cudagraphs"})  # fmt: skip
 """Options a resumed run may change: where and how it runs, not what it computes (``probe_impl``
 picks between two implementations of the same probes, ``torch_compile`` and ``probe_cudagraphs``
 between eager, compiled and graphed runs of the same step; ``world_size`` is checked on its own)."""

@@ -325,7 +325,8 @@ def reshape(node: fx.Node, t: Tracker) -> State:
     return reshape_state(t.labels, state, src.meta[meta.SHAPE], node.meta[meta.SHAPE])
 
 
-def _dims(node: fx.Node) -> list[int]:
+def permute_dims(node: fx.Node) -> list[int]:
+    """The dims of a ``permute`` node (as separate arguments, one sequence, or ``dims=``)."""
     rest: list[Any] = list(node.args[1:]) or list(node.kwargs.get("dims", ()))  # type: ignore[arg-type]
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         rest = list(rest[0])
@@ -334,7 +335,7 @@ def _dims(node: fx.Node) -> list[int]:
 
 def permute(node: fx.Node, t: Tracker) -> State:
     state = unary(True)(node, t)
-    return tuple(state[d] for d in _dims(node))
+    return tuple(state[d] for d in permute_dims(node))
 
 
 def transpose(node: fx.Node, t: Tracker) -> State:
@@ -781,7 +782,7 @@ def _input_axis(node: fx.Node, src: fx.Node, axis: int, rank: int) -> int | str:
         d = int(_dim(node, 1, "dim")) % rank
         return f"'{node.name}' creates the axis" if axis == d else axis - int(axis > d)
     if target in ("permute", torch.permute):
-        return _dims(node)[axis] % rank
+        return permute_dims(node)[axis] % rank
     if target in ("transpose", torch.transpose, "swapaxes"):
         d0, d1 = (int(d) % rank for d in node.args[1:3])  # type: ignore[arg-type]
         return d1 if axis == d0 else d0 if axis == d1 else axis

@@ -95,9 +95,9 @@ def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
         a, b, dim = node.args[0], node.args[3], node.args[1]
         assert isinstance(a, fx.Node) and isinstance(b, fx.Node) and isinstance(dim, int)
         shape_a, shape_b = list(a.meta[meta.SHAPE]), list(b.meta[meta.SHAPE])
-        same = len(shape_a) == len(shape_b) and shape_a[:dim] + shape_a[dim + 1 or len(shape_a) :] == (
-            shape_b[:dim] + shape_b[dim + 1 or len(shape_b) :]
-        )
+        if len(shape_a) == len(shape_b):  # alike but for the written axis
+            del shape_a[dim], shape_b[dim]
+        same = shape_a == shape_b
         return (a, b) if same and a in _ancestors_in_range(b, order[a] - 1, order) else None
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(args) != 2 or args[0].meta.get(meta.SHAPE) != args[1].meta.get(meta.SHAPE):

@@ -39,7 +39,7 @@ from p3b_fx.core.groups import (
 from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.axis_labels import Labels
-from passes.axis_rules import channel_params, norm_kind, norm_params, normalized_shape
+from passes.axis_rules import channel_params, norm_kind, norm_params, normalized_shape, permute_dims
 from passes.find_blocks import Branch, find_blocks, is_attention_op, is_linear
 from passes.track_axes import Tracker, describe, unindexed
 
@@ -395,9 +395,8 @@ def _reads_shape_only(user: fx.Node, node: fx.Node, channels: int = -1) -> bool:
     ``x.reshape_as(node)`` (or ``view_as``) reads the shape at run time, so the slim width too; and
     ``node.shape[i]`` or ``node.size(i)`` of another axis than the channels' (``channels``, the
     last unless a permute moved them; SAM's and SAM 2's window unpartition computes the batch from
-    ``windows.shape[0]``). A read of the channel
-    size (``node.shape[-1]`` used in arithmetic) could let the width change values: it counts as a
-    user, and the channels stay whole."""
+    ``windows.shape[0]``). A read of the channel count (``node.shape[-1]`` used in arithmetic)
+    could let the width change values: it counts as a user, and the channels stay whole."""
     if user.op == "call_method" and user.target in ("reshape_as", "view_as"):
         return node not in user.args[:1]
     rank = len(node.meta.get(meta.SHAPE) or ())
@@ -515,11 +514,12 @@ def _off_last_axis_step(
         return ""
     if path.dim == -1:
         return None
-    if _leaves_channels_alone(gm, user, node, size):
+    if user.op == "call_method" and user.target == "contiguous":
         return ""
-    scale = _channel_scale(user, node, size, path.dim)
-    if scale is not None:  # FastViT's layer scale, (C, 1, 1) on (N, C, H, W)
-        path.members.append(Member(scale[0], scale[1], (size,), 0))
+    found = _channel_param(gm, user, node, size, path.dim)  # drop path; FastViT's (C, 1, 1) layer scale
+    if found is not None:
+        if found:
+            path.members.append(Member(found[0], found[1], (size,), 0))
         return ""
     reshaped = _reshaped_channels(user, node, size, path.dim) if _is_reshape(user) else None
     if reshaped is not None:  # (N, C, H·W) → (N, C, H, W): the channels' axis kept whole
@@ -527,19 +527,6 @@ def _off_last_axis_step(
         path.dim = reshaped
         return ""
     return f"no channel rule for '{user.name}' ({describe(gm, user)}) on axis {path.dim}"
-
-
-def _channel_scale(node: fx.Node, src: fx.Node, size: int, dim: int) -> tuple[str, int] | None:
-    """(parameter, its dim) where ``node`` multiplies ``src`` by a parameter of one value per channel
-    on axis ``dim`` (negative), 1 on every other axis it spans; else None."""
-    if node.target not in (operator.mul, torch.mul, "mul"):
-        return None
-    other = node.args[1] if node.args[0] is src else node.args[0]
-    shape = other.meta.get(meta.SHAPE) if isinstance(other, fx.Node) and other.op == "get_attr" else None
-    if not shape or len(shape) < -dim or shape[dim] != size or math.prod(shape) != size:
-        return None
-    assert isinstance(other, fx.Node)
-    return str(other.target), len(shape) + dim
 
 
 def _reshaped_channels(node: fx.Node, src: fx.Node, size: int, dim: int) -> int | None:
@@ -556,15 +543,6 @@ def _reshaped_channels(node: fx.Node, src: fx.Node, size: int, dim: int) -> int 
     return None
 
 
-def _leaves_channels_alone(gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int) -> bool:
-    """Whether ``node`` passes channels that are not on the last axis through untouched:
-    ``contiguous``, or an op without a parameter that :func:`_channel_param` takes (drop path,
-    dropout, a number times the tensor)."""
-    return (node.op == "call_method" and node.target == "contiguous") or _channel_param(
-        gm, node, src, size
-    ) == ()
-
-
 def _channels_moved(node: fx.Node, src: fx.Node, size: int, dim: int) -> int | None:
     """Where permute / transpose ``node`` of ``src`` puts the ``size`` channels on axis ``dim`` (a
     negative index): the new axis, when it moves them (EdgeNeXt's ConvNeXt blocks permute
@@ -579,20 +557,18 @@ def _channels_moved(node: fx.Node, src: fx.Node, size: int, dim: int) -> int | N
 
 def _moved_axis(node: fx.Node, rank: int, axis: int) -> int | None:
     """Where permute / transpose ``node`` of a rank-``rank`` tensor puts axis ``axis`` (0-based), or
-    None when ``node`` is neither or its dims are not plain ints."""
-    if node.target not in ("permute", torch.permute, "transpose", torch.transpose, "swapaxes"):
+    None when ``node`` is neither or its dims are not plain ints (``axis_rules._input_axis`` maps
+    the other way)."""
+    try:
+        if node.target in ("permute", torch.permute):
+            dims = [d % rank for d in permute_dims(node)]
+            return dims.index(axis) if sorted(dims) == list(range(rank)) else None
+        if node.target in ("transpose", torch.transpose, "swapaxes"):
+            d0, d1 = (int(d) % rank for d in node.args[1:3])  # type: ignore[arg-type]
+            return d1 if axis == d0 else d0 if axis == d1 else axis
+    except (TypeError, ValueError):  # dims computed at run time
         return None
-    rest = [*node.args[1:], *node.kwargs.values()]
-    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-        rest = list(rest[0])
-    dims = [d % rank for d in rest if isinstance(d, int) and not isinstance(d, bool) and -rank <= d < rank]
-    if not rest or len(dims) != len(rest):
-        return None
-    if node.target in ("permute", torch.permute):
-        return dims.index(axis) if sorted(dims) == list(range(rank)) else None
-    if len(dims) != 2:
-        return None
-    return dims[1] if axis == dims[0] else dims[0] if axis == dims[1] else axis
+    return None
 
 
 def _joins(node: fx.Node) -> bool:
@@ -625,9 +601,11 @@ def _join(ends: list[fx.Node], size: int) -> tuple[fx.Node | None, str]:
 
 
 def _channel_param(
-    gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int
+    gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int, dim: int = -1
 ) -> tuple[str, int] | tuple[()] | None:
-    """For a per-channel op after the last linear: ``()`` (no parameter), ``(param, dim)``, or None."""
+    """For a per-channel op after the last linear, the channels on axis ``dim`` (negative): ``()``
+    (no parameter), ``(param, dim)`` for a parameter of one value per channel there and 1 on every
+    other axis it spans (a layer scale: (C,) channels last, (C, 1, 1) on (N, C, H, W)), or None."""
     if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _CHANNEL_MODULES):
         return ()
     if node.target not in (operator.mul, torch.mul, "mul", "mul_"):
@@ -635,14 +613,10 @@ def _channel_param(
     other = node.args[1] if node.args[0] is src else node.args[0]
     if isinstance(other, (int, float)):
         return ()
-    shape = other.meta.get(meta.SHAPE) if isinstance(other, fx.Node) else None
-    if (
-        isinstance(other, fx.Node)
-        and other.op == "get_attr"
-        and shape
-        and math.prod(shape) == shape[-1] == size
-    ):
-        return (str(other.target), len(shape) - 1)
+    shape = other.meta.get(meta.SHAPE) if isinstance(other, fx.Node) and other.op == "get_attr" else None
+    if shape and len(shape) >= -dim and math.prod(shape) == shape[dim] == size:
+        assert isinstance(other, fx.Node)
+        return (str(other.target), len(shape) + dim)
     return None
 
 

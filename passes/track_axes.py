@@ -97,9 +97,8 @@ class Tracker:
         if len(a) != len(b) or any(sizes[x] != sizes[y] for x, y in zip(a, b, strict=True)):
             return None
         keep, drop = (a, b) if not own[0] or own[1] else (b, a)
-        for k, d in zip(keep, drop, strict=True):
-            for old, new in self.labels.merge(k, d):  # the parts of split labels too
-                self._rename(old, new)
+        pairs = [pair for k, d in zip(keep, drop, strict=True) for pair in self.labels.merge(k, d)]
+        self._rename(pairs)  # the parts of split labels too
         merged: tuple[str, ...] = self.resolve(keep)
         return merged
 
@@ -128,8 +127,9 @@ class Tracker:
             return (refined, b) if one is a else (a, refined)
         return a, b
 
-    def _rename(self, old: str, new: str) -> None:
-        self.alias[old] = new
+    def _rename(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Point each (dropped, kept) label pair's first at its second, in every state and param."""
+        self.alias.update(pairs)
         self.states = {n: self.resolve(st) for n, st in self.states.items()}
         self.params = {k: self.resolve(axis) for k, axis in self.params.items()}
 
