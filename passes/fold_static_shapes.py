@@ -6,20 +6,29 @@ value such a node produced (``shape[1]``), or does integer arithmetic on such va
 for ``input_shape``, as a literal; the shape reads left without users are removed. Why: with a
 static ONNX input the exporter still writes these as Shape → Gather → Mod chains, and TensorRT 8.0
 (JetPack 4.6) has no ``Mod``: Swin's window padding (``(ws - H % ws) % ws``) could not be parsed.
-Exact for that input shape only, so the export applies it only without ``dynamic_batch``.
+Exact for that input shape only. With ``dynamic_batch`` the graph runs on fake tensors (shapes
+only, no arithmetic) at three batch sizes, and only a value that is the same number at all three
+folds (the image's height and width, SAM's window padding); one that follows the batch (``B·heads``,
+a shape tuple with the batch in it) stays computed at run time. (A symbolic batch would prove it,
+but ops without a symbolic shape rule, ``F.pad`` among them, pin the symbol to the example's size.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device, module_dtype
 from passes.find_blocks import NUMBER_OPS, is_shape_read
+
+logger = logging.getLogger(__name__)
 
 
 def _literal(value: Any) -> Any:
@@ -35,39 +44,57 @@ def _literal(value: Any) -> Any:
     return None
 
 
-def _foldable(node: fx.Node, folded: dict[fx.Node, Any]) -> bool:
-    """A shape read, or a pick or integer arithmetic over ``folded`` values only."""
+def _foldable(node: fx.Node, known: dict[fx.Node, Any]) -> bool:
+    """A shape read, or a pick or integer arithmetic over ``known`` values only."""
     if is_shape_read(node):
         return not any(isinstance(a, fx.Node) for a in node.args[1:])
     if node.op == "call_function" and (node.target is operator.getitem or node.target in NUMBER_OPS):
-        return all(a in folded for a in node.all_input_nodes)
+        return all(a in known for a in node.all_input_nodes)
     return False
 
 
-def _static_values(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[fx.Node, Any]:
-    """The foldable nodes of ``gm`` and the literal each computes for an input of ``input_shape``."""
-    folded: dict[fx.Node, Any] = {}
+def _static_values(
+    gm: fx.GraphModule, input_shape: tuple[int, ...], dynamic_batch: bool
+) -> dict[fx.Node, Any]:
+    """The foldable nodes of ``gm`` and the literal each computes for an input of ``input_shape``
+    (with ``dynamic_batch``: the same literal at three batch sizes; the others are left out)."""
+    if not dynamic_batch:
+        return _values(gm, input_shape, fake=False)
+    b = input_shape[0]
+    try:
+        runs = [_values(gm, (size, *input_shape[1:]), fake=True) for size in (b, b + 1, b + 6)]
+    except Exception:  # an op without a fake-tensor rule: fold nothing, export as traced
+        logger.debug("FoldStaticShapesPass: the graph does not run on fake tensors", exc_info=True)
+        return {}
+    first, *others = runs
+    return {n: v for n, v in first.items() if all(n in r and r[n] == v for r in others)}
+
+
+def _values(gm: fx.GraphModule, input_shape: tuple[int, ...], *, fake: bool) -> dict[fx.Node, Any]:
+    known: dict[fx.Node, Any] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
-            if _foldable(n, folded):
-                value = _literal(out)
-                if value is not None:
-                    folded[n] = value
+            if _foldable(n, known):
+                known[n] = out
             return out
 
-    with torch.no_grad():
-        Recorder(gm).run(torch.zeros(input_shape, device=module_device(gm), dtype=module_dtype(gm)))
-    return folded
+    x = torch.zeros(input_shape, device=module_device(gm), dtype=module_dtype(gm))
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with torch.no_grad(), mode:
+        Recorder(gm).run(mode.from_tensor(x) if isinstance(mode, FakeTensorMode) else x)
+    literals = {n: _literal(v) for n, v in known.items()}
+    return {n: v for n, v in literals.items() if v is not None}
 
 
 @dataclass(frozen=True)
 class FoldStaticShapesPass(GraphPass):
     input_shape: tuple[int, ...]
+    dynamic_batch: bool = False
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        folded = _static_values(gm, self.input_shape)
+        folded = _static_values(gm, self.input_shape, self.dynamic_batch)
 
         def literal(a: fx.Node) -> Any:
             return folded.get(a, a)

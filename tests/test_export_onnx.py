@@ -290,13 +290,33 @@ class GridRotary(nn.Module):
         return self.proj(x) * angles.cos()
 
 
-def test_a_table_computed_from_the_input_shape_is_a_constant_only_for_a_static_export(tmp_path: Path) -> None:
+class BatchTable(nn.Module):
+    """A table computed from the batch size (nothing a ViT does, but a dynamic batch must keep it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.arange(x.shape[0])[:, None, None].float().cos()
+
+
+def test_a_table_computed_from_the_input_shape_is_a_constant_unless_it_follows_a_dynamic_batch(
+    tmp_path: Path,
+) -> None:
+    """The token grid does not depend on the batch, so its table folds for a static and a dynamic
+    export alike; a table of the batch size folds only for a static one."""
     gm = p3b_fx.trace(GridRotary(), input_shape=(2, 8, 16))
     x = torch.randn(2, 8, 16)
     static = onnx_export._prepare_graph(gm, x, jetpack("6.1"), dynamic_batch=False)
     dynamic = onnx_export._prepare_graph(gm, x, jetpack("6.1"), dynamic_batch=True)
-    assert not any(n.target == "cos" for n in static.graph.nodes)
-    assert any(n.target == "cos" for n in dynamic.graph.nodes)  # the batch may vary, the grid is traced
+    assert not any(n.target == "cos" for n in (*static.graph.nodes, *dynamic.graph.nodes))
     torch.testing.assert_close(static(x), gm(x), atol=0, rtol=0)
+    torch.testing.assert_close(dynamic(x[:1]), gm(x[:1]), atol=0, rtol=0)
+    batch = fx.symbolic_trace(BatchTable())
+    assert any(
+        n.target == "cos" for n in onnx_export._prepare_graph(batch, x, jetpack("6.1"), True).graph.nodes
+    )
+    assert not any(
+        n.target == "cos" for n in onnx_export._prepare_graph(batch, x, jetpack("6.1"), False).graph.nodes
+    )
+    report = export_onnx(batch, x, tmp_path / "batch.onnx", jetpack=jetpack("6.1"), dynamic_batch=True)
+    assert "Cos" in report.ops and report.parity_max_abs_diff <= 1e-5
     report = export_onnx(gm, x, tmp_path / "grid.onnx", jetpack=jetpack("6.1"))
     assert "Cos" not in report.ops and report.parity_max_abs_diff <= 1e-5

@@ -384,6 +384,9 @@ def test_swin_heads_prune_exactly(tmp_path: Path) -> None:
     for version in ("6.1", "4.6"):  # 4.6: the window padding's H % 7 folded, TensorRT 8.0 has no Mod
         report = export_onnx(slim, x, tmp_path / f"swin{version}.onnx", jetpack=jetpack(version))
         assert report.parity_max_abs_diff <= 1e-4
+    # with a dynamic batch too: H % 7 does not depend on the batch, so it folds all the same
+    report = export_onnx(slim, x, tmp_path / "swin-dyn.onnx", jetpack=jetpack("4.6"), dynamic_batch=True)
+    assert "Mod" not in report.ops and report.parity_max_abs_diff <= 1e-4
 
 
 def test_swin_v2_heads_follow_their_logit_scale_and_position_bias_mlp() -> None:

@@ -1,20 +1,23 @@
 """Export a (slim) ViT to ONNX for one JetPack release, and prove the file before it exists.
 
-Exporter choice (torch 2.14.1, checked on ViT graphs with index_select / index_add / SDPA):
-the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is used. It writes the
-opset it is asked for (13, 16, 17, 18), spells LayerNorm as primitive ops below opset 17 and SDPA
-(with or without an explicit scale) as MatMul/Softmax from opset 14. The dynamo exporter only
-builds opset 18 and down-converts afterwards; the conversion fails on LayerNormalization, and it
-then silently returns an opset-18 file when 13 or 16 was asked for. The TorchScript exporter
-fails on ``aten::index_add`` and has no SDPA at opset 13: ``passes.lower_index_add`` and
-``passes.decompose_sdpa`` rewrite those first. ``passes.transpose_gathers`` then moves the slim
-graph's last-axis channel gathers onto axis 0 (bitwise the same; ONNX Runtime CPU copies an
-innermost-axis Gather element by element). Its effect under TensorRT is not measured here.
-First of all, ``passes.fold_constants`` turns tensors computed from the weights alone into
-buffers: the exporter loses the shapes of such chains, and lowered a ``chunk`` of rope-mixed ViT's
-rotary table to a Slice with a wrong end (off by 3.4 before any pruning). With a static input it
-runs again after the shapes are folded, so a rotary table computed from the input's grid
-(DINOv3), and the slim graph's gather of its kept rows, become constants as well.
+Exporter choice (torch 2.14.1, checked on ViT graphs with index_select / index_add / SDPA): the
+TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is used. It writes the opset
+it is asked for (13, 16, 17, 18), spells LayerNorm as primitive ops below opset 17 and SDPA (with or
+without an explicit scale) as MatMul/Softmax from opset 14. The dynamo exporter only builds opset 18
+and down-converts afterwards; the conversion fails on LayerNormalization, and it then silently
+returns an opset-18 file when 13 or 16 was asked for. The TorchScript exporter fails on
+``aten::index_add`` and has no SDPA at opset 13: ``passes.lower_index_add`` and
+``passes.decompose_sdpa`` rewrite those first; for TensorRT before 8.5 (JetPack 4.6), whose parser
+has no ``Einsum``, ``passes.decompose_einsum`` spells SAM's einsums as matmuls.
+``passes.transpose_gathers`` then moves the slim graph's last-axis channel gathers onto axis 0
+(bitwise the same; ONNX Runtime CPU copies an innermost-axis Gather element by element). Its effect
+under TensorRT is not measured here. First of all, ``passes.fold_constants`` turns tensors computed
+from the weights alone into buffers: the exporter loses the shapes of such chains, and lowered a
+``chunk`` of rope-mixed ViT's rotary table to a Slice with a wrong end (off by 3.4 before any
+pruning). With a static input it runs again after the shapes are folded, so a rotary table computed
+from the input's grid (DINOv3), and the slim graph's gather of its kept rows, become constants as
+well. With a dynamic batch the shapes that do not depend on the batch (height, width, window
+padding) fold the same way.
 
 Every file is written to a temporary path in the target directory and renamed only after all
 checks passed: ``onnx.checker`` (full check), the opset actually written, every op against the
@@ -45,6 +48,7 @@ from p3b_fx.errors import ExportError, P3BError
 from p3b_fx.export.jetpack import JetPack, tensorrt_onnx_ops
 from p3b_fx.tracing import copy_graph_module, trace
 from passes.annotate_shapes import AnnotateShapesPass
+from passes.decompose_einsum import DecomposeEinsumPass
 from passes.decompose_rms_norm import DecomposeRmsNormPass
 from passes.decompose_sdpa import DecomposeSdpaPass
 from passes.fold_constants import FoldConstantsPass
@@ -150,8 +154,9 @@ def _prepare_graph(
     model: nn.Module, example: torch.Tensor, jp: JetPack, dynamic_batch: bool
 ) -> fx.GraphModule:
     """A traced copy in eval mode, rewritten into ops the exporter and TensorRT both take: tensors
-    computed from the weights alone folded into buffers, and with a static input, its shape
-    arithmetic folded into literals, and then what only those literals and weights compute too."""
+    computed from the weights alone folded into buffers, the input's shape arithmetic folded into
+    literals (with a dynamic batch, what does not depend on the batch), and then what only those
+    literals and weights compute too."""
     try:
         gm = (
             copy_graph_module(model)
@@ -167,9 +172,12 @@ def _prepare_graph(
                        TransposeGathersPass()]  # fmt: skip
         if not jp.sdpa_export:
             passes.append(DecomposeSdpaPass())
-        if not dynamic_batch:  # last: the passes above may probe other batch sizes
-            # then a table computed from the input's shape alone (DINOv3's rotary grid) is constant too
-            passes += [FoldStaticShapesPass(tuple(example.shape)), FoldConstantsPass()]
+        if "Einsum" not in tensorrt_onnx_ops(jp.tensorrt_version):
+            passes.append(DecomposeEinsumPass())
+        # last: the passes above may probe other batch sizes. With a dynamic batch only what does not
+        # depend on it folds; then a table computed from the input's height and width alone (DINOv3's
+        # rotary grid) is constant too
+        passes += [FoldStaticShapesPass(tuple(example.shape), dynamic_batch), FoldConstantsPass()]
         return PassManager(passes).run(gm).graph_module
     except P3BError as exc:
         raise ExportError(
