@@ -5,6 +5,9 @@ index space of fixed size; a reshape can refine it into child labels (``qkv`` ou
 head_dim), a permute moves it, a contraction or a broadcast ties two axes to the same label.
 Leaves of the refinement tree become groups. A rule that cannot prove exactness *marks* the
 labels it touches with a reason; a marked label (or any label under a marked one) is unprunable.
+An *opaque* label stands for a factor no group runs along that a reshape merged into a group axis
+(SAM's attention folds the heads into the batch: ``(B, heads, N, d) → (B·heads, N, d)``); it keeps
+the factors in order, is never a group, and vanishes again when a reshape takes it out alone.
 """
 
 from __future__ import annotations
@@ -30,11 +33,18 @@ class Labels:
     roles: dict[str, Role] = field(default_factory=dict)
     contracted: set[str] = field(default_factory=set)
     made: int = 0  # labels made so far: names stay unique after merges delete some
+    opaque: set[str] = field(default_factory=set)  # factors no group runs along (the batch)
 
     def new(self, size: int) -> str:
         name = f"{self.prefix}#{self.made}"
         self.made += 1
         self.sizes[name] = size
+        return name
+
+    def new_opaque(self, size: int) -> str:
+        """A label for a factor no group runs along that a reshape merged into a group axis."""
+        name = self.new(size)
+        self.opaque.add(name)
         return name
 
     def leaves(self, name: str) -> tuple[str, ...]:
@@ -64,6 +74,8 @@ class Labels:
             raise Unsupported(f"an axis of {size} elements is split two different ways")
         a, b = self.new(first), self.new(size // first)
         self.children[name] = (a, b)
+        if name in self.opaque:
+            self.opaque |= {a, b}
         return a, b
 
     def mark(self, state: State | None, reason: str) -> None:
@@ -102,6 +114,8 @@ class Labels:
         merged = [(drop, keep)]
         if self.sizes[keep] != self.sizes[drop]:
             raise Unsupported(f"axes of {self.sizes[keep]} and {self.sizes[drop]} elements meet")
+        if (keep in self.opaque) != (drop in self.opaque):
+            raise Unsupported("a group axis meets an axis no group runs along (the batch)")
         kept_kids, dropped_kids = self.children.get(keep), self.children.pop(drop, None)
         if dropped_kids is not None and kept_kids is None:
             self.children[keep] = dropped_kids
@@ -113,6 +127,11 @@ class Labels:
         for parent, kids in self.children.items():
             if drop in kids:
                 self.children[parent] = tuple(keep if k == drop else k for k in kids)
+        self._carry_over(keep, drop)
+        return merged
+
+    def _carry_over(self, keep: str, drop: str) -> None:
+        """Give ``keep`` the mark, role and contraction ``drop`` had, and forget ``drop``."""
         if drop in self.marks:
             self.marks.setdefault(keep, self.marks.pop(drop))
         if drop in self.roles:
@@ -120,8 +139,8 @@ class Labels:
         if drop in self.contracted:
             self.contracted.discard(drop)
             self.contracted.add(keep)
+        self.opaque.discard(drop)
         del self.sizes[drop]
-        return merged
 
 
 def reshape_state(
@@ -143,7 +162,7 @@ def reshape_state(
 
 
 def _take(labels: Labels, segs: list[tuple[str | None, int]], size: int) -> tuple[str, ...]:
-    taken: list[str | None] = []
+    taken: list[tuple[str | None, int]] = []
     prod = 1
     while prod < size:
         if not segs:
@@ -160,9 +179,8 @@ def _take(labels: Labels, segs: list[tuple[str | None, int]], size: int) -> tupl
                 segs.insert(0, (rest, labels.sizes[rest]))
                 label = head
             seg_size = need
-        taken.append(label)
+        taken.append((label, seg_size))
         prod *= seg_size
-    named = [t for t in taken if t is not None]
-    if named and len(named) != len(taken):
-        raise Unsupported("reshape merges a group axis with an axis no group runs along")
-    return tuple(named)
+    if all(label is None or label in labels.opaque for label, _ in taken):
+        return ()  # no group runs along the axis (an opaque factor taken out alone is plain again)
+    return tuple(labels.new_opaque(size) if label is None else label for label, size in taken)

@@ -733,6 +733,12 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
             return [(str(node.target), axis)], path
         if len(node.users) > 1:
             return f"'{node.name}' is read by more than the bias"
+        if _is_rel_pos_table(node):  # (q, k, C) rows of the (L, C) table: its channels are the table's
+            if axis != 2:
+                return f"'{node.name}' gathers along the axis"
+            path.append((node, axis))
+            node, axis = node.args[2], 1  # type: ignore[assignment]
+            continue
         linear = _module(node)
         if isinstance(linear, nn.Linear) and axis == len(node.meta[meta.SHAPE]) - 1:
             params = [(f"{node.target}.weight", 0)]
@@ -750,6 +756,19 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
         path.append((node, axis))
         node, axis = src, mapped
     return "the chain back to a parameter is too long"
+
+
+def _is_rel_pos_table(node: fx.Node) -> bool:
+    """timm SAM's ``get_rel_pos(q_size, k_size, rel_pos)`` (a leaf of the trace): the (L, C) table,
+    resized along L only, indexed into (q_size, k_size, C), so channel c is the table's column c."""
+    target = node.target
+    return (
+        node.op == "call_function"
+        and getattr(target, "__name__", "") == "get_rel_pos"
+        and str(getattr(target, "__module__", "")).startswith("timm.")
+        and len(node.args) == 3
+        and isinstance(node.args[2], fx.Node)
+    )
 
 
 def _read_elsewhere(node: fx.Node) -> bool:
@@ -886,12 +905,18 @@ def sdpa(node: fx.Node, t: Tracker) -> State:
     q, k, v = node.args[:3]
     assert isinstance(q, fx.Node) and isinstance(k, fx.Node) and isinstance(v, fx.Node)
     mask = _dim(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node) and mask in t.states:
-        raise Unsupported("the attention mask carries a group axis")
     sq, sk, sv = t.state_or_empty(q), t.state_or_empty(k), t.state_or_empty(v)
     if sq[-2] or sk[-2] or sv[-2]:
         raise Unsupported("the token axis carries a group")
-    if isinstance(mask, fx.Node):  # an untracked bias on the scores (batch…, heads, q tokens, k tokens)
+    if isinstance(mask, fx.Node) and mask in t.states:
+        # a bias computed from q itself (SAM's decomposed relative positions): one bias per head, so
+        # its head axes are q's; where q keeps zeros the slim bias is the kept heads' bias exactly
+        sm = t.states[mask]
+        if sm[-1] or sm[-2]:
+            raise Unsupported("the attention mask carries a group axis along its token axes")
+        t.unify(node, sq[:-2], sm[:-2], len(node.meta[meta.SHAPE]) - 2,
+                (q.meta[meta.SHAPE][:-2], mask.meta[meta.SHAPE][:-2]))  # fmt: skip
+    elif isinstance(mask, fx.Node):  # an untracked bias on the scores (batch…, heads, q tokens, k tokens)
         _untracked_operand(t, (*sq[:-2], sq[-2], sk[-2]), mask, mark_at=node)
     e = t.unify_axis(node, sq[-1], sk[-1], q.meta[meta.SHAPE][-1], k.meta[meta.SHAPE][-1])
     t.contract(node, e, (q, k))
@@ -909,6 +934,49 @@ def sdpa(node: fx.Node, t: Tracker) -> State:
             t.labels.roles.setdefault(label, Role.HEADS)
     t.zero[node] = t.zero.get(v, False)
     return (*batch, sq[-2], sv[-1])
+
+
+def einsum(node: fx.Node, t: Tracker) -> State:
+    """``torch.einsum`` of two operands with an explicit output (SAM's ``"bhwc,hkc->bhwk"``, q times
+    a relative-position table): a subscript in both operands and in the output is a batch axis (the
+    operands' labels unify), one in both but not in the output is contracted (as by ``matmul``), one
+    in a single operand passes through to the output. An untracked operand's axes that meet a group
+    axis are sliced or gathered as any untracked operand's (:func:`_untracked_operand`)."""
+    eq, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (tuple, list)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or "." in eq:
+        raise Unsupported("einsum without an explicit output, or with '...'")
+    ins, out = eq.replace(" ", "").split("->")
+    terms = ins.split(",")
+    if len(terms) != 2 or len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
+        raise Unsupported("einsum of other than two tensors")
+    if any(len(set(term)) != len(term) for term in (*terms, out)):
+        raise Unsupported("einsum with a repeated subscript (a diagonal)")
+    a, b = ops
+    assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+    states = [t.state_or_empty(a), t.state_or_empty(b)]
+    shapes = [a.meta[meta.SHAPE], b.meta[meta.SHAPE]]
+    tracked = [a in t.states, b in t.states]
+    axes: dict[str, tuple[str, ...]] = {}
+    for letter in dict.fromkeys(terms[0] + terms[1]):
+        where = [(i, term.index(letter)) for i, term in enumerate(terms) if letter in term]
+        labelled = [states[i][d] for i, d in where if tracked[i]]
+        if len(where) == 2 and all(tracked):
+            (_, da), (_, db) = where
+            axis = t.unify_axis(node, states[0][da], states[1][db], shapes[0][da], shapes[1][db])
+        else:
+            axis = next((x for x in labelled if x), ())
+        if letter not in out:
+            if len(where) == 1 and axis:
+                raise Unsupported("einsum sums one operand over a group axis")
+            t.contract(node, axis, (a, b))
+        axes[letter] = axis
+    for i, term in enumerate(terms):
+        if not tracked[i]:  # its axes along the tracked side's groups come from parameters, or are gathered
+            _untracked_operand(t, tuple(axes[letter] for letter in term), ops[i], mark_at=node)
+    t.zero[node] = all(t.zero.get(op, False) for op, on in zip((a, b), tracked, strict=True) if on)
+    return tuple(axes[letter] for letter in out)
 
 
 def build_rules() -> dict[Any, Rule]:
@@ -935,7 +1003,7 @@ def build_rules() -> dict[Any, Rule]:
                   torch.repeat_interleave: repeat_interleave,
                   operator.getitem: getitem, getattr: shape_access, "size": shape_access,
                   operator.matmul: matmul, torch.matmul: matmul, "matmul": matmul, torch.bmm: matmul,
-                  F.scaled_dot_product_attention: sdpa})  # fmt: skip
+                  F.scaled_dot_product_attention: sdpa, torch.einsum: einsum})  # fmt: skip
     if hasattr(nn, "RMSNorm"):
         rules[nn.RMSNorm] = layer_norm
     if hasattr(F, "rms_norm"):

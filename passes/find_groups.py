@@ -182,7 +182,7 @@ def _inner_norms(trackers: list[Tracker], leaf_group: dict[str, str]) -> tuple[I
     for t in trackers:
         for node in t.norms:
             leaves = t.labels.axis_leaves(t.resolve(t.states[node][-1]))
-            factors = tuple((t.labels.sizes[leaf], leaf_group[leaf]) for leaf in leaves)
+            factors = tuple((t.labels.sizes[leaf], leaf_group.get(leaf)) for leaf in leaves)
             norms.append(InnerNorm(node.name, factors))
     return tuple(norms)
 
@@ -229,7 +229,9 @@ def _gathers(
     out = []
     for operand, dim, axis in t.gathers.get(node, ()):
         leaves = t.labels.axis_leaves(t.resolve(axis))
-        out.append((operand.name, dim, tuple((t.labels.sizes[leaf], leaf_group[leaf]) for leaf in leaves)))
+        out.append(
+            (operand.name, dim, tuple((t.labels.sizes[leaf], leaf_group.get(leaf)) for leaf in leaves))
+        )
     return tuple(out)
 
 
@@ -238,7 +240,8 @@ def _is_state(s: Any) -> bool:
 
 
 def _axes(t: Tracker, state: Any, leaf_group: dict[str, str]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(leaf_group[leaf] for leaf in t.labels.axis_leaves(axis)) for axis in state)
+    """The groups along each axis of ``state``; ``""`` for an opaque factor (``NodeInfo.axes``)."""
+    return tuple(tuple(leaf_group.get(leaf, "") for leaf in t.labels.axis_leaves(axis)) for axis in state)
 
 
 def _inner_groups(
@@ -249,6 +252,8 @@ def _inner_groups(
     groups: list[Group] = []
     leaf_group: dict[str, str] = {}
     for leaf in leaves:
+        if leaf in t.labels.opaque:  # the batch folded into a group axis: no group of its own
+            continue
         role = _role(t.labels, leaf, br.kind)
         ends_well = leaf in reaching or _contracted(t.labels, leaf)
         reason = t.labels.reason(leaf) or ("" if ends_well else "does not reach the block's last linear")
@@ -289,7 +294,8 @@ def _members(t: Tracker, leaf_group: dict[str, str]) -> dict[str, tuple[Member, 
         leaves = t.labels.axis_leaves(axis)
         shape = tuple(t.labels.sizes[leaf] for leaf in leaves)
         for i, leaf in enumerate(leaves):
-            out.setdefault(leaf_group[leaf], []).append(Member(param, dim, shape, i))
+            if leaf in leaf_group:
+                out.setdefault(leaf_group[leaf], []).append(Member(param, dim, shape, i))
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -627,7 +633,7 @@ def _param_dims(
     for t in trackers:
         for (param, dim), axis in t.params.items():
             leaves = t.labels.axis_leaves(axis)
-            dims[(param, dim)] = tuple((t.labels.sizes[leaf], leaf_group[leaf]) for leaf in leaves)
+            dims[(param, dim)] = tuple((t.labels.sizes[leaf], leaf_group.get(leaf)) for leaf in leaves)
     for g in channel_groups:
         for m in g.members:
             dims[(m.param, m.dim)] = ((g.size, g.name),)
@@ -693,8 +699,16 @@ def _factors(t: Tracker, state: Any, shape: tuple[int, ...], leaf_group: dict[st
     out: list[Factor] = []
     for axis, size in zip(state, shape, strict=True):
         leaves = t.labels.axis_leaves(axis)
-        out.extend([(t.labels.sizes[x], leaf_group[x]) for x in leaves] if leaves else [(int(size), None)])
+        out.extend(
+            [(t.labels.sizes[x], leaf_group.get(x)) for x in leaves] if leaves else [(int(size), None)]
+        )
     return out
+
+
+def _per_sample(t: Tracker, axis: Any, leaf_group: dict[str, str]) -> list[Factor]:
+    """The factors of a batch axis that count per sample: the groups folded into it (SAM's
+    ``B·heads``), not the batch (an opaque label)."""
+    return [(t.labels.sizes[x], leaf_group[x]) for x in t.labels.axis_leaves(axis) if x in leaf_group]
 
 
 def _attention_flops(n: fx.Node, t: Tracker, leaf_group: dict[str, str]) -> list[FlopTerm]:
@@ -706,11 +720,12 @@ def _attention_flops(n: fx.Node, t: Tracker, leaf_group: dict[str, str]) -> list
         assert isinstance(v, fx.Node)
         sv, shape_v = t.state_or_empty(v), v.meta[meta.SHAPE]
         nk = int(b.meta[meta.SHAPE][-2])
-        qk = _factors(t, sa[1:], shape_a[1:], leaf_group)
-        av = _factors(t, (*sa[1:-1], sv[-1]), (*shape_a[1:-1], shape_v[-1]), leaf_group)
+        folded = _per_sample(t, sa[0], leaf_group)
+        qk = folded + _factors(t, sa[1:], shape_a[1:], leaf_group)
+        av = folded + _factors(t, (*sa[1:-1], sv[-1]), (*shape_a[1:-1], shape_v[-1]), leaf_group)
         return [FlopTerm(nk, tuple(qk)), FlopTerm(nk, tuple(av))]
     sb, shape_b = t.state_or_empty(b), b.meta[meta.SHAPE]
-    left = _factors(t, sa[1:], shape_a[1:], leaf_group)
+    left = _per_sample(t, sa[0], leaf_group) + _factors(t, sa[1:], shape_a[1:], leaf_group)
     right = _factors(t, (sb[-1],), (shape_b[-1],), leaf_group)
     return [FlopTerm(1, tuple(left + right))]
 

@@ -38,7 +38,7 @@ class RewriteShapesPass(PlanPass):
             if pin and any(kept[g] < self.groups.group(g).size for g in _contracted(node, self.groups)):
                 node.kwargs = {**node.kwargs, "scale": info.sdpa_scale}
                 modified = True
-            sizes = [math.prod(kept[g] for g in axis) if axis else None for axis in info.axes]
+            sizes: list[_Size] = [_size(axis, kept, self.groups) for axis in info.axes]
             modified |= _rewrite_reshape(node, sizes)
         for node in list(gm.graph.nodes):
             modified |= _rewrite_split(node, self.groups, kept)
@@ -90,25 +90,69 @@ def _contracted(node: fx.Node, groups: GroupSet) -> tuple[str, ...]:
     return info.axes[-1] if info and info.axes else ()
 
 
-def _rewrite_reshape(node: fx.Node, sizes: list[int | None]) -> bool:
+_Size = int | tuple[int, int] | None
+"""An output axis' slim size: a number, None (no group runs along it), or (kept, dense) where the axis
+also folds in a factor no group runs along (the batch: SAM's ``B·heads``), whose size is the graph's
+own argument scaled by kept / dense."""
+
+
+def _size(axis: tuple[str, ...], kept: dict[str, int], groups: GroupSet) -> _Size:
+    if not axis:
+        return None
+    named = [g for g in axis if g]
+    slim = math.prod(kept[g] for g in named)
+    if len(named) == len(axis):
+        return slim
+    return slim, math.prod(groups.group(g).size for g in named)
+
+
+def _rewrite_reshape(node: fx.Node, sizes: list[_Size]) -> bool:
     is_reshape = (node.op == "call_method" and node.target in _RESHAPES) or node.target is torch.reshape
     if is_reshape:
         packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
         old = list(node.args[1]) if packed else list(node.args[1:])  # type: ignore[arg-type]
         if len(old) != len(sizes):  # the whole shape of another tensor (``x.shape``): slim at run time
             return False
-        new = _replace(old, sizes)
+        new = _replace(node, old, sizes)
         if new != old:
             node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
             return True
     elif node.op == "call_method" and node.target == "unflatten":
         dim, old = int(node.args[1]), list(node.args[2])  # type: ignore[arg-type]
-        new = _replace(old, sizes[dim : dim + len(old)])
+        new = _replace(node, old, sizes[dim : dim + len(old)])
         if new != old:
             node.args = (node.args[0], dim, tuple(new))
             return True
     return False
 
 
-def _replace(old: list[Any], sizes: list[int | None]) -> list[Any]:
-    return [s if s is not None and o != -1 else o for o, s in zip(old, sizes, strict=True)]
+def _replace(node: fx.Node, old: list[Any], sizes: list[_Size]) -> list[Any]:
+    return [_scaled(node, o, s) if isinstance(s, tuple) else s if s is not None and o != -1 else o
+            for o, s in zip(old, sizes, strict=True)]  # fmt: skip
+
+
+def _scaled(node: fx.Node, old: Any, size: tuple[int, int]) -> Any:
+    """``old`` (a literal, or a node computing ``batch · dense`` at run time) times kept / dense."""
+    slim, dense = size
+    if old == -1 or slim == dense:
+        return old
+    if isinstance(old, int):
+        return old // dense * slim
+    if _reads_shape_of_slim(old):
+        return old  # the slim tensor's own size, read at run time, is already slim
+    with node.graph.inserting_before(node):
+        times = node.graph.call_function(operator.mul, (old, slim))
+        return node.graph.call_function(operator.floordiv, (times, dense))
+
+
+def _reads_shape_of_slim(arg: Any) -> bool:
+    """``t.shape[i]`` / ``t.size(i)`` of a tensor inside the graph: its value follows the slim sizes."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_method" and arg.target == "size":
+        return True
+    src = arg.args[0] if arg.target is operator.getitem and arg.args else None
+    return isinstance(src, fx.Node) and (
+        (src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",))
+        or (src.op == "call_method" and src.target == "size")
+    )

@@ -759,3 +759,78 @@ class _Shared(nn.Module):
 
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:  # timm passes attn_mask, is_causal
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _BatchFoldedAttention(nn.Module):
+    """Attention that folds the heads into the batch (``(B·heads, N, d)``, as SAM's does) and
+    contracts scores and values with ``torch.einsum``; ``sum_head_dims`` adds an einsum that sums
+    the values over their head dims."""
+
+    def __init__(self, dim: int, heads: int, sum_head_dims: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.sum_head_dims = (
+            nn.Linear(dim, 3 * dim),
+            nn.Linear(dim, dim),
+            heads,
+            sum_head_dims,
+        )
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.heads, n, -1).unbind(0)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        if self.sum_head_dims:  # a sum over the head dims of one operand: not exact under pruning
+            attn = attn * torch.einsum("bmd,bnm->bn", v, attn)[..., None]
+        out = torch.einsum("bnm,bmd->bnd", attn, v)
+        return self.proj(out.view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, c))
+
+
+def test_heads_folded_into_the_batch_and_einsum_contractions_prune_exactly() -> None:
+    """``(B, heads, N, d) → (B·heads, N, d)`` merges the batch (no group) with the heads: the batch
+    stays an opaque factor of that axis, so heads and head dims remain groups, the slim graph scales
+    the run-time ``B·heads`` size by kept / dense, and attention FLOPs count the heads. The traced
+    batch is 2; slim equals masked at batch 3."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].attn = _BatchFoldedAttention(48, 4)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    for role in ("heads", "head_dim"):
+        group = groups.group(f"blocks.0.attn:{role}")
+        assert group.prunable, group.reason
+    assert [g.size for g in groups if g.block == "blocks.0.attn" and g.role is Role.HEADS] == [4]
+    x = torch.randn(3, 3, 32, 32)
+    for seed in range(3):
+        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
+        torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
+    scores = [t for t in groups.block("blocks.0.attn").flops if t.coef == 1]  # q @ kᵀ, per sample
+    assert [[g for _, g in t.factors] for t in scores] == [
+        ["blocks.0.attn:heads", None, "blocks.0.attn:head_dim", None]
+    ]
+
+
+def test_an_einsum_that_sums_one_operand_over_a_group_axis_fixes_it() -> None:
+    model = tiny_vit(depth=1)
+    model.blocks[0].attn = _BatchFoldedAttention(48, 4, sum_head_dims=True)
+    groups = p3b_fx.find_groups(p3b_fx.trace(model))
+    head_dim = groups.group("blocks.0.attn:head_dim")
+    assert not head_dim.prunable and "einsum sums one operand over a group axis" in head_dim.reason
+
+
+def test_a_factor_no_group_runs_along_is_opaque_inside_a_group_axis() -> None:
+    """A reshape merging the batch with a group axis keeps the batch as an opaque label; taken out
+    alone again it is a plain axis; it can never merge with a group's label."""
+    from passes.axis_labels import Labels, Unsupported, reshape_state  # noqa: PLC0415
+
+    labels = Labels("b")
+    heads = labels.new(4)
+    merged = reshape_state(labels, ((), (heads,), ()), (2, 4, 5), (8, 5))
+    (batch, kept), rest = merged
+    assert kept == heads and batch in labels.opaque and labels.sizes[batch] == 2 and rest == ()
+    assert reshape_state(labels, merged, (8, 5), (2, 4, 5)) == ((), (heads,), ())
+    with pytest.raises(Unsupported, match="no group runs along"):
+        labels.merge(labels.new(2), batch)

@@ -583,3 +583,46 @@ def test_channels_written_back_in_n_c_h_w_are_prunable(name: str, block: str, tm
     with torch.no_grad():
         twice, masked = p3b_fx.slim(again, plan, regrouped)(x), p3b_fx.apply_masks(again, plan, regrouped)(x)
     torch.testing.assert_close(twice, masked, atol=atol, rtol=0)  # float32 rounding of outputs near 1e4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sam_vit_prunes_heads_folded_into_the_batch_and_its_relative_position_tables(
+    fused: bool, tmp_path: Path
+) -> None:
+    """SAM's image encoder (``samvit``) folds the heads into the batch (``(B·heads, N, d)``) and adds
+    a decomposed relative-position bias computed from q (``einsum`` with per-head-dim tables,
+    ``rel_pos_h`` / ``rel_pos_w``) to the scores. Heads and head dims are groups in both windowed
+    and global blocks; the tables are sliced with the head dims; the slim graph scales its
+    run-time ``B·heads`` by kept / dense, so it is exact at a batch other than the traced one, in
+    eager (fused or not) and in ONNX with a dynamic batch, and for JetPack 4.6 (no ``Einsum`` in
+    TensorRT 8.0: decomposed into matmuls); the masked model compiles whole."""
+    model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, embed_dim=64, depth=2,
+                              num_heads=4, window_size=2, global_attn_indexes=(1,), neck_chans=16,
+                              num_classes=5).eval()  # fmt: skip
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    for block in ("blocks.0.attn", "blocks.1.attn"):  # windowed, global
+        for role in ("heads", "head_dim"):
+            assert groups.group(f"{block}:{role}").prunable, groups.group(f"{block}:{role}").reason
+    tables = {m.param for m in groups.group("blocks.1.attn:head_dim").members}
+    assert {"blocks.1.attn.rel_pos_h", "blocks.1.attn.rel_pos_w"} <= tables
+    x = torch.randn(3, 3, 64, 64)  # traced at batch 2
+    _assert_random_plans_exact(gm, groups, x)
+    plan = KeepPlan.from_mapping(
+        groups, {"blocks.1.attn:heads": [0, 3], "blocks.1.attn:head_dim": list(range(0, 16, 2))}
+    )
+    slim = _slim_exactly(gm, groups, plan, x)
+    attn = slim.get_submodule("blocks.1.attn")
+    assert attn.qkv.out_features == 3 * 2 * 8 and tuple(attn.rel_pos_h.shape) == (7, 8)
+    report = export_onnx(
+        slim, x, tmp_path / "sam.onnx", jetpack=jetpack("6.1"), atol=1e-4, dynamic_batch=True
+    )
+    assert report.parity_max_abs_diff <= 1e-4
+    old = export_onnx(slim, x, tmp_path / "sam46.onnx", jetpack=jetpack("4.6"), atol=1e-4)  # no Einsum there
+    assert "Einsum" not in old.ops and "Einsum" in report.ops
+    if fused:
+        train_gm = p3b_fx.trace(model.train(), input_shape=(1, 3, 64, 64))
+        assert _graph_breaks(train_gm, p3b_fx.find_groups(train_gm), x) == []

@@ -71,6 +71,8 @@ MODELS: dict[str, list[str]] = {
     "fastvit_sa12": ["--img-size", "64", "--blocks-only"],  # attention in its last stage only
     "sam2_hiera_tiny": ["--img-size", "64", "--model-kwargs",  # query pooling, windowed and global blocks
                         '{"stages": [1, 2, 2, 1], "global_att_blocks": [2], "window_spec": [8, 4, 4, 2]}'],
+    "samvit_base_patch16": ["--img-size", "64", "--model-kwargs",  # heads folded into the batch, rel-pos
+                            '{"depth": 2, "window_size": 2, "global_attn_indexes": [1]}'],
 }  # fmt: skip
 """timm name → the flags that make it small (models without a depth argument run at 64 px; Swin
 with two small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids; SwinV2's 8 × 8
