@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -121,3 +122,49 @@ def test_random_rotary_models_and_plans(cfg: dict[str, object], ratio: float, se
         torch.testing.assert_close(
             p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0
         )
+
+
+@st.composite
+def sam_configs(draw: st.DrawFn) -> dict[str, object]:
+    depth = draw(st.integers(1, 3))
+    heads = draw(st.integers(1, 4))
+    return {
+        "img_size": draw(st.sampled_from([32, 64])),
+        "depth": depth,
+        "num_heads": heads,
+        "embed_dim": heads * draw(st.sampled_from([4, 8])),
+        "window_size": draw(st.sampled_from([0, 2])),
+        "global_attn_indexes": tuple(draw(st.sets(st.integers(0, depth - 1)))),
+        "use_rel_pos": draw(st.booleans()),
+        "qkv_bias": draw(st.booleans()),
+        "neck_chans": 8,
+        "num_classes": draw(st.integers(2, 6)),
+    }
+
+
+@settings(max_examples=int(os.environ.get("P3B_SAM_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(cfg=sam_configs(), ratio=st.floats(0.05, 1.0), seed=st.integers(0, 10_000), fused=st.booleans())
+def test_random_sam_models_and_plans(cfg: dict[str, object], ratio: float, seed: int, fused: bool) -> None:
+    """SAM's attention folds the heads into the batch (and, with relative positions, adds an einsum
+    bias from q): at a batch other than the traced one, slim == masked and the parameter count is
+    the plan's; the slim model traces again to itself."""
+    model = timm.create_model("samvit_base_patch16", pretrained=False, **cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # weights large enough that a wrong slice shows
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    size = int(cfg["img_size"])  # type: ignore[call-overload]
+    gm = p3b_fx.trace(model, input_shape=(1, 3, size, size))
+    groups = p3b_fx.find_groups(gm)
+    if int(cfg["num_heads"]) > 1:  # type: ignore[call-overload]
+        assert groups.group("blocks.0.attn:heads").prunable, groups.group("blocks.0.attn:heads").reason
+    plan = KeepPlan.random(groups, ratio, seed)
+    slim = p3b_fx.slim(gm, plan, groups)
+    x = torch.randn(3, 3, size, size)  # traced at batch 2
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
+    assert torch.equal(p3b_fx.trace(slim)(x), slim(x))
