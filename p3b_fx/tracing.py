@@ -12,7 +12,8 @@ shape (no arithmetic runs) and follows the branch taken, and the graph asserts t
 (``torch._assert``), so an input that would take the other branch stops with a message instead of
 computing something else. This lets the tracer open timm's leaf modules that hide transformer
 blocks behind such code (:data:`OPENED_LEAVES`: TinyViT's blocks, Twins' local attention and
-MobileViT's blocks); control flow on tensor values still fails to trace.
+MobileViT's blocks), and a few of timm's notrace functions (:data:`OPENED_FUNCTIONS`: MViTv2's
+reshapes around its pooling); control flow on tensor values still fails to trace.
 """
 
 from __future__ import annotations
@@ -68,6 +69,28 @@ which writes into a tensor it builds from the token count (``rel_indices[..., 2]
 one of these fail to trace in another timm version, the model is traced with them closed."""
 
 
+def _timm_functions(*paths: str) -> tuple[Any, ...]:
+    """The functions ``module:name`` that this timm version has."""
+    found = []
+    for path in paths:
+        module, _, name = path.partition(":")
+        fn = getattr(importlib.import_module(f"timm.models.{module}"), name, None)
+        if callable(fn):
+            found.append(fn)
+    return tuple(found)
+
+
+OPENED_FUNCTIONS: tuple[Any, ...] = _timm_functions(
+    "mvitv2:reshape_pre_pool",  # (B, heads, N, d) → (B·heads, d, H, W) around MViTv2's pooling convs
+    "mvitv2:reshape_post_pool",
+)
+"""timm functions kept whole by timm's own tracer (``register_notrace_function``) that this tracer
+traces into: plain reshapes, permutes and slices the grouping rules follow, where a leaf would fix
+every head and head dim it reads. Their control flow tests Python values only (``if
+has_cls_token``). Should one fail to trace, a model from their timm module is traced again with
+them whole, as with :data:`OPENED_LEAVES`."""
+
+
 class _SpecialisingProxy(fx.Proxy):
     """``int(proxy)`` specialises to the traced shape's value, as ``bool`` does (see ``to_bool``)."""
 
@@ -85,7 +108,10 @@ class _Tracer(fx.Tracer):
         *,
         open_leaves: bool = True,
     ) -> None:
-        super().__init__(autowrap_functions=tuple(timm_fx._autowrap_functions))
+        opened_fns = {id(f) for f in OPENED_FUNCTIONS} if open_leaves else set()
+        super().__init__(
+            autowrap_functions=tuple(f for f in timm_fx._autowrap_functions if id(f) not in opened_fns)
+        )
         opened = OPENED_LEAVES if open_leaves else ()
         self._leaves = tuple(c for c in timm_fx._leaf_modules if c not in opened) + _EXTRA_LEAVES
         self._input_shape = input_shape
@@ -216,6 +242,8 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
             graph = _Tracer(tuple(shape), concrete).trace(model, concrete_args=concrete)
         except Exception as exc:
             opened = sorted({type(m).__name__ for m in model.modules() if isinstance(m, OPENED_LEAVES)})
+            modules = {type(m).__module__ for m in model.modules()}
+            opened += [f.__name__ for f in OPENED_FUNCTIONS if f.__module__ in modules]
             if not opened:
                 raise
             logger.warning(

@@ -194,14 +194,15 @@ def batch_norm_1d(node: fx.Node, t: Tracker) -> State:
 def depthwise_conv(node: fx.Node, t: Tracker) -> State:
     """``nn.Conv1d/2d/3d`` with one filter per channel (``groups == in == out channels``; PVT-v2's
     and SegFormer's MLP ``DWConv``): channel c of the output reads channel c of the input alone, so
-    the channel axis (dim 1) keeps its group and the filters and biases are sliced with it. Any
-    other convolution mixes channels: Unsupported."""
+    the channel axis (dim 1) keeps its group and the filters and biases are sliced with it. The
+    batch axis may carry groups too (MViTv2 pools each head's q, k and v over ``(B·heads, d, H, W)``):
+    every batch entry is convolved on its own. Any other convolution mixes channels: Unsupported."""
     state = first_state(node, t)
     mod = t.gm.get_submodule(str(node.target))
     assert isinstance(mod, nn.modules.conv._ConvNd)
     if not (mod.groups == mod.in_channels == mod.out_channels):
         raise Unsupported(f"a convolution mixing channels ({type(mod).__name__}, groups={mod.groups})")
-    if len(state) < 2 or any(axis for k, axis in enumerate(state) if k != 1):
+    if len(state) < 2 or any(axis for k, axis in enumerate(state) if k > 1):
         raise Unsupported("a group axis reaches a convolution off its channel axis")
     if state[1]:
         t.record_param(f"{node.target}.weight", 0, state[1])
@@ -590,23 +591,25 @@ def _strided(
 
 def shape_access(node: fx.Node, t: Tracker) -> None:
     """``x.shape`` / ``x.size()`` of a tracked tensor: free when sizes of group axes only feed reshape
-    arguments (the rewrite replaces those) or the whole shape feeds a reshape (its value is the slim
-    one at run time); a group axis whose size is read for anything else would bake a dense size, so
-    that axis is marked (fixed), and the other axes stay free (rotary ``x.shape[-1] // 2``)."""
+    arguments inside the block (the rewrite replaces those) or the whole shape feeds a reshape (its
+    value is the slim one at run time); a group axis whose size is read for anything else, or by a
+    node outside the block, would bake a dense size, so that axis is marked (fixed), and the other
+    axes stay free (rotary ``x.shape[-1] // 2``, MViTv2's pooled grid read by the next block)."""
     state = first_state(node, t)
     if node.op == "call_function" and node.args[1] not in _METADATA:
         raise Unsupported(f"reads the attribute '{node.args[1]}'")  # x.T, x.mT: a tensor, untracked
+    inside = t.body.__contains__
     for user in node.users:
         pos = user.args[1] if user.target is operator.getitem else None
         axes = [state[pos]] if isinstance(pos, int) else state[pos] if isinstance(pos, slice) else ()
-        if any(axes) and not all(_is_reshape(u) for u in user.users):
+        if any(axes) and not all(_is_reshape(u) and inside(u) for u in user.users):
             reader = next(iter(user.users), user)
             t.labels.mark(tuple(axes), f"its size feeds '{reader.name}' at node '{node.name}'")
         elif pos is None and not _is_reshape(user) and node.op == "call_function" and node.args[1] == "shape":
             t.labels.mark(state, f"the whole shape feeds '{user.name}' at node '{node.name}'")
     if node.op == "call_method" and len(node.args) > 1:  # x.size(d)
         axis = state[int(node.args[1])]  # type: ignore[arg-type]
-        if axis and not all(_is_reshape(u) for u in node.users):
+        if axis and not all(_is_reshape(u) and inside(u) for u in node.users):
             t.labels.mark((axis,), f"its size is read at node '{node.name}'")
     elif node.op == "call_method" and any(not _is_reshape(u) and u.target is not operator.getitem
                                           for u in node.users):  # fmt: skip
@@ -979,6 +982,29 @@ def einsum(node: fx.Node, t: Tracker) -> State:
     return tuple(axes[letter] for letter in out)
 
 
+def spatial_rel_pos(node: fx.Node, t: Tracker) -> State:
+    """MViTv2's ``cal_rel_pos_type(attn, q, has_cls_token, q_size, k_size, rel_pos_h, rel_pos_w)``
+    (a trace leaf): adds ``einsum(q, rel_pos_h[dist])`` and the same for w to the scores, per head.
+    The scores keep their state (heads on the batch axes, no group on the token axes); q's head
+    axes are the scores'; its head dims are contracted with the tables' dim 1, sliced with them."""
+    attn, q = node.args[0], node.args[1]
+    tables = node.args[5:7]
+    if not (isinstance(attn, fx.Node) and isinstance(q, fx.Node) and attn in t.states and q in t.states):
+        raise Unsupported("relative positions of scores or queries the block does not track")
+    sa, sq = t.states[attn], t.states[q]
+    if sa[-1] or sa[-2] or sq[-2]:
+        raise Unsupported("the token axis carries a group")
+    shapes = (attn.meta[meta.SHAPE][:-2], q.meta[meta.SHAPE][:-2])
+    batch = t.unify(node, sa[:-2], sq[:-2], len(sa) - 2, shapes)
+    for table in tables:
+        if not (isinstance(table, fx.Node) and table.op == "get_attr" and len(table.users) == 1):
+            raise Unsupported("a relative-position table that is no parameter of its own")
+        t.record_param(str(table.target), 1, sq[-1])
+    t.contract(node, sq[-1], (q,))
+    t.zero[node] = False
+    return (*batch, (), ())
+
+
 def build_rules() -> dict[Any, Rule]:
     rules: dict[Any, Rule] = {}
     for key in (*_ZERO_KEEPING_MODULES, *_ZERO_KEEPING_FUNCTIONS, *_ZERO_KEEPING_METHODS):
@@ -1028,3 +1054,7 @@ def _add_timm_rules(rules: dict[Any, Rule]) -> None:
 
         if hasattr(activations, name):
             rules[getattr(activations, name)] = unary(True)
+    from timm.models import mvitv2  # noqa: PLC0415
+
+    if hasattr(mvitv2, "cal_rel_pos_type"):
+        rules[mvitv2.cal_rel_pos_type] = spatial_rel_pos

@@ -129,11 +129,13 @@ def _make_branch(
 
 
 def _stream_shape(n: fx.Node, stream: fx.Node, body: set[fx.Node]) -> bool:
-    """Whether ``n`` is a number computed from the shapes of the stream (or of tensors outside the
-    branch) only: ``x.shape[1] % 7``. Pruning the branch changes none of them, so they may be read
-    outside it too (MaxViT pads the stream by its own size, outside the attention branch)."""
+    """Whether ``n`` is a number computed from shapes only: ``x.shape[1] % 7``. Of the stream or of
+    tensors outside the branch, pruning changes none (MaxViT pads the stream by its own size,
+    outside the attention branch); of a tensor inside it, only a group axis' size would change, and
+    the grouping rules fix an axis whose size leaves the block (``axis_rules.shape_access``), so
+    MViTv2's pooled grid size (``q.shape[2]``), read by the next block, may leave it too."""
     if is_shape_read(n):
-        return n.args[0] is stream or n.args[0] not in body
+        return True
     numeric = n.target is operator.getitem or n.target in NUMBER_OPS
     tensors = [i for i in n.all_input_nodes if i.meta.get(meta.SHAPE) is not None]
     return (

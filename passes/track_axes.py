@@ -53,6 +53,7 @@ class Tracker:
     norms: list[fx.Node] = field(default_factory=list)  # norms over a group axis (axis_rules._norm_over_last)
     # untracked operands the slim graph gathers at run time: node -> (operand, operand dim, group axis)
     gathers: dict[fx.Node, list[tuple[fx.Node, int, tuple[str, ...]]]] = field(default_factory=dict)
+    body: set[fx.Node] = field(default_factory=set)  # the branch's nodes (run)
 
     def state_or_empty(self, node: fx.Node) -> State:
         if node in self.states:
@@ -198,7 +199,7 @@ class Tracker:
                 self.record_param(f"{node.target}.weight", 0, (first,))
                 if f"{node.target}.bias" in params:
                     self.record_param(f"{node.target}.bias", 0, (first,))
-        body = set(nodes)
+        body = self.body = set(nodes)
         for node in nodes[nodes.index(read) + 1 :]:
             if node is not write and any(i in self.states for i in node.all_input_nodes):
                 self._step(node)

@@ -75,3 +75,24 @@ def test_a_jetpack_4_6_export_spells_einsum_as_matmul(dynamic_batch: bool, tmp_p
                          dynamic_batch=dynamic_batch)  # fmt: skip
     assert "Einsum" not in report.ops and "MatMul" in report.ops
     assert "Einsum" in export_onnx(model, x, tmp_path / "n.onnx", jetpack=jetpack("6.1"), atol=1e-4).ops
+
+
+@pytest.mark.parametrize("has_cls_token", [True, False])
+@pytest.mark.parametrize(("q_size", "k_size"), [((4, 4), (4, 4)), ((4, 4), (2, 2)), ((2, 4), (4, 2))])
+def test_mvitv2_relative_positions_without_in_place_writes_equal_timm(
+    has_cls_token: bool, q_size: tuple[int, int], k_size: tuple[int, int]
+) -> None:
+    from timm.models.mvitv2 import cal_rel_pos_type  # noqa: PLC0415
+
+    from passes.decompose_rel_pos import spatial_rel_pos_ops  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    extra = int(has_cls_token)
+    nq, nk = q_size[0] * q_size[1] + extra, k_size[0] * k_size[1] + extra
+    attn = torch.randn(2, 3, nq, nk, generator=gen, dtype=torch.float64)
+    q = torch.randn(2, 3, nq, 8, generator=gen, dtype=torch.float64)
+    span = 2 * max(*q_size, *k_size) - 1
+    rel_h, rel_w = (torch.randn(span, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    expected = cal_rel_pos_type(attn.clone(), q, has_cls_token, list(q_size), list(k_size), rel_h, rel_w)
+    got = spatial_rel_pos_ops(attn, q, has_cls_token, q_size, k_size, rel_h, rel_w)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)

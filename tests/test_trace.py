@@ -255,3 +255,45 @@ def test_an_opened_leaf_that_fails_to_trace_is_traced_closed(monkeypatch: pytest
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+
+
+def test_opened_timm_functions_trace_exactly() -> None:
+    """MViTv2's ``reshape_pre_pool`` / ``reshape_post_pool`` (notrace functions in timm) are traced
+    into: their reshapes are graph nodes, and the graph computes what the model does."""
+    from timm.models import mvitv2  # noqa: PLC0415
+
+    model = timm.create_model("mvitv2_tiny", pretrained=False, img_size=64).eval()
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert mvitv2.reshape_pre_pool not in targets and mvitv2.reshape_post_pool not in targets
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+
+
+def test_an_opened_function_that_fails_to_trace_is_traced_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a timm version change an opened function so that it no longer traces, a model of its
+    module is traced with it whole (a leaf call), with a warning."""
+    from timm.models import mvitv2  # noqa: PLC0415
+
+    from p3b_fx import tracing  # noqa: PLC0415
+
+    original = mvitv2.reshape_pre_pool
+
+    def untraceable(x: torch.Tensor, feat_size: list[int], has_cls_token: bool = True) -> object:
+        if x.sum() > 0:  # data-dependent: no specialisation can follow it
+            return original(x, feat_size, has_cls_token)
+        return original(x, feat_size, has_cls_token)
+
+    untraceable.__module__ = mvitv2.__name__
+    monkeypatch.setattr(mvitv2, "reshape_pre_pool", untraceable)
+    monkeypatch.setattr(tracing, "OPENED_FUNCTIONS", (untraceable,))
+    monkeypatch.setattr(
+        tracing.timm_fx, "_autowrap_functions", {*tracing.timm_fx._autowrap_functions, untraceable}
+    )
+    model = timm.create_model("mvitv2_tiny", pretrained=False, img_size=64).eval()
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    assert any(n.target is untraceable for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)

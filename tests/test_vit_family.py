@@ -626,3 +626,38 @@ def test_sam_vit_prunes_heads_folded_into_the_batch_and_its_relative_position_ta
     if fused:
         train_gm = p3b_fx.trace(model.train(), input_shape=(1, 3, 64, 64))
         assert _graph_breaks(train_gm, p3b_fx.find_groups(train_gm), x) == []
+
+
+def test_mvitv2_pooled_attention_prunes_heads_and_head_dims(tmp_path: Path) -> None:
+    """MViTv2 pools each head's q, k and v with a depthwise convolution over ``(B·heads, d, H, W)``
+    (``reshape_pre_pool`` / ``reshape_post_pool``, traced into), normalises over the head dims and
+    adds a spatial relative-position bias per head dim (``cal_rel_pos_type``, a leaf). Its heads and
+    head dims are groups, the pooling filters, norms and ``rel_pos_h`` / ``rel_pos_w`` sliced with
+    them; the pooled grid size that the next block reads leaves the block without fixing anything.
+    Slim equals hard-masked, also in ONNX."""
+    model = timm.create_model("mvitv2_tiny", pretrained=False, img_size=64, num_classes=5).eval()
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    block = "stages.1.blocks.1.attn"  # a block with pooled k and v inside a stage
+    for role in ("heads", "head_dim"):
+        assert groups.group(f"{block}:{role}").prunable, groups.group(f"{block}:{role}").reason
+    members = {m.param for m in groups.group(f"{block}:head_dim").members}
+    assert {
+        f"{block}.rel_pos_h",
+        f"{block}.rel_pos_w",
+        f"{block}.pool_k.weight",
+        f"{block}.norm_k.weight",
+    } <= members
+    x = torch.randn(3, 3, 64, 64)
+    _assert_random_plans_exact(gm, groups, x)
+    plan = KeepPlan.from_mapping(groups, {f"{block}:heads": [1], f"{block}:head_dim": list(range(0, 48, 2))})
+    slim = _slim_exactly(gm, groups, plan, x)
+    assert slim.get_submodule(f"{block}.qkv").out_features == 3 * 24
+    report = export_onnx(slim, x, tmp_path / "mvit.onnx", jetpack=jetpack("6.1"), atol=1e-4)
+    assert report.parity_max_abs_diff <= 1e-4
+    # TensorRT 8.0 has neither the Einsum nor the ScatterND of timm's in-place bias write
+    old = export_onnx(
+        slim, x, tmp_path / "mvit46.onnx", jetpack=jetpack("4.6"), atol=1e-4, dynamic_batch=True
+    )
+    assert not {"Einsum", "ScatterND"} & set(old.ops) and old.parity_max_abs_diff <= 1e-4

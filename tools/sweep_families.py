@@ -71,6 +71,7 @@ MODELS: dict[str, list[str]] = {
     "fastvit_sa12": ["--img-size", "64", "--blocks-only"],  # attention in its last stage only
     "sam2_hiera_tiny": ["--img-size", "64", "--model-kwargs",  # query pooling, windowed and global blocks
                         '{"stages": [1, 2, 2, 1], "global_att_blocks": [2], "window_spec": [8, 4, 4, 2]}'],
+    "mvitv2_tiny": ["--img-size", "64"],  # pooled q, k and v per head, spatial relative positions
     "samvit_base_patch16": ["--img-size", "64", "--model-kwargs",  # heads folded into the batch, rel-pos
                             '{"depth": 2, "window_size": 2, "global_attn_indexes": [1]}'],
 }  # fmt: skip
