@@ -237,5 +237,6 @@ class GroupSet:
                 state = "prunable" if g.prunable else f"fixed: {g.reason}"
                 lane = "'" * (len(gname) - len(gname.rstrip("'")))  # a parallel lane's group: heads'
                 lines.append(f"    {str(g.role) + lane:<8} size {g.size:<6} {state}")
-        lines.extend(f"  unsupported: {u}" for u in self.unsupported)
+        # residual adds that are no block: their parameters stay whole, counted outside the blocks
+        lines.extend(f"  not a block (kept whole): {u}" for u in self.unsupported)
         return "\n".join(lines)
