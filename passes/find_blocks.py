@@ -113,6 +113,7 @@ def _make_branch(
 ) -> Branch | str:
     body = _ancestors_in_range(b, order[a], order) | {b}
     body.discard(a)
+    body |= _size_reads(body)
     nodes = sorted(body, key=order.__getitem__)
     for n in nodes:
         escapes = [u.name for u in n.users if u not in body and u is not add and not _checks_only(u)]
@@ -126,6 +127,15 @@ def _make_branch(
     return Branch(
         name, kind, a.name, add.name, b.name, tuple(n.name for n in nodes), tuple(n.name for n in linears)
     )
+
+
+def _size_reads(body: set[fx.Node]) -> set[fx.Node]:
+    """The shape reads of the branch's tensors that it does not use itself (a size it hands to the
+    caller), and the picks from them: part of the branch, so that the grouping rules see them
+    (``axis_rules.shape_access`` fixes a group axis whose size leaves the block)."""
+    reads = {u for n in body for u in n.users if u not in body and is_shape_read(u) and u.args[0] is n}
+    picks = {u for r in reads for u in r.users if u.target is operator.getitem}
+    return reads | picks
 
 
 def _stream_shape(n: fx.Node, stream: fx.Node, body: set[fx.Node]) -> bool:

@@ -834,3 +834,63 @@ def test_a_factor_no_group_runs_along_is_opaque_inside_a_group_axis() -> None:
     assert reshape_state(labels, merged, (8, 5), (2, 4, 5)) == ((), (heads,), ())
     with pytest.raises(Unsupported, match="no group runs along"):
         labels.merge(labels.new(2), batch)
+
+
+class _SizeLeavingMlp(nn.Module):
+    """An MLP that hands its hidden width (``read_hidden``) or its token count to the caller, read
+    from a tensor inside the branch (MViTv2 hands its pooled grid size to the next block)."""
+
+    def __init__(self, dim: int, read_hidden: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.read_hidden = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim), read_hidden
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        h = self.fc1(x).relu()
+        size = h.shape[-1] if self.read_hidden else h.shape[1]
+        return self.fc2(h.reshape(h.shape[0], h.shape[1], -1)), size
+
+
+class _SizeUsingBlock(nn.Module):
+    def __init__(self, dim: int, read_hidden: bool) -> None:
+        super().__init__()
+        self.norm, self.mlp, self.out = (
+            nn.LayerNorm(dim),
+            _SizeLeavingMlp(dim, read_hidden),
+            nn.Linear(dim, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, size = self.mlp(self.norm(x))
+        return self.out(x + y) * (size / 100)
+
+
+class _SizeNet(nn.Module):
+    def __init__(self, read_hidden: bool) -> None:
+        super().__init__()
+        self.embed, self.block, self.head = (
+            nn.Linear(8, 16),
+            _SizeUsingBlock(16, read_hidden),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x)))
+
+
+@pytest.mark.parametrize("read_hidden", [False, True])
+def test_a_size_read_inside_a_branch_may_leave_it_unless_a_group_runs_along_it(read_hidden: bool) -> None:
+    """A number read from the shape of a tensor inside the branch may leave the branch: the token
+    count does not change when the block is pruned, so the hidden neurons stay free; the hidden
+    width would, so reading it for a node outside the block fixes them. Slim equals masked."""
+    gm = p3b_fx.trace(_SizeNet(read_hidden), input_shape=(1, 5, 8))
+    groups = p3b_fx.find_groups(gm)
+    hidden = groups.group("block.mlp:hidden")
+    assert hidden.prunable is not read_hidden, hidden.reason
+    if read_hidden:
+        assert "its size feeds" in hidden.reason
+    x = torch.randn(3, 5, 8)
+    for seed in range(3):
+        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
+        torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
