@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
+from p3b_fx.core.pass_infra import ReplaceCallsPass
 from p3b_fx.errors import PassError
 
 
@@ -88,22 +88,13 @@ def is_decomposable_einsum(node: fx.Node) -> bool:
 
 
 @dataclass(frozen=True)
-class DecomposeEinsumPass(GraphPass):
+class DecomposeEinsumPass(ReplaceCallsPass):
     """Replace every two-operand einsum with an explicit output by :func:`einsum_ops` (in place)."""
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        found = [n for n in gm.graph.nodes if is_decomposable_einsum(n)]
-        for node in found:
-            operands = _operands(node)
-            assert operands is not None
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(einsum_ops, (node.args[0], *operands))
-            replace_node(gm, node, new)
-        if found:
-            gm.recompile()
-        return PassResult(gm, bool(found))
+    def matches(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        return is_decomposable_einsum(node)
 
-    def ensures(self, gm: fx.GraphModule) -> None:
-        left = [n.name for n in gm.graph.nodes if is_decomposable_einsum(n)]
-        if left:
-            raise PassError(f"DecomposeEinsumPass: einsum nodes left after the pass: {', '.join(left)}")
+    def replacement(self, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+        operands = _operands(node)
+        assert operands is not None
+        return gm.graph.call_function(einsum_ops, (node.args[0], *operands))

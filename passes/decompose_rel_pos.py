@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
-from p3b_fx.errors import PassError
+from p3b_fx.core.pass_infra import ReplaceCallsPass
 from passes.decompose_einsum import einsum_ops
 
 
@@ -71,22 +70,11 @@ def is_spatial_rel_pos(node: fx.Node) -> bool:
 
 
 @dataclass(frozen=True)
-class DecomposeRelPosPass(GraphPass):
+class DecomposeRelPosPass(ReplaceCallsPass):
     """Replace every ``cal_rel_pos_type`` call by :func:`spatial_rel_pos_ops` (in place)."""
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        found = [n for n in gm.graph.nodes if is_spatial_rel_pos(n)]
-        for node in found:
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(spatial_rel_pos_ops, node.args)
-            replace_node(gm, node, new)
-        if found:
-            gm.recompile()
-        return PassResult(gm, bool(found))
+    def matches(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        return is_spatial_rel_pos(node)
 
-    def ensures(self, gm: fx.GraphModule) -> None:
-        left = [n.name for n in gm.graph.nodes if is_spatial_rel_pos(n)]
-        if left:
-            raise PassError(
-                f"DecomposeRelPosPass: cal_rel_pos_type nodes left after the pass: {', '.join(left)}"
-            )
+    def replacement(self, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+        return gm.graph.call_function(spatial_rel_pos_ops, node.args)

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
-from p3b_fx.errors import PassError
+from p3b_fx.core.pass_infra import ReplaceCallsPass
 
 _FUNCTIONS = tuple(
     f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f is not None
@@ -48,8 +47,14 @@ def is_rms_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _MODULES)
 
 
-def _replacement(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    with gm.graph.inserting_before(node):
+@dataclass(frozen=True)
+class DecomposeRmsNormPass(ReplaceCallsPass):
+    """Replace every RMSNorm (function or ``nn.RMSNorm`` module) by :func:`rms_norm_ops` (in place)."""
+
+    def matches(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        return is_rms_norm(gm, node)
+
+    def replacement(self, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
         if node.op == "call_function":
             return gm.graph.call_function(rms_norm_ops, node.args, node.kwargs)
         mod = gm.get_submodule(str(node.target))
@@ -58,22 +63,3 @@ def _replacement(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
         return gm.graph.call_function(
             rms_norm_ops, (node.args[0], tuple(mod.normalized_shape), weight, mod.eps)
         )
-
-
-@dataclass(frozen=True)
-class DecomposeRmsNormPass(GraphPass):
-    """Replace every RMSNorm (function or ``nn.RMSNorm`` module) by :func:`rms_norm_ops` (in place)."""
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        found = [n for n in gm.graph.nodes if is_rms_norm(gm, n)]
-        for node in found:
-            replace_node(gm, node, _replacement(gm, node))
-        if found:
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-        return PassResult(gm, bool(found))
-
-    def ensures(self, gm: fx.GraphModule) -> None:
-        left = [n.name for n in gm.graph.nodes if is_rms_norm(gm, n)]
-        if left:
-            raise PassError(f"DecomposeRmsNormPass: RMSNorm nodes left after the pass: {', '.join(left)}")

@@ -320,6 +320,15 @@ def test_a_tensor_read_as_an_attribute_fixes_the_group() -> None:
     assert not hidden.prunable and "reads the attribute 'mT'" in hidden.reason
 
 
+def _assert_random_plans_exact(gm: torch.fx.GraphModule, groups: p3b_fx.GroupSet, x: torch.Tensor) -> None:
+    """Three random plans keeping half of every prunable group: slim equals hard-masked."""
+    for seed in range(3):
+        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
+        with torch.no_grad():
+            slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
+        torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
+
+
 class _ShiftedKeyAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -345,11 +354,7 @@ def test_a_contraction_needs_zeros_on_one_side_only() -> None:
     head_dim = groups.group("blocks.0.attn:head_dim")
     assert head_dim.prunable, head_dim.reason
     x = torch.randn(2, 3, 32, 32)
-    for seed in range(3):
-        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
-        with torch.no_grad():
-            slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
-        torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
+    _assert_random_plans_exact(gm, groups, x)
 
 
 class _LayoutAfterMlp(nn.Module):
@@ -802,11 +807,7 @@ def test_heads_folded_into_the_batch_and_einsum_contractions_prune_exactly() -> 
         assert group.prunable, group.reason
     assert [g.size for g in groups if g.block == "blocks.0.attn" and g.role is Role.HEADS] == [4]
     x = torch.randn(3, 3, 32, 32)
-    for seed in range(3):
-        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
-        with torch.no_grad():
-            slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
-        torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
+    _assert_random_plans_exact(gm, groups, x)
     scores = [t for t in groups.block("blocks.0.attn").flops if t.coef == 1]  # q @ kᵀ, per sample
     assert [[g for _, g in t.factors] for t in scores] == [
         ["blocks.0.attn:heads", None, "blocks.0.attn:head_dim", None]
@@ -889,8 +890,4 @@ def test_a_size_read_inside_a_branch_may_leave_it_unless_a_group_runs_along_it(r
     if read_hidden:
         assert "its size feeds" in hidden.reason
     x = torch.randn(3, 5, 8)
-    for seed in range(3):
-        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
-        with torch.no_grad():
-            slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
-        torch.testing.assert_close(slim, masked, atol=1e-5, rtol=0)
+    _assert_random_plans_exact(gm, groups, x)

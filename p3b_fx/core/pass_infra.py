@@ -77,6 +77,32 @@ class GraphPass(abc.ABC):
         return result
 
 
+class ReplaceCallsPass(GraphPass):
+    """Replace every node :meth:`matches` accepts by the node :meth:`replacement` builds before it
+    (a call of plain ops computing the same value), for an exporter or a TensorRT release that lacks
+    the original op. Subclasses are ``@dataclass(frozen=True)``."""
+
+    @abc.abstractmethod
+    def matches(self, gm: fx.GraphModule, node: fx.Node) -> bool: ...
+
+    @abc.abstractmethod
+    def replacement(self, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+        """The replacing node, inserted by the caller just before ``node``."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        found = [n for n in gm.graph.nodes if self.matches(gm, n)]
+        for node in found:
+            with gm.graph.inserting_before(node):
+                new = self.replacement(gm, node)
+            replace_node(gm, node, new)
+        return PassResult(gm, bool(found))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        left = [n.name for n in gm.graph.nodes if self.matches(gm, n)]
+        if left:
+            raise PassError(f"{self.name}: nodes left after the pass: {', '.join(left)}")
+
+
 def known_shape(node: object) -> tuple[int, ...] | None:
     """A node's static shape from ``meta[p3b.shape]`` (AnnotateShapesPass) or torch's ``tensor_meta``."""
     if not isinstance(node, fx.Node):
