@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
+from p3b_fx.core.pass_infra import ReplaceCallsPass
 from p3b_fx.errors import PassError
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -92,19 +92,11 @@ def _decompose(graph: fx.Graph, node: fx.Node) -> fx.Node:
 
 
 @dataclass(frozen=True)
-class DecomposeSdpaPass(GraphPass):
+class DecomposeSdpaPass(ReplaceCallsPass):
     """Replace every fused SDPA call by its plain-op definition (edits ``gm`` in place)."""
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        modified = False
-        for node in list(gm.graph.nodes):
-            if not is_sdpa(node):
-                continue
-            replace_node(gm, node, _decompose(gm.graph, node))  # carries shape and block meta
-            modified = True
-        return PassResult(gm, modified)
+    def matches(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        return is_sdpa(node)
 
-    def ensures(self, gm: fx.GraphModule) -> None:
-        left = [n.name for n in gm.graph.nodes if is_sdpa(n)]
-        if left:
-            raise PassError(f"DecomposeSdpaPass: SDPA nodes left after the pass: {', '.join(left)}")
+    def replacement(self, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+        return _decompose(gm.graph, node)
