@@ -108,6 +108,37 @@ def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
     return None
 
 
+def _forked(gm: fx.GraphModule, add: fx.Node, order: dict[fx.Node, int]) -> str:
+    """Why ``add`` looks like a residual write that is none, or '': both operands are computed from
+    one tensor, one through a single linear (a projected shortcut), the other through two or more
+    (MViTv2's and Hiera's stage transitions add a pooled, projected shortcut to the attention of the
+    same normalised input). Neither operand is the stream the other reads, so there is no block to
+    prune; said, not silently skipped."""
+    args = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    if len(args) != 2 or args[0].meta.get(meta.SHAPE) != args[1].meta.get(meta.SHAPE):
+        return ""
+    lo = max(order[args[0]], order[args[1]]) - _FORK_WINDOW
+    sides = [_ancestors_in_range(a, lo, order) | {a} for a in args]
+    common = sides[0] & sides[1]
+    if not common:
+        return ""
+    fork = max(common, key=order.__getitem__)
+    counts = sorted(sum(is_linear(gm, n) for n in side - common) for side in sides)
+    if counts[0] != 1 or counts[1] < 2:  # a projected shortcut beside a branch, not two branches
+        return ""
+    short = next(side for side in sides if sum(is_linear(gm, n) for n in side - common) == 1)
+    proj = next(n for n in short - common if is_linear(gm, n))
+    return (
+        f"residual add '{add.name}': the shortcut is projected ('{proj.target}') from '{fork.name}', "
+        "which the branch reads too, so neither operand is a stream the other reads (a stage "
+        "transition)"
+    )
+
+
+_FORK_WINDOW = 400
+"""How far back (in graph nodes) ``_forked`` looks for the tensor both operands come from."""
+
+
 def _make_branch(
     gm: fx.GraphModule, add: fx.Node, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]
 ) -> Branch | str:
@@ -189,6 +220,9 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearch:
             continue
         operands = _residual_operands(node, order)
         if operands is None:
+            why = _forked(gm, node, order)
+            if why:
+                unsupported.append(why)
             continue
         found = _make_branch(gm, node, *operands, order)
         (unsupported if isinstance(found, str) else branches).append(found)  # type: ignore[arg-type]

@@ -639,6 +639,8 @@ def test_mvitv2_pooled_attention_prunes_heads_and_head_dims(tmp_path: Path) -> N
     _random_weights(model, 0.3)
     gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
     groups = p3b_fx.find_groups(gm)
+    transitions = [u for u in groups.unsupported if "shortcut is projected" in u]
+    assert len(transitions) == 3  # stages 1-3 open with a projected, pooled shortcut: said, not skipped
     block = "stages.1.blocks.1.attn"  # a block with pooled k and v inside a stage
     for role in ("heads", "head_dim"):
         assert groups.group(f"{block}:{role}").prunable, groups.group(f"{block}:{role}").reason
