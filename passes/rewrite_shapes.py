@@ -132,7 +132,8 @@ def _replace(node: fx.Node, old: list[Any], sizes: list[_Size]) -> list[Any]:
 
 
 def _scaled(node: fx.Node, old: Any, size: tuple[int, int]) -> Any:
-    """``old`` (a literal, or a node computing ``batch · dense`` at run time) times kept / dense."""
+    """``old`` (a literal, or a node computing ``batch · dense`` at run time) times kept / dense:
+    ``B * dense`` becomes ``B * kept``, anything else ``old * kept // dense``."""
     slim, dense = size
     if old == -1 or slim == dense:
         return old
@@ -140,6 +141,12 @@ def _scaled(node: fx.Node, old: Any, size: tuple[int, int]) -> Any:
         return old // dense * slim
     if _reads_shape_of_slim(old):
         return old  # the slim tensor's own size, read at run time, is already slim
+    if isinstance(old, fx.Node) and old.target is operator.mul and len(old.args) == 2:
+        (a, b) = old.args
+        other, factor = (a, b) if isinstance(b, int) else (b, a)
+        if isinstance(factor, int) and not isinstance(factor, bool) and factor % dense == 0:
+            with node.graph.inserting_before(node):  # B * heads → B * kept: no division to export
+                return node.graph.call_function(operator.mul, (other, factor // dense * slim))
     with node.graph.inserting_before(node):
         times = node.graph.call_function(operator.mul, (old, slim))
         return node.graph.call_function(operator.floordiv, (times, dense))
