@@ -100,12 +100,18 @@ def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
         same = shape_a == shape_b
         return (a, b) if same and a in _ancestors_in_range(b, order[a] - 1, order) else None
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    if len(args) != 2 or args[0].meta.get(meta.SHAPE) != args[1].meta.get(meta.SHAPE):
+    if len(args) != 2 or not _same_tensor_shape(*args):  # numbers add too (H + pad_h): no residual
         return None
     for a, b in ((args[0], args[1]), (args[1], args[0])):
         if order[a] < order[b] and a in _ancestors_in_range(b, order[a] - 1, order):
             return a, b
     return None
+
+
+def _same_tensor_shape(a: fx.Node, b: fx.Node) -> bool:
+    """Whether ``a`` and ``b`` are tensors of one shape (not numbers, whose shape meta is absent)."""
+    shape = a.meta.get(meta.SHAPE)
+    return isinstance(shape, tuple) and shape == b.meta.get(meta.SHAPE)
 
 
 def _forked(gm: fx.GraphModule, add: fx.Node, order: dict[fx.Node, int]) -> str:
@@ -115,7 +121,7 @@ def _forked(gm: fx.GraphModule, add: fx.Node, order: dict[fx.Node, int]) -> str:
     same normalised input). Neither operand is the stream the other reads, so there is no block to
     prune; said, not silently skipped."""
     args = [a for a in add.args[:2] if isinstance(a, fx.Node)]
-    if len(args) != 2 or args[0].meta.get(meta.SHAPE) != args[1].meta.get(meta.SHAPE):
+    if len(args) != 2 or not _same_tensor_shape(*args):
         return ""
     lo = max(order[args[0]], order[args[1]]) - _FORK_WINDOW
     sides = [_ancestors_in_range(a, lo, order) | {a} for a in args]

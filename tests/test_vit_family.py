@@ -607,6 +607,7 @@ def test_sam_vit_prunes_heads_folded_into_the_batch_and_its_relative_position_ta
     for block in ("blocks.0.attn", "blocks.1.attn"):  # windowed, global
         for role in ("heads", "head_dim"):
             assert groups.group(f"{block}:{role}").prunable, groups.group(f"{block}:{role}").reason
+    assert groups.unsupported == ()  # the window padding's H + pad_h is a number, not a residual add
     tables = {m.param for m in groups.group("blocks.1.attn:head_dim").members}
     assert {"blocks.1.attn.rel_pos_h", "blocks.1.attn.rel_pos_w"} <= tables
     x = torch.randn(3, 3, 64, 64)  # traced at batch 2
