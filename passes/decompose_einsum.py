@@ -26,7 +26,7 @@ from p3b_fx.core.pass_infra import ReplaceCallsPass
 from p3b_fx.errors import PassError
 
 
-def _terms(equation: str) -> tuple[str, str, str] | None:
+def einsum_terms(equation: str) -> tuple[str, str, str] | None:
     """(first operand's subscripts, second's, output's), or None where the pass leaves it alone."""
     eq = equation.replace(" ", "")
     if "->" not in eq or "." in eq:
@@ -48,7 +48,7 @@ def _sum_private(x: torch.Tensor, term: str, other: str, out: str) -> tuple[torc
 
 def einsum_ops(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.einsum(equation, a, b)`` with permute, reshape and matmul (see the module doc)."""
-    terms = _terms(equation)
+    terms = einsum_terms(equation)
     if terms is None:
         raise PassError(
             f"einsum_ops: cannot decompose {equation!r} (two operands, explicit output, no '...')"
@@ -73,7 +73,7 @@ def einsum_ops(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return y.permute([order.index(c) for c in out])
 
 
-def _operands(node: fx.Node) -> tuple[Any, Any] | None:
+def einsum_operands(node: fx.Node) -> tuple[Any, Any] | None:
     rest = list(node.args[1:])
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         rest = list(rest[0])
@@ -84,7 +84,7 @@ def is_decomposable_einsum(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target is not torch.einsum or node.kwargs or not node.args:
         return False
     eq = node.args[0]
-    return isinstance(eq, str) and _terms(eq) is not None and _operands(node) is not None
+    return isinstance(eq, str) and einsum_terms(eq) is not None and einsum_operands(node) is not None
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,6 @@ class DecomposeEinsumPass(ReplaceCallsPass):
         return is_decomposable_einsum(node)
 
     def replacement(self, gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-        operands = _operands(node)
+        operands = einsum_operands(node)
         assert operands is not None
         return gm.graph.call_function(einsum_ops, (node.args[0], *operands))

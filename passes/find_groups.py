@@ -40,6 +40,7 @@ from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.axis_labels import Labels
 from passes.axis_rules import channel_params, norm_kind, norm_params, normalized_shape, permute_dims
+from passes.decompose_einsum import einsum_operands, einsum_terms
 from passes.find_blocks import Branch, find_blocks, is_attention_op, is_linear
 from passes.track_axes import Tracker, describe, unindexed
 
@@ -692,7 +693,35 @@ def _flop_terms(gm: fx.GraphModule, nodes: list[fx.Node], trackers: list[Tracker
         elif is_attention_op(n):
             lane = next((t for t in trackers if n.args[0] in t.states), trackers[0])
             terms.extend(_attention_flops(n, lane, leaf_group))
+        elif n.op == "call_function" and n.target is torch.einsum:
+            terms.extend(_einsum_flops(n, trackers, leaf_group))
     return tuple(terms)
+
+
+def _einsum_flops(n: fx.Node, trackers: list[Tracker], leaf_group: dict[str, str]) -> list[FlopTerm]:
+    """An einsum of two operands, as a product over all its subscripts (SAM's relative-position
+    bias, ``"bhwc,hkc->bhwk"``: heads × h × w × head dims × k per sample); the first operand's first
+    subscript, where it leads the output too, is the batch axis and counts only the groups folded
+    into it. Nothing for other einsums."""
+    terms, ops = (einsum_terms(n.args[0]) if isinstance(n.args[0], str) else None), einsum_operands(n)
+    if terms is None or ops is None or not all(
+        isinstance(op, fx.Node) and isinstance(op.meta.get(meta.SHAPE), tuple) for op in ops
+    ):
+        return []
+    t = next((t for t in trackers if any(op in t.states for op in ops)), trackers[0])
+    factors: list[Factor] = []
+    seen: set[str] = set()
+    for i, (term, op) in enumerate(zip(terms[:2], ops, strict=True)):
+        state, shape = t.state_or_empty(op), op.meta[meta.SHAPE]
+        for k, letter in enumerate(term):
+            if letter in seen:
+                continue
+            seen.add(letter)
+            if i == 0 and k == 0 and terms[2].startswith(letter):
+                factors += _per_sample(t, state[0], leaf_group)
+            else:
+                factors += _factors(t, (state[k],), (shape[k],), leaf_group)
+    return [FlopTerm(1, tuple(factors))]
 
 
 def _factors(t: Tracker, state: Any, shape: tuple[int, ...], leaf_group: dict[str, str]) -> list[Factor]:

@@ -811,9 +811,10 @@ def test_heads_folded_into_the_batch_and_einsum_contractions_prune_exactly() -> 
     slim = p3b_fx.slim(gm, p3b_fx.KeepPlan.from_mapping(groups, {"blocks.0.attn:heads": [1, 2]}), groups)
     sizes = [n for n in slim.graph.nodes if n.target is operator.mul and 2 in n.args]  # B * kept heads
     assert sizes and not any(n.target is operator.floordiv for n in slim.graph.nodes)
-    scores = [t for t in groups.block("blocks.0.attn").flops if t.coef == 1]  # q @ kᵀ, per sample
-    assert [[g for _, g in t.factors] for t in scores] == [
-        ["blocks.0.attn:heads", None, "blocks.0.attn:head_dim", None]
+    products = [t for t in groups.block("blocks.0.attn").flops if t.coef == 1]  # per sample
+    assert [[g for _, g in t.factors] for t in products] == [
+        ["blocks.0.attn:heads", None, "blocks.0.attn:head_dim", None],  # q @ kᵀ: heads × n × d × m
+        ["blocks.0.attn:heads", None, None, "blocks.0.attn:head_dim"],  # einsum bnm,bmd: heads × n × m × d
     ]
 
 

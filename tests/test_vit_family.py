@@ -18,7 +18,7 @@ import timm
 import torch
 
 import p3b_fx
-from p3b_fx import KeepPlan, train
+from p3b_fx import KeepPlan, latency, train
 from p3b_fx.core.groups import Role
 from p3b_fx.errors import P3BError
 from p3b_fx.export.jetpack import jetpack
@@ -618,6 +618,12 @@ def test_sam_vit_prunes_heads_folded_into_the_batch_and_its_relative_position_ta
     slim = _slim_exactly(gm, groups, plan, x)
     attn = slim.get_submodule("blocks.1.attn")
     assert attn.qkv.out_features == 3 * 2 * 8 and tuple(attn.rel_pos_h.shape) == (7, 8)
+    # the bias's two einsums count as FLOPs (per sample: heads × h × w × head dims × k), and the
+    # slim model's own count is what the plan predicted
+    terms = [{g for _, g in t.factors} for t in groups.block("blocks.1.attn").flops if t.coef == 1]
+    assert len(terms) == (2 if fused else 4)  # unfused: q @ kᵀ and attn @ v are matmuls of their own
+    assert all({"blocks.1.attn:heads", "blocks.1.attn:head_dim"} <= t for t in terms)
+    assert latency.flops_of(slim, (3, 64, 64)) == plan.predicted_flops(groups)
     report = export_onnx(
         slim, x, tmp_path / "sam.onnx", jetpack=jetpack("6.1"), atol=1e-4, dynamic_batch=True
     )
