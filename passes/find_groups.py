@@ -704,8 +704,10 @@ def _einsum_flops(n: fx.Node, trackers: list[Tracker], leaf_group: dict[str, str
     subscript, where it leads the output too, is the batch axis and counts only the groups folded
     into it. Nothing for other einsums."""
     terms, ops = (einsum_terms(n.args[0]) if isinstance(n.args[0], str) else None), einsum_operands(n)
-    if terms is None or ops is None or not all(
-        isinstance(op, fx.Node) and isinstance(op.meta.get(meta.SHAPE), tuple) for op in ops
+    if (
+        terms is None
+        or ops is None
+        or not all(isinstance(op, fx.Node) and isinstance(op.meta.get(meta.SHAPE), tuple) for op in ops)
     ):
         return []
     t = next((t for t in trackers if any(op in t.states for op in ops)), trackers[0])
