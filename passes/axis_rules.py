@@ -21,6 +21,7 @@ from torch import fx, nn
 from p3b_fx.core import meta
 from p3b_fx.core.groups import Role
 from passes.axis_labels import State, Unsupported, reshape_state
+from passes.decompose_einsum import einsum_operands, einsum_terms
 
 if TYPE_CHECKING:
     from passes.track_axes import Tracker
@@ -764,11 +765,11 @@ def _param_source(node: fx.Node, axis: int) -> Source | str:
 def _is_rel_pos_table(node: fx.Node) -> bool:
     """timm SAM's ``get_rel_pos(q_size, k_size, rel_pos)`` (a leaf of the trace): the (L, C) table,
     resized along L only, indexed into (q_size, k_size, C), so channel c is the table's column c."""
-    target = node.target
+    from timm.models import vision_transformer_sam as sam  # noqa: PLC0415 - optional timm internals
+
     return (
         node.op == "call_function"
-        and getattr(target, "__name__", "") == "get_rel_pos"
-        and str(getattr(target, "__module__", "")).startswith("timm.")
+        and node.target is getattr(sam, "get_rel_pos", None)
         and len(node.args) == 3
         and isinstance(node.args[2], fx.Node)
     )
@@ -945,17 +946,11 @@ def einsum(node: fx.Node, t: Tracker) -> State:
     operands' labels unify), one in both but not in the output is contracted (as by ``matmul``), one
     in a single operand passes through to the output. An untracked operand's axes that meet a group
     axis are sliced or gathered as any untracked operand's (:func:`_untracked_operand`)."""
-    eq, *ops = node.args
-    if len(ops) == 1 and isinstance(ops[0], (tuple, list)):
-        ops = list(ops[0])
-    if not isinstance(eq, str) or "->" not in eq or "." in eq:
-        raise Unsupported("einsum without an explicit output, or with '...'")
-    ins, out = eq.replace(" ", "").split("->")
-    terms = ins.split(",")
-    if len(terms) != 2 or len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
-        raise Unsupported("einsum of other than two tensors")
-    if any(len(set(term)) != len(term) for term in (*terms, out)):
-        raise Unsupported("einsum with a repeated subscript (a diagonal)")
+    eq, ops = node.args[0], einsum_operands(node)
+    parsed = einsum_terms(eq) if isinstance(eq, str) else None
+    if parsed is None or ops is None or not all(isinstance(o, fx.Node) for o in ops):
+        raise Unsupported("einsum other than of two tensors with an explicit output (no '...', no diagonal)")
+    *terms, out = parsed
     a, b = ops
     assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
     states = [t.state_or_empty(a), t.state_or_empty(b)]

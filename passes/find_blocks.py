@@ -129,11 +129,10 @@ def _forked(gm: fx.GraphModule, add: fx.Node, order: dict[fx.Node, int]) -> str:
     if not common:
         return ""
     fork = max(common, key=order.__getitem__)
-    counts = sorted(sum(is_linear(gm, n) for n in side - common) for side in sides)
-    if counts[0] != 1 or counts[1] < 2:  # a projected shortcut beside a branch, not two branches
+    short, long = sorted(([n for n in side - common if is_linear(gm, n)] for side in sides), key=len)
+    if len(short) != 1 or len(long) < 2:  # a projected shortcut beside a branch, not two branches
         return ""
-    short = next(side for side in sides if sum(is_linear(gm, n) for n in side - common) == 1)
-    proj = next(n for n in short - common if is_linear(gm, n))
+    proj = short[0]
     return (
         f"residual add '{add.name}': the shortcut is projected ('{proj.target}') from '{fork.name}', "
         "which the branch reads too, so neither operand is a stream the other reads (a stage "
@@ -154,7 +153,7 @@ def _make_branch(
     nodes = sorted(body, key=order.__getitem__)
     for n in nodes:
         escapes = [u.name for u in n.users if u not in body and u is not add and not _checks_only(u)]
-        if escapes and not _stream_shape(n, a, body):
+        if escapes and not _stream_shape(n, body):
             return f"residual add '{add.name}': '{n.name}' is also used outside the branch ({escapes[0]})"
     linears = [n for n in nodes if is_linear(gm, n)]
     if len(linears) < 2:
@@ -175,7 +174,7 @@ def _size_reads(body: set[fx.Node]) -> set[fx.Node]:
     return reads | picks
 
 
-def _stream_shape(n: fx.Node, stream: fx.Node, body: set[fx.Node]) -> bool:
+def _stream_shape(n: fx.Node, body: set[fx.Node]) -> bool:
     """Whether ``n`` is a number computed from shapes only: ``x.shape[1] % 7``. Of the stream or of
     tensors outside the branch, pruning changes none (MaxViT pads the stream by its own size,
     outside the attention branch); of a tensor inside it, only a group axis' size would change, and
@@ -187,7 +186,7 @@ def _stream_shape(n: fx.Node, stream: fx.Node, body: set[fx.Node]) -> bool:
     tensors = [i for i in n.all_input_nodes if i.meta.get(meta.SHAPE) is not None]
     return (
         n.op == "call_function" and numeric and not tensors
-        and all(i not in body or _stream_shape(i, stream, body) for i in n.all_input_nodes)
+        and all(i not in body or _stream_shape(i, body) for i in n.all_input_nodes)
     )  # fmt: skip
 
 

@@ -15,7 +15,6 @@ but ops without a symbolic shape rule, ``F.pad`` among them, pin the symbol to t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 from dataclasses import dataclass
@@ -81,9 +80,12 @@ def _values(gm: fx.GraphModule, input_shape: tuple[int, ...], *, fake: bool) -> 
             return out
 
     x = torch.zeros(input_shape, device=module_device(gm), dtype=module_dtype(gm))
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with torch.no_grad(), mode:
-        Recorder(gm).run(mode.from_tensor(x) if isinstance(mode, FakeTensorMode) else x)
+    with torch.no_grad():
+        if fake:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                Recorder(gm).run(mode.from_tensor(x))
+        else:
+            Recorder(gm).run(x)
     literals = {n: _literal(v) for n, v in known.items()}
     return {n: v for n, v in literals.items() if v is not None}
 
