@@ -78,10 +78,16 @@ _GATE_TYPES: Mapping[tuple[BlockKind, Role], GateType] = {
     (BlockKind.ATTENTION, Role.HEADS): GateType.ATTN_HEADS,
     (BlockKind.ATTENTION, Role.HEAD_DIM): GateType.ATTN_HEAD_DIM,
     (BlockKind.ATTENTION, Role.WRITE): GateType.ATTN_OUT,
+    (BlockKind.ATTENTION, Role.HIDDEN): GateType.MLP_HIDDEN,  # a linear's outputs inside attention
     (BlockKind.MLP, Role.READ): GateType.MLP_IN,
+    (BlockKind.MLP, Role.HEAD_DIM): GateType.ATTN_HEAD_DIM,  # contracted (SwiftFormer's additive attention)
     (BlockKind.MLP, Role.HIDDEN): GateType.MLP_HIDDEN,
     (BlockKind.MLP, Role.WRITE): GateType.MLP_OUT,
 }
+"""The in-block criterion's gate type of each (block kind, group role) that a granularity prunes.
+Hidden neurons in an attention block are the outputs of a linear between its first and last (EdgeNeXt
+runs an MLP inside its attention's residual branch); a contracted index in an MLP block is one that
+meets a parameter vector (SwiftFormer's additive attention has no product of two activations)."""
 _GRANULARITY_ROLES: Mapping[str, frozenset[Role]] = {
     "reference": frozenset({Role.READ, Role.HEAD_DIM, Role.WRITE, Role.HIDDEN}),
     "deploy": frozenset({Role.HEADS, Role.HIDDEN}),

@@ -301,6 +301,64 @@ def pool(node: fx.Node, t: Tracker) -> State:
     return state
 
 
+_REDUCTIONS: dict[Any, str] = {torch.sum: "sum", "sum": "sum", torch.mean: "mean", "mean": "mean",
+                               torch.amax: "max", "amax": "max", torch.amin: "max",
+                               "amin": "max"}  # fmt: skip
+"""Reductions over explicit dims → how they treat pruned (zero) elements: a sum adds nothing for them;
+a mean divides by the dense count and a max may pick them, so neither may run over a group axis."""
+
+
+def reduction(node: fx.Node, t: Tracker) -> State:
+    """``x.sum(dim, keepdim)`` / ``mean`` / ``amax`` / ``amin`` over explicit dims. Over axes no group
+    runs along (SwiftFormer's additive attention sums its weighted queries over the tokens), every
+    group keeps its axis. A sum over a group axis is a contraction: the pruned elements are zero
+    where the input keeps zeros, so the slim sum is the masked one. A mean or max over one, or a sum
+    of values that are not zero there, is fixed."""
+    state = first_state(node, t)
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    dims = _dim(node, 1, "dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        raise Unsupported("a reduction over every axis")
+    keep = bool(_dim(node, 2, "keepdim", False))
+    reduced = {int(d) % len(state) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    kind, zero = _REDUCTIONS[node.target], t.zero.get(src, False)
+    for d in sorted(reduced):
+        if state[d] and (kind != "sum" or not zero):
+            what = "a sum of values that are not zero where pruned" if kind == "sum" else f"a {kind}"
+            t.labels.mark((state[d],), f"{what} over it at node '{node.name}'")
+        elif state[d]:
+            t.gate_first_out = True  # its zeros come from the first linear's output: gate it there
+    t.zero[node] = zero
+    return tuple(() if d in reduced else axis for d, axis in enumerate(state) if keep or d not in reduced)
+
+
+def mid_linear(node: fx.Node, t: Tracker) -> State:
+    """An ``nn.Linear`` between the block's first and last (SwiftFormer's ``proj`` between its q/k
+    projections and ``final``; CaiT's talking-heads projections over the heads axis). Its input
+    features are contracted with its weight's dim 1: the mask pass gates its input, so a pruned
+    input feature adds nothing. Its output features are a new index space of their own (dim 0 of
+    weight and bias), gated after it, which merges with the index space it meets (``+ query``), as
+    a projection of the block input does (``Tracker._start``). Only its feature axis changes; where
+    another axis carries a group, its pruned elements stay zero only without a bias."""
+    state = first_state(node, t)
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    mod = t.gm.get_submodule(str(node.target))
+    axis = t.resolve(state[-1])
+    t.record_param(f"{node.target}.weight", 1, axis)
+    t.labels.contracted.update(axis)  # it ends here, as a q/k head dim ends at q · k
+    out = t.labels.new(int(node.meta[meta.SHAPE][-1]))
+    t.secondary.add(out)
+    t.record_param(f"{node.target}.weight", 0, (out,))
+    if getattr(mod, "bias", None) is not None:
+        t.record_param(f"{node.target}.bias", 0, (out,))
+    t.mids.append(node)
+    t.hidden.add(out)  # hidden neurons (find_groups._role), unless it merges into a group of other role
+    t.zero[node] = not any(state[:-1]) or (mod.bias is None and t.zero.get(src, False))
+    return (*state[:-1], (out,))
+
+
 def softmax(node: fx.Node, t: Tracker) -> State:
     return _softmax_over(node, t, _dim(node, 1, "dim"))
 
@@ -1009,6 +1067,8 @@ def build_rules() -> dict[Any, Rule]:
     for key in (*_MUL, *_DIV, *_ADD):
         rules[key] = binary
     rules.update(dict.fromkeys(_POOLED_AXES, pool))
+    rules.update(dict.fromkeys(_REDUCTIONS, reduction))
+    rules[nn.Linear] = mid_linear  # the first and the last linear are the tracker's own (Tracker.run)
     rules.update({F.layer_norm: layer_norm, nn.LayerNorm: layer_norm, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
                   "reshape": reshape, "view": reshape, "reshape_as": reshape_as, "view_as": reshape_as,

@@ -231,4 +231,13 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearch:
             continue
         found = _make_branch(gm, node, *operands, order)
         (unsupported if isinstance(found, str) else branches).append(found)  # type: ignore[arg-type]
-    return BlockSearch(tuple(branches), tuple(unsupported))
+    return BlockSearch(_outermost(branches), tuple(unsupported))
+
+
+def _outermost(branches: list[Branch]) -> tuple[Branch, ...]:
+    """``branches`` without those whose add lies inside another branch: SwiftFormer's attention adds
+    its query to its output projection (``proj(attn * key) + query``), a residual inside the block,
+    whose stream is no stream of the model. The outer branch holds it whole (its nodes, its
+    linears), so the inner one is part of that block, not a block of its own."""
+    inside = {n for br in branches for n in br.nodes}
+    return tuple(br for br in branches if br.add_node not in inside)

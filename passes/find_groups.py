@@ -168,7 +168,9 @@ def _analyse(
                   read.name, write.name, br.branch_input,
                   tuple((r.name, w.name) for r, w in more), buffers,
                   path.norm.name if path.norm is not None else "",
-                  _inner_norms(trackers, leaf_group) + _write_norms(path, write_g), path.dim)  # fmt: skip
+                  _inner_norms(trackers, leaf_group) + _write_norms(path, write_g), path.dim,
+                  tuple(n.name for t in trackers for n in t.mids),
+                  any(t.gate_first_out for t in trackers))  # fmt: skip
     return block, groups, infos
 
 
@@ -255,7 +257,7 @@ def _inner_groups(
     for leaf in leaves:
         if leaf in t.labels.opaque:  # the batch folded into a group axis: no group of its own
             continue
-        role = _role(t.labels, leaf, br.kind)
+        role = _role(t.labels, leaf, br.kind, t.hidden)
         ends_well = leaf in reaching or _contracted(t.labels, leaf)
         reason = t.labels.reason(leaf) or ("" if ends_well else "does not reach the block's last linear")
         name = f"{br.name}:{role}"
@@ -280,13 +282,18 @@ def _contracted(labels: Labels, leaf: str) -> bool:
     return False
 
 
-def _role(labels: Labels, leaf: str, kind: BlockKind) -> Role:
+def _role(labels: Labels, leaf: str, kind: BlockKind, hidden: set[str]) -> Role:
+    """The role ``leaf`` or a label it refines was given; else hidden for a linear's output features
+    (an MLP's first linear, or a linear between the first and the last: ``hidden``), inner for
+    other index spaces of an attention block."""
     name: str | None = leaf
+    chain = []
     while name is not None:
         if name in labels.roles:
             return labels.roles[name]
+        chain.append(name)
         name = next((p for p, kids in labels.children.items() if name in kids), None)
-    return Role.HIDDEN if kind is BlockKind.MLP else Role.INNER
+    return Role.HIDDEN if kind is BlockKind.MLP or hidden.intersection(chain) else Role.INNER
 
 
 def _members(t: Tracker, leaf_group: dict[str, str]) -> dict[str, tuple[Member, ...]]:

@@ -1,14 +1,15 @@
 """InsertMasksPass: a gate multiply at every place P3B masks, all gates open.
 
-Pattern: the blocks of a ``GroupSet``. Result: the same graph plus a ``MaskBank`` submodule and,
-per block, mask sites at (1) the input of every linear reading the residual (read gate), (2) the
-first linear's output when a prunable index is contracted there (per-head dimension: q·k must
-lose it too), (3) the last linear's input (heads, head_dim, hidden), (4) the last linear's output
-(write gate; after a BatchNorm that follows it, ``Block.write_site``, as that moves zeros), and
-(5) around a norm over a group axis inside the block (``Block.norms``): before it, and after it
-unless only the last linear reads it. Why:
-zeroing exactly there makes a hard-masked model compute what the slim model computes; soft gate
-values are P3B's soft masks. Outputs are unchanged while gates are 1.
+Pattern: the blocks of a ``GroupSet``. Result: the same graph plus a ``MaskBank`` submodule and, per
+block, mask sites at (1) the input of every linear reading the residual (read gate), (2) the first
+linear's output when a prunable index is contracted there (per-head dimension: q·k must lose it too)
+or summed over (``Block.gate_first_out``), (3) the last linear's input (heads, head_dim, hidden),
+(4) the last linear's output (write gate; after a BatchNorm that follows it, ``Block.write_site``,
+as that moves zeros), and (5) around a norm over a group axis inside the block (``Block.norms``):
+before it, and after it unless only the last linear reads it, and (6) around a linear between the
+first and the last (``Block.mids``): its input and its output. Why: zeroing exactly there makes a
+hard-masked model compute what the slim model computes; soft gate values are P3B's soft masks.
+Outputs are unchanged while gates are 1.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class InsertMasksPass(GraphPass):
                 self._before(gm, [node], src, f"{b.name}:{norm.node}:in", norm.factors, sites)
                 if norm.node != b.write_site and not set(node.users) <= writes:  # else a gate is there
                     self._after(gm, node, f"{b.name}:{norm.node}:out", norm.factors, sites)
+            for mid_name in b.mids:
+                mid = names[mid_name]
+                src = mid.args[0]
+                assert isinstance(src, fx.Node)
+                weight = f"{mid.target}.weight"
+                self._before(gm, [mid], src, f"{b.name}:{mid_name}:in", _dims(self.groups, weight, 1), sites)
+                self._after(gm, mid, f"{b.name}:{mid_name}:out", _dims(self.groups, weight, 0), sites)
             for lane, (read_name, write_name) in enumerate(b.all_lanes()):
                 read, write = names[read_name], names[write_name]
                 read_g = lane_name(f"{b.name}:read", lane)
@@ -61,7 +69,7 @@ class InsertMasksPass(GraphPass):
                 assert isinstance(point, fx.Node)
                 readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
                 self._before(gm, readers, point, read_g, ((sizes.get(read_g, 1), read_g),), sites)
-                if Role.HEAD_DIM in roles:
+                if Role.HEAD_DIM in roles or b.gate_first_out:
                     self._after(gm, read, lane_name(f"{b.name}:first_out", lane),
                                 _dims(self.groups, f"{read.target}.weight", 0), sites)  # fmt: skip
                 win = write.args[0]

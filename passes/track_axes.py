@@ -51,6 +51,9 @@ class Tracker:
     secondary: set[str] = field(default_factory=set)  # roots started at a linear of its own (run)
     alias: dict[str, str] = field(default_factory=dict)  # merged label -> the label it merged into
     norms: list[fx.Node] = field(default_factory=list)  # norms over a group axis (axis_rules._norm_over_last)
+    mids: list[fx.Node] = field(default_factory=list)  # linears between the first and the last (mid_linear)
+    gate_first_out: bool = False  # a sum over a group axis relies on zeros at the first linear's output
+    hidden: set[str] = field(default_factory=set)  # the output labels of the linears in ``mids``
     # untracked operands the slim graph gathers at run time: node -> (operand, operand dim, group axis)
     gathers: dict[fx.Node, list[tuple[fx.Node, int, tuple[str, ...]]]] = field(default_factory=dict)
     body: set[fx.Node] = field(default_factory=set)  # the branch's nodes (run)

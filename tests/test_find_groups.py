@@ -18,6 +18,7 @@ from torch import nn
 import p3b_fx
 from p3b_fx import BlockKind, Role
 from p3b_fx.errors import UnsupportedModelError
+from p3b_fx.train import gate_specs
 from passes import find_groups as find_groups_module
 from tests.conftest import tiny_vit
 
@@ -895,3 +896,95 @@ def test_a_size_read_inside_a_branch_may_leave_it_unless_a_group_runs_along_it(r
         assert "its size feeds" in hidden.reason
     x = torch.randn(3, 5, 8)
     _assert_random_plans_exact(gm, groups, x)
+
+
+class _AdditiveAttention(nn.Module):
+    """SwiftFormer's additive attention in the token layout: q and k projections, q weighted by a
+    learnt vector and summed over the tokens, a projection between the first and the last linear,
+    whose output is added to q (a residual add inside the branch), then the output projection."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.q, self.k, self.proj, self.final = (nn.Linear(dim, dim) for _ in range(4))
+        self.w_g = nn.Parameter(torch.randn(dim, 1))
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        q = nn.functional.normalize(self.q(x), dim=-1)
+        k = nn.functional.normalize(self.k(x), dim=-1)
+        weights = nn.functional.normalize(q @ self.w_g, dim=1)
+        g = torch.sum(weights * q, dim=1, keepdim=True)
+        return self.final(self.proj(g * k) + q)
+
+
+def test_a_residual_inside_a_branch_and_a_linear_between_the_first_and_last_prune_exactly() -> None:
+    """``proj(g * k) + q`` looks like a residual add (q is computed before it), but it lies inside the
+    attention's own branch: the outer branch is the block, holding it whole, not two blocks that
+    share modules (which kept SwiftFormer's attention whole). ``proj`` sits between the first linears
+    and the last: its input is gated and contracted, its output is an index space of its own that
+    merges with q's where they add, so one group runs through q, k, w_g, proj and final's input."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].attn = _AdditiveAttention(48)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert [b.name for b in groups.blocks] == ["blocks.0.attn", "blocks.0.mlp"]
+    block = groups.block("blocks.0.attn")
+    assert block.mids == ("blocks_0_attn_proj",)
+    inner = [g for g in groups if g.block == block.name and g.role not in (Role.READ, Role.WRITE)]
+    assert [(g.size, g.prunable) for g in inner] == [(48, True)], [g.reason for g in inner]
+    members = {(m.param, m.dim) for m in inner[0].members}
+    assert {("blocks.0.attn.proj.weight", 0), ("blocks.0.attn.proj.weight", 1), ("blocks.0.attn.w_g", 0),
+            ("blocks.0.attn.final.weight", 1)} <= members  # fmt: skip
+    gated = {spec.name for spec in gate_specs(groups, "reference", 1)[block.name]}
+    assert inner[0].name in gated  # P3B prunes it (a contracted index of a block without q · k)
+    _assert_random_plans_exact(gm, groups, torch.randn(3, 3, 32, 32))
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=1)
+    slim = p3b_fx.slim(gm, plan, groups)
+    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
+
+
+class _DeepMlp(nn.Module):
+    """fc1 → GELU → mid → ReLU → fc2, reducing its hidden activations with ``reduce``."""
+
+    def __init__(self, d: int, reduce: str) -> None:
+        super().__init__()
+        self.fc1, self.mid, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, 3 * d), nn.Linear(3 * d, d)
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.fc1(x))
+        if self.reduce == "sum over tokens":
+            h = h * torch.sigmoid(h.sum(dim=1, keepdim=True))
+        elif self.reduce == "sum over hidden":
+            h = h * h.sum(-1, keepdim=True)
+        elif self.reduce == "mean over hidden":
+            h = h - h.mean(dim=-1, keepdim=True)
+        elif self.reduce == "amax over hidden":
+            h = h / h.amax(-1, keepdim=True)
+        return self.fc2(torch.relu(self.mid(h)))
+
+
+@pytest.mark.parametrize(
+    ("reduce", "why"),
+    [("sum over tokens", ""), ("sum over hidden", ""), ("mean over hidden", "a mean over it"),
+     ("amax over hidden", "a max over it")],
+)  # fmt: skip
+def test_reductions_keep_the_groups_they_do_not_spoil(reduce: str, why: str) -> None:
+    """Two hidden layers (fc1's and the middle linear's neurons), each a group. A sum over the
+    tokens, or over fc1's neurons (pruned ones are zero there), keeps fc1's neurons prunable; a mean
+    or a max over them would change with pruning and fixes them, naming the node. The middle
+    linear's neurons stay prunable either way; slim equals hard-masked."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _DeepMlp(48, reduce)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    first, second = (g for g in groups if g.block == "blocks.0.mlp" and g.role is Role.HIDDEN)
+    assert (first.size, second.size) == (96, 144)
+    assert first.prunable == (not why) and why in first.reason, first.reason
+    assert second.prunable, second.reason
+    gated = {spec.name for spec in gate_specs(groups, "deploy", 8)["blocks.0.mlp"]}
+    assert gated == {g.name for g in (first, second) if g.prunable}
+    _assert_random_plans_exact(gm, groups, torch.randn(3, 3, 32, 32))
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=2)
+    assert sum(p.numel() for p in p3b_fx.slim(gm, plan, groups).parameters()) == plan.predicted_params(groups)

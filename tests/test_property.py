@@ -213,3 +213,46 @@ def test_random_mvitv2_models_and_plans(cfg: dict[str, object], ratio: float, se
         torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-4, rtol=0)
     assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
     assert torch.equal(p3b_fx.trace(slim)(x), slim(x))
+
+
+@st.composite
+def cait_configs(draw: st.DrawFn) -> dict[str, object]:
+    heads = draw(st.integers(1, 4))
+    return {
+        "img_size": 16,
+        "patch_size": draw(st.sampled_from([4, 8])),
+        "depth": draw(st.integers(1, 2)),
+        "depth_token_only": draw(st.integers(1, 2)),
+        "num_heads": heads,
+        "embed_dim": heads * draw(st.sampled_from([4, 8])),
+        "mlp_ratio": draw(st.sampled_from([1.0, 2.0])),
+        "qkv_bias": draw(st.booleans()),
+        "num_classes": draw(st.integers(2, 6)),
+    }
+
+
+@settings(max_examples=int(os.environ.get("P3B_CAIT_EXAMPLES", "30")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(cfg=cait_configs(), ratio=st.floats(0.05, 1.0), seed=st.integers(0, 10_000))
+def test_random_cait_models_and_plans(cfg: dict[str, object], ratio: float, seed: int) -> None:
+    """CaiT's talking heads: two linears between the attention's first and last, over the heads
+    axis before and after the softmax; and its class-attention blocks. slim == masked at a batch
+    other than the traced one, parameter count as planned, retrace equal, and the heads and the
+    mixed maps between the two talking-heads projections are groups of their own."""
+    model = timm.create_model("cait_xxs24_224", pretrained=False, **cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # weights large enough that a wrong slice shows
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 16, 16))
+    groups = p3b_fx.find_groups(gm)
+    for role in ("heads", "hidden"):
+        group = groups.group(f"blocks.0.attn:{role}")
+        assert group.prunable and group.size == cfg["num_heads"], group.reason
+    plan = KeepPlan.random(groups, ratio, seed)
+    slim = p3b_fx.slim(gm, plan, groups)
+    x = torch.randn(3, 3, 16, 16)  # traced at batch 2
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-4, rtol=0)
+    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
+    assert torch.equal(p3b_fx.trace(slim)(x), slim(x))

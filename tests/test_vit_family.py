@@ -224,7 +224,8 @@ def test_a_rotary_model_slimmed_twice_equals_its_masked_model(tmp_path: Path) ->
     ("name", "kwargs", "free"),
     [
         ("cait_xxs24_224", {"img_size": 32, "patch_size": 8},
-         ["blocks.0.attn:head_dim", "blocks_token_only.0.attn:heads", "blocks_token_only.0.attn:head_dim"]),
+         ["blocks.0.attn:heads", "blocks.0.attn:head_dim", "blocks.0.attn:hidden",
+          "blocks_token_only.0.attn:heads", "blocks_token_only.0.attn:head_dim"]),
         ("xcit_nano_12_p16_224", {"img_size": 64},
          ["blocks.0.attn:heads", "cls_attn_blocks.0.attn:heads", "cls_attn_blocks.0.attn:head_dim"]),
     ],
@@ -235,8 +236,10 @@ def test_class_attention_and_cross_covariance_heads_prune_exactly(
     """CaiT's and XCiT's class attention takes q from the class token (``q(x[:, 0]).unsqueeze(1)``)
     and k, v from every token: the three projections share their heads and head dims. XCiT's
     cross-covariance attention normalises q and k over the tokens (heads free, head_dim fixed by
-    the softmax over it); CaiT's talking heads mix the heads (fixed), not the head dims (free).
-    Random weights, so a wrong slice would show."""
+    the softmax over it); CaiT's talking heads mix the heads with a linear before the softmax
+    (``proj_l``) and one after it (``proj_w``): linears between the block's first and last, gated on
+    their input and output, so the heads stay free and the mixed maps between the two are a group
+    of hidden neurons. Random weights, so a wrong slice would show."""
     model = timm.create_model(name, pretrained=False, depth=1, **kwargs).eval()
     _random_weights(model, 0.3)
     gm = p3b_fx.trace(model)
@@ -670,3 +673,27 @@ def test_mvitv2_pooled_attention_prunes_heads_and_head_dims(tmp_path: Path) -> N
         slim, x, tmp_path / "mvit46.onnx", jetpack=jetpack("4.6"), atol=1e-4, dynamic_batch=True
     )
     assert not {"Einsum", "ScatterND"} & set(old.ops) and old.parity_max_abs_diff <= 1e-4
+
+
+def test_swiftformer_additive_attention_prunes_whole_and_exports(tmp_path: Path) -> None:
+    """SwiftFormer's additive attention: a residual add inside its branch (``proj(…) + query``), a
+    linear between its first and last (``proj``), a learnt vector contracted with the queries and a
+    sum over the tokens. Every group of its four blocks is prunable; slim equals hard-masked, and so
+    does the ONNX export for JetPack 4.6."""
+    model = timm.create_model("swiftformer_xs", pretrained=False, num_classes=5).eval()
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    assert len(groups.blocks) == 4
+    assert all(g.prunable for g in groups), [g.reason for g in groups if not g.prunable]
+    assert all(len(b.mids) == 1 for b in groups.blocks)
+    x = torch.randn(2, 3, 64, 64)
+    plan = KeepPlan.random(groups, 0.5, seed=0)
+    slim = p3b_fx.slim(gm, plan, groups)
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        atol = 1e-5 * max(float(dense.abs().max()), 1.0)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=atol, rtol=0)
+    assert (out - dense).abs().max() > 1e3 * atol
+    report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
+    assert report.parity_max_abs_diff <= atol

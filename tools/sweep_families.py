@@ -69,15 +69,16 @@ MODELS: dict[str, list[str]] = {
     "nextvit_small": ["--img-size", "64", "--blocks-only"],  # its blocks hold 12 % of the parameters
     "edgenext_xx_small": ["--img-size", "64"],  # ConvNeXt blocks writing (N, C, H, W)
     "fastvit_sa12": ["--img-size", "64", "--blocks-only"],  # attention in its last stage only
+    "swiftformer_xs": ["--img-size", "64", "--blocks-only"],  # additive attention, one per stage
     "sam2_hiera_tiny": ["--img-size", "64", "--model-kwargs",  # query pooling, windowed and global blocks
                         '{"stages": [1, 2, 2, 1], "global_att_blocks": [2], "window_spec": [8, 4, 4, 2]}'],
     "mvitv2_tiny": ["--img-size", "64"],  # pooled q, k and v per head, spatial relative positions
     "samvit_base_patch16": ["--img-size", "64", "--model-kwargs",  # heads folded into the batch, rel-pos
                             '{"depth": 2, "window_size": 2, "global_attn_indexes": [1]}'],
 }  # fmt: skip
-"""timm name → the flags that make it small (models without a depth argument run at 64 px; Swin
-with two small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids; SwinV2's 8 × 8
-windows at 64 px; NeXt-ViT and FastViT with ``--blocks-only``, since their transformer blocks hold
+"""timm name → the flags that make it small (models without a depth argument run at 64 px; Swin with two
+small stages at 56 px, so its 7 × 7 windows tile the 14 × 14 and 7 × 7 grids; SwinV2's 8 × 8 windows at
+64 px; NeXt-ViT, FastViT and SwiftFormer with ``--blocks-only``, since their transformer blocks hold
 only a small share of their parameters and no plan cuts 30 % of the whole model)."""
 
 METHODS = {"p3b-deploy": ["--method", "p3b", "--granularity", "deploy"]}

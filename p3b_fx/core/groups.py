@@ -116,6 +116,12 @@ class Block:
     # the axis (negative) of the written channels at the residual add: -1, or -3 where a ConvNeXt-
     # style block permutes (N, H, W, C) back to (N, C, H, W) before it (EdgeNeXt)
     write_dim: int = -1
+    # linears between the first and the last (SwiftFormer's proj, CaiT's talking heads): gated on
+    # their input and their output (``axis_rules.mid_linear``)
+    mids: tuple[str, ...] = ()
+    # whether the first linear's output is gated for a sum over a group axis (``axis_rules.reduction``)
+    # where no per-head dimension is prunable (the gate is there for those anyway)
+    gate_first_out: bool = False
 
     def all_lanes(self) -> tuple[tuple[str, str], ...]:
         """(first linear, last linear) of every lane, the block's own first."""
