@@ -10,7 +10,8 @@ returns an opset-18 file when 13 or 16 was asked for. The TorchScript exporter f
 ``passes.decompose_sdpa`` rewrite those first; for TensorRT before 8.5 (JetPack 4.6), whose parser
 has no ``Einsum``, ``passes.decompose_einsum`` spells SAM's einsums as matmuls, and
 ``passes.decompose_rel_pos`` turns MViTv2's in-place relative-position write (a ``ScatterND``) into a
-padded add.
+padded add; ``passes.decompose_fold`` spells VOLO's ``F.fold`` (``Col2Im``, opset 18) as a transposed
+convolution.
 ``passes.transpose_gathers`` then moves the slim graph's last-axis channel gathers onto axis 0
 (bitwise the same; ONNX Runtime CPU copies an innermost-axis Gather element by element). Its effect
 under TensorRT is not measured here. First of all, ``passes.fold_constants`` turns tensors computed
@@ -51,6 +52,7 @@ from p3b_fx.export.jetpack import JetPack, tensorrt_onnx_ops
 from p3b_fx.tracing import copy_graph_module, trace
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.decompose_einsum import DecomposeEinsumPass
+from passes.decompose_fold import DecomposeFoldPass
 from passes.decompose_rel_pos import DecomposeRelPosPass
 from passes.decompose_rms_norm import DecomposeRmsNormPass
 from passes.decompose_sdpa import DecomposeSdpaPass
@@ -172,6 +174,7 @@ def _prepare_graph(
             FoldConstantsPass(),
             DecomposeRmsNormPass(),  # no RMSNorm below opset 23
             DecomposeRelPosPass(),  # MViTv2's in-place bias write: a ScatterND otherwise
+            DecomposeFoldPass(),  # VOLO's fold: Col2Im (opset 18) otherwise
         ]
         gathers = any(n.op == "call_function" and n.target is torch.index_select for n in gm.graph.nodes)
         if gathers or any(is_index_add(n) for n in gm.graph.nodes):
