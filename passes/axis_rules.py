@@ -359,6 +359,49 @@ def mid_linear(node: fx.Node, t: Tracker) -> State:
     return (*state[:-1], (out,))
 
 
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def unfold(node: fx.Node, t: Tracker) -> State:
+    """``nn.Unfold`` / ``F.unfold`` of (N, C, H, W) into (N, C·k·k, L) (VOLO's outlook attention
+    gathers each position's k × k neighbourhood of v): channel c's patch entries are ``c·k·k + j``,
+    so the channel axis keeps its groups with the k·k kernel positions as an opaque factor after
+    them, taken out again by a reshape; the positions, which no group may run along, become L.
+    Zero channels unfold to zero."""
+    state: State = unary(True)(node, t)
+    if len(state) != 4 or any(state[2:]) or state[0]:
+        raise Unsupported("unfolds an axis a group runs along, or a tensor that is not (N, C, H, W)")
+    kernel = _pair(t.gm.get_submodule(str(node.target)).kernel_size if node.op == "call_module"
+                   else _dim(node, 1, "kernel_size"))  # fmt: skip
+    kk = kernel[0] * kernel[1]
+    channels = (*state[1], t.labels.new_opaque(kk)) if state[1] and kk > 1 else state[1]
+    return (state[0], channels, ())
+
+
+def fold(node: fx.Node, t: Tracker) -> State:
+    """``F.fold`` / ``nn.Fold`` of (N, C·k·k, L) back to (N, C, H, W): the inverse of :func:`unfold`,
+    summing each channel's patch entries into its own positions. The channel axis' groups stay; its
+    last factor must be the k·k kernel positions, which no group runs along."""
+    state: State = unary(True)(node, t)
+    if len(state) != 3 or state[0] or state[2]:
+        raise Unsupported("folds an axis a group runs along, or a tensor that is not (N, C·k·k, L)")
+    if node.op == "call_module":
+        kernel = _pair(t.gm.get_submodule(str(node.target)).kernel_size)
+    else:
+        kernel = _pair(_dim(node, 2, "kernel_size"))
+    kk = kernel[0] * kernel[1]
+    channels = t.resolve(state[1])
+    if not channels:
+        return (state[0], (), (), ())
+    last = channels[-1]
+    if kk > 1 and t.labels.sizes[last] != kk:
+        raise Unsupported("folds a channel axis whose last factor is not the k·k kernel positions")
+    if kk > 1 and last not in t.labels.opaque:  # a group's axis (VOLO's attention rows): summed here
+        t.labels.mark(((last,),), f"folded as kernel positions at node '{node.name}'")
+    return (state[0], channels[:-1] if kk > 1 else channels, (), ())
+
+
 def softmax(node: fx.Node, t: Tracker) -> State:
     return _softmax_over(node, t, _dim(node, 1, "dim"))
 
@@ -932,7 +975,15 @@ def matmul(node: fx.Node, t: Tracker) -> State:
         raise Unsupported("matmul of a vector")
     if (a in t.states) != (b in t.states):
         return _matmul_one_untracked(node, t, a, b)
-    k = t.unify_axis(node, sa[-1], sb[-2], a.meta[meta.SHAPE][-1], b.meta[meta.SHAPE][-2])
+    try:
+        k = t.unify_axis(node, sa[-1], sb[-2], a.meta[meta.SHAPE][-1], b.meta[meta.SHAPE][-2])
+    except Unsupported:
+        if bool(t.resolve(sa[-1])) == bool(t.resolve(sb[-2])):
+            raise
+        # one side's axis is a group's, the other's no group runs along (VOLO contracts its attention
+        # weights' kernel positions with v's unfolded ones): that group cannot be pruned
+        k = t.resolve(sa[-1]) or t.resolve(sb[-2])
+        t.labels.mark((k,), f"contracted with an axis no group runs along at node '{node.name}'")
     t.contract(node, k, (a, b))
     shape_a, shape_b = a.meta[meta.SHAPE][:-2], b.meta[meta.SHAPE][:-2]
     batch = t.unify(node, sa[:-2], sb[:-2], len(node.meta[meta.SHAPE]) - 2, (shape_a, shape_b))
@@ -1068,6 +1119,7 @@ def build_rules() -> dict[Any, Rule]:
         rules[key] = binary
     rules.update(dict.fromkeys(_POOLED_AXES, pool))
     rules.update(dict.fromkeys(_REDUCTIONS, reduction))
+    rules.update({nn.Unfold: unfold, F.unfold: unfold, nn.Fold: fold, F.fold: fold})
     rules[nn.Linear] = mid_linear  # the first and the last linear are the tracker's own (Tracker.run)
     rules.update({F.layer_norm: layer_norm, nn.LayerNorm: layer_norm, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,

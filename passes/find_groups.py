@@ -258,6 +258,8 @@ def _inner_groups(
         if leaf in t.labels.opaque:  # the batch folded into a group axis: no group of its own
             continue
         role = _role(t.labels, leaf, br.kind, t.hidden)
+        if role is Role.INNER and _beside_heads(t, leaf, br.kind):
+            role = Role.HEAD_DIM
         ends_well = leaf in reaching or _contracted(t.labels, leaf)
         reason = t.labels.reason(leaf) or ("" if ends_well else "does not reach the block's last linear")
         name = f"{br.name}:{role}"
@@ -267,6 +269,19 @@ def _inner_groups(
         groups.append(Group(name, br.name, role, t.labels.sizes[leaf], (), not reason, reason))
     members = _members(t, leaf_group)
     return [_with_members(g, members.get(g.name, ())) for g in groups], leaf_group
+
+
+def _beside_heads(t: Tracker, leaf: str, kind: BlockKind) -> bool:
+    """Whether ``leaf`` is a per-head dimension that no contraction names: a factor of a parameter
+    dimension whose other factor is the heads (v's own head dims, ``v.weight`` rows as (heads, d),
+    where q and k have head dims of their own: TNT, NeXt-ViT, Sapiens2's grouped-query attention;
+    VOLO's outlook attention, which contracts no head dim at all)."""
+    for axis in t.params.values():
+        leaves = list(t.labels.axis_leaves(axis))
+        before = leaves[: leaves.index(leaf)] if leaf in leaves else []  # a selector before the heads is none
+        if any(_role(t.labels, other, kind, t.hidden) is Role.HEADS for other in before):
+            return True
+    return False
 
 
 def _contracted(labels: Labels, leaf: str) -> bool:

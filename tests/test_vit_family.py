@@ -490,12 +490,12 @@ def test_grouped_query_attention_prunes_key_value_heads_with_their_query_heads(
     kv_heads, per_kv = groups.group(f"{block}:heads"), groups.group(f"{block}:heads'")
     assert (kv_heads.size, kv_heads.prunable) == (2, True), kv_heads.reason
     assert per_kv.size == 2 and not per_kv.prunable and "grouped-query attention" in per_kv.reason
-    head_dim, v_dim = groups.group(f"{block}:head_dim"), groups.group(f"{block}:inner")
+    head_dim, v_dim = groups.group(f"{block}:head_dim"), groups.group(f"{block}:head_dim'")
     assert (head_dim.size, v_dim.size) == (8, 16) and head_dim.prunable and v_dim.prunable
     assert groups.group("blocks.0.attn:heads").size == 4  # full attention: every head on its own
     plan = KeepPlan.from_mapping(
         groups,
-        {f"{block}:heads": [1], f"{block}:head_dim": [0, 3, 4, 7], f"{block}:inner": list(range(0, 16, 2))},
+        {f"{block}:heads": [1], f"{block}:head_dim": [0, 3, 4, 7], v_dim.name: list(range(0, 16, 2))},
     )
     x = torch.randn(2, 3, 32, 32)
     slim = _slim_exactly(gm, groups, plan, x)
@@ -697,3 +697,28 @@ def test_swiftformer_additive_attention_prunes_whole_and_exports(tmp_path: Path)
     assert (out - dense).abs().max() > 1e3 * atol
     report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
     assert report.parity_max_abs_diff <= atol
+
+
+def test_volo_outlook_attention_prunes_heads_and_value_head_dims(tmp_path: Path) -> None:
+    """VOLO's outlook attention unfolds v's k × k neighbourhoods (``nn.Unfold``: channel c's entries
+    are ``c·k·k + j``), weights them by attention computed from a pooled copy of the input, and folds
+    them back (``F.fold``). The channels keep their groups through unfold and fold, the kernel
+    positions being a factor no group runs along: its heads and v's head dims are prunable (they
+    were fixed), and v's head dims are per-head dims for P3B. Slim equals hard-masked, also in ONNX
+    for JetPack 4.6."""
+    model = timm.create_model("volo_d1_224", pretrained=False, num_classes=5, img_size=64).eval()
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    block = "network.0.0.attn"
+    heads, v_dims = groups.group(f"{block}:heads"), groups.group(f"{block}:head_dim")
+    assert (heads.size, heads.prunable) == (6, True), heads.reason
+    assert (v_dims.size, v_dims.prunable) == (32, True), v_dims.reason
+    kernel_positions = groups.group(f"{block}:head_dim'")  # the attention's rows, summed by fold
+    assert not kernel_positions.prunable and "folded as kernel positions" in kernel_positions.reason
+    assert v_dims.name in {s.name for s in train.gate_specs(groups, "reference", 1)[block]}
+    x = torch.randn(2, 3, 64, 64)
+    _assert_random_plans_exact(gm, groups, x)
+    slim = _slim_exactly(gm, groups, KeepPlan.random(groups, 0.5, seed=3), x)
+    report = export_onnx(slim, x, tmp_path / "volo.onnx", jetpack=jetpack("4.6"), atol=1e-4)
+    assert report.parity_max_abs_diff <= 1e-4  # its fold as a transposed convolution (no Col2Im)
