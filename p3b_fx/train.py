@@ -291,7 +291,7 @@ def build_model(cfg: PruneConfig) -> nn.Module:
 
 def _create_timm(cfg: PruneConfig, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` with ``kwargs``; a model whose constructor takes no ``img_size`` (DaViT,
-    the conv-stem hierarchies) is built without the one ``--img-size`` added: it reads any input
+    MetaFormer, the conv-stem hierarchies) is built without the one ``--img-size`` added: it reads any input
     size, and the data still come at ``--img-size``."""
     import timm  # noqa: PLC0415 - heavy import
 
@@ -300,7 +300,8 @@ def _create_timm(cfg: PruneConfig, kwargs: dict[str, Any]) -> nn.Module:
         return timm.create_model(cfg.model, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         added = cfg.img_size is not None and "img_size" not in cfg.model_kwargs
-        if not added or "unexpected keyword argument 'img_size'" not in str(exc):
+        message = str(exc)  # torch's "… argument 'img_size'", MetaFormer's "… argument(s): ['img_size']"
+        if not added or "unexpected keyword argument" not in message or "'img_size'" not in message:
             raise
         rest = {k: v for k, v in kwargs.items() if k != "img_size"}
         return timm.create_model(cfg.model, pretrained=pretrained, **rest)

@@ -1014,14 +1014,18 @@ def test_adamw_is_fused_on_the_cpu_and_bench_adamw_measures_the_same_update() ->
     assert loop_ms > 0 and fused_ms > 0 and diff < 1e-6
 
 
-def test_img_size_reaches_a_model_without_that_argument_through_the_data_only(tmp_path: Path) -> None:
-    """DaViT's constructor takes no ``img_size``: ``--img-size`` then sizes the data alone (the model
-    reads any size), where it used to stop the run; an ``img_size`` the user put in --model-kwargs
-    is still refused with the constructor's error."""
-    cfg = tiny_config(tmp_path / "run", model="davit_tiny", model_kwargs={}, img_size=48)
+@pytest.mark.parametrize("name", ["davit_tiny", "caformer_s18"])
+def test_img_size_reaches_a_model_without_that_argument_through_the_data_only(
+    tmp_path: Path, name: str
+) -> None:
+    """DaViT's and MetaFormer's constructors take no ``img_size`` (MetaFormer says so in words of its
+    own): ``--img-size`` then sizes the data alone (the model reads any size), where it used to stop
+    the run; an ``img_size`` the user put in --model-kwargs is still refused with the constructor's
+    error."""
+    cfg = tiny_config(tmp_path / "run", model=name, model_kwargs={}, img_size=48)
     model = train.build_model(cfg)
     assert train.model_input(model, cfg)[0] == 48
-    with pytest.raises(ConfigError, match="unexpected keyword argument 'img_size'"):
+    with pytest.raises(ConfigError, match=r"unexpected keyword argument.*'img_size'"):
         train.build_model(cfg.replace(img_size=None, model_kwargs={"img_size": 48}))
 
 
