@@ -402,6 +402,19 @@ def fold(node: fx.Node, t: Tracker) -> State:
     return (state[0], channels[:-1] if kk > 1 else channels, (), ())
 
 
+def power(node: fx.Node, t: Tracker) -> State:
+    """``x ** p`` / ``torch.pow(x, p)`` of a tracked ``x`` by a number (MetaFormer's StarReLU squares
+    its ReLU): elementwise, and a pruned 0 stays 0 where ``p > 0``."""
+    exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+        raise Unsupported("a power whose exponent is a tensor")
+    state = first_state(node, t)
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    t.zero[node] = exponent > 0 and t.zero.get(src, False)
+    return state
+
+
 def softmax(node: fx.Node, t: Tracker) -> State:
     return _softmax_over(node, t, _dim(node, 1, "dim"))
 
@@ -1119,7 +1132,8 @@ def build_rules() -> dict[Any, Rule]:
         rules[key] = binary
     rules.update(dict.fromkeys(_POOLED_AXES, pool))
     rules.update(dict.fromkeys(_REDUCTIONS, reduction))
-    rules.update({nn.Unfold: unfold, F.unfold: unfold, nn.Fold: fold, F.fold: fold})
+    rules.update({nn.Unfold: unfold, F.unfold: unfold, nn.Fold: fold, F.fold: fold, operator.pow: power,
+                  torch.pow: power, "pow": power})  # fmt: skip
     rules[nn.Linear] = mid_linear  # the first and the last linear are the tracker's own (Tracker.run)
     rules.update({F.layer_norm: layer_norm, nn.LayerNorm: layer_norm, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,

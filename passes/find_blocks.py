@@ -91,21 +91,53 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
+    """(stream, branch output) of a residual add, or None. The stream is what the branch reads: the
+    add's other operand, or the tensor that operand scales (:func:`residual_scaled`)."""
     if is_index_add(node):
         a, b, dim = node.args[0], node.args[3], node.args[1]
         assert isinstance(a, fx.Node) and isinstance(b, fx.Node) and isinstance(dim, int)
         shape_a, shape_b = list(a.meta[meta.SHAPE]), list(b.meta[meta.SHAPE])
         if len(shape_a) == len(shape_b):  # alike but for the written axis
             del shape_a[dim], shape_b[dim]
-        same = shape_a == shape_b
-        return (a, b) if same and a in _ancestors_in_range(b, order[a] - 1, order) else None
+        x = residual_scaled(a)
+        return (x, b) if shape_a == shape_b and x in _ancestors_in_range(b, order[x] - 1, order) else None
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(args) != 2 or not _same_tensor_shape(*args):  # numbers add too (H + pad_h): no residual
         return None
     for a, b in ((args[0], args[1]), (args[1], args[0])):
-        if order[a] < order[b] and a in _ancestors_in_range(b, order[a] - 1, order):
-            return a, b
+        x = residual_scaled(a)
+        if order[x] < order[b] and x in _ancestors_in_range(b, order[x] - 1, order):
+            return x, b
     return None
+
+
+def residual_scaled(a: fx.Node) -> fx.Node:
+    """The stream ``x`` where the add's operand ``a`` is ``x`` passed through an ``nn.Identity`` or
+    scaled by a parameter (MetaFormer's ``res_scale``: ``x * scale.view(C, 1, 1)``, so that
+    ``x' = s·x + branch(x)``), else ``a``. The branch still reads ``x``, and writes into the sum."""
+    owner = a.graph.owning_module
+    if (
+        a.op == "call_module"
+        and owner is not None
+        and isinstance(owner.get_submodule(str(a.target)), nn.Identity)
+    ):
+        x = a.args[0]
+        return x if isinstance(x, fx.Node) else a
+    if a.op == "call_function" and a.target in (operator.mul, torch.mul) and len(a.args) == 2:
+        for x, s in (a.args, a.args[::-1]):
+            if isinstance(x, fx.Node) and isinstance(s, fx.Node) and _from_params(s):
+                return x
+    return a
+
+
+_VIEWS = ("view", "reshape", "unsqueeze")
+
+
+def _from_params(n: fx.Node) -> bool:
+    """Whether ``n`` is a parameter, or a view of one (``scale.view(C, 1, 1)``)."""
+    while n.op == "call_method" and n.target in _VIEWS and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n.op == "get_attr"
 
 
 def _same_tensor_shape(a: fx.Node, b: fx.Node) -> bool:

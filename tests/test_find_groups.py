@@ -988,3 +988,53 @@ def test_reductions_keep_the_groups_they_do_not_spoil(reduce: str, why: str) -> 
     _assert_random_plans_exact(gm, groups, torch.randn(3, 3, 32, 32))
     plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=2)
     assert sum(p.numel() for p in p3b_fx.slim(gm, plan, groups).parameters()) == plan.predicted_params(groups)
+
+
+class _ScaledResidualBlock(nn.Module):
+    """A timm Block whose residual adds go through an ``nn.Identity`` or a per-channel scale of the
+    stream (MetaFormer's ``res_scale``: ``x' = s·x + branch(x)``), with a StarReLU MLP
+    (``scale · relu(h)² + bias``)."""
+
+    def __init__(self, block: nn.Module, scaled: bool) -> None:
+        super().__init__()
+        self.block = block
+        dim = block.norm1.normalized_shape[0]
+        self.res_scale = nn.Identity()
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5) if scaled else None
+        self.star = nn.Parameter(torch.tensor([0.8, -0.1]))
+
+    def _stream(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(-1) if self.scale is not None else self.res_scale(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        x = self._stream(x) + b.attn(b.norm1(x))
+        h = b.mlp.fc1(b.norm2(x))
+        h = self.star[0] * torch.relu(h) ** 2 + self.star[1]
+        return self._stream(x) + b.mlp.fc2(h)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_residual_through_an_identity_or_a_scale_is_a_block(scaled: bool) -> None:
+    """``identity(x) + branch(x)`` and ``x * s + branch(x)``: the branch reads ``x``, so the add is
+    the block's residual (its taps read ``x``), and a block removed by a plan leaves ``s·x``. A
+    StarReLU's square keeps pruned zeros. Slim equals hard-masked, also with whole blocks removed."""
+    model = tiny_vit(depth=2)
+    model.blocks[0] = _ScaledResidualBlock(model.blocks[0], scaled)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    assert [b.name for b in groups.blocks] == [
+        "blocks.0.block.attn",
+        "blocks.0.block.mlp",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+    ]
+    assert all(g.prunable for g in groups if g.block.startswith("blocks.0") and g.role is not Role.SELECT)
+    _assert_random_plans_exact(gm, groups, torch.randn(3, 3, 32, 32))
+    keep = p3b_fx.KeepPlan.random(groups, 0.5, seed=4).as_dict()
+    keep["blocks.0.block.mlp:hidden"] = ()  # the whole MLP goes: the stream is scaled, not dropped
+    plan = p3b_fx.KeepPlan.from_mapping(groups, keep)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
+                                   atol=1e-5, rtol=0)  # fmt: skip

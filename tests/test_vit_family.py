@@ -722,3 +722,27 @@ def test_volo_outlook_attention_prunes_heads_and_value_head_dims(tmp_path: Path)
     slim = _slim_exactly(gm, groups, KeepPlan.random(groups, 0.5, seed=3), x)
     report = export_onnx(slim, x, tmp_path / "volo.onnx", jetpack=jetpack("4.6"), atol=1e-4)
     assert report.parity_max_abs_diff <= 1e-4  # its fold as a transposed convolution (no Col2Im)
+
+
+def test_caformer_scaled_residuals_and_star_relu_prune_and_export(tmp_path: Path) -> None:
+    """CAFormer (MetaFormer): its residual adds scale the stream (``res_scale``) or pass it through
+    an ``nn.Identity``, its MLPs square a ReLU (StarReLU), and its streams are (N, C, H, W). The
+    attention and MLP blocks of its last two stages (its first two are convolutional) are blocks
+    with every group but the q/k/v selector prunable; slim equals hard-masked, also in ONNX for
+    JetPack 4.6."""
+    model = timm.create_model("caformer_s18", pretrained=False, num_classes=5).eval()
+    _random_weights(model, 0.1)
+    gm = p3b_fx.trace(model, input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    assert len(groups.blocks) == 24
+    assert all(g.prunable for g in groups if g.role is not Role.SELECT)
+    x = torch.randn(2, 3, 64, 64)
+    plan = KeepPlan.random(groups, 0.5, seed=0)
+    slim = p3b_fx.slim(gm, plan, groups)
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        atol = 1e-5 * max(float(dense.abs().max()), 1.0)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=atol, rtol=0)
+    assert (out - dense).abs().max() > 1e2 * atol
+    report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
+    assert report.parity_max_abs_diff <= atol
