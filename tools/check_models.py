@@ -59,6 +59,8 @@ MODELS = (
     # efficient and hybrid designs for small devices (blocks behind leaf modules, convolutions)
     "tiny_vit_5m_224", "mobilevit_xxs", "nextvit_small", "edgenext_xx_small", "fastvit_sa12",
     "swiftformer_xs", "csatv2", "efficientvit_m0",
+    # MetaFormer (convolutional stages, then attention; scaled residuals)
+    "caformer_s18",
 )  # fmt: skip
 PLANS = 3
 TOLERANCE = 1e-9

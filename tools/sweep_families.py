@@ -71,6 +71,7 @@ MODELS: dict[str, list[str]] = {
     "fastvit_sa12": ["--img-size", "64", "--blocks-only"],  # attention in its last stage only
     "swiftformer_xs": ["--img-size", "64", "--blocks-only"],  # additive attention, one per stage
     "volo_d1_224": ["--img-size", "64"],  # outlook attention: unfold, attention over k x k, fold
+    "caformer_s18": ["--img-size", "64"],  # MetaFormer: scaled residuals, StarReLU, conv stages first
     "sam2_hiera_tiny": ["--img-size", "64", "--model-kwargs",  # query pooling, windowed and global blocks
                         '{"stages": [1, 2, 2, 1], "global_att_blocks": [2], "window_spec": [8, 4, 4, 2]}'],
     "mvitv2_tiny": ["--img-size", "64"],  # pooled q, k and v per head, spatial relative positions
