@@ -14,6 +14,26 @@ from p3b_fx import KeepPlan
 from tests.conftest import set_fused, tiny_vit
 
 
+def _random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter N(0, 1) · 0.3 from ``seed``: weights large enough that a wrong slice shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def _assert_slim_matches(
+    gm: torch.fx.GraphModule, groups: p3b_fx.GroupSet, plan: KeepPlan, x: torch.Tensor, atol: float
+) -> None:
+    """At ``x`` (a batch other than the traced one): slim == hard-masked within ``atol``, the slim
+    model holds the plan's parameter count, and it traces again to itself."""
+    slim = p3b_fx.slim(gm, plan, groups)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=atol, rtol=0)
+    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
+    assert torch.equal(p3b_fx.trace(slim)(x), slim(x))
+
+
 @st.composite
 def vit_configs(draw: st.DrawFn) -> dict[str, object]:
     heads = draw(st.integers(1, 4))
@@ -99,10 +119,7 @@ def rotary_configs(draw: st.DrawFn) -> dict[str, object]:
 def test_random_rotary_models_and_plans(cfg: dict[str, object], ratio: float, seed: int) -> None:
     """Head dims pruned in pairs, the rotary table's kept rows gathered or sliced: slim == masked."""
     model = tiny_vit(name="eva02_tiny_patch14_224", **cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # weights large enough that a wrong slice shows
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, seed)
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
     head_dim = groups.group("blocks.0.attn:head_dim")
@@ -150,10 +167,7 @@ def test_random_sam_models_and_plans(cfg: dict[str, object], ratio: float, seed:
     bias from q): at a batch other than the traced one, slim == masked and the parameter count is
     the plan's; the slim model traces again to itself."""
     model = timm.create_model("samvit_base_patch16", pretrained=False, **cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # weights large enough that a wrong slice shows
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, seed)
     for block in model.blocks:
         block.attn.fused_attn = fused
     size = int(cfg["img_size"])  # type: ignore[call-overload]
@@ -162,12 +176,7 @@ def test_random_sam_models_and_plans(cfg: dict[str, object], ratio: float, seed:
     if int(cfg["num_heads"]) > 1:  # type: ignore[call-overload]
         assert groups.group("blocks.0.attn:heads").prunable, groups.group("blocks.0.attn:heads").reason
     plan = KeepPlan.random(groups, ratio, seed)
-    slim = p3b_fx.slim(gm, plan, groups)
-    x = torch.randn(3, 3, size, size)  # traced at batch 2
-    with torch.no_grad():
-        torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-5, rtol=0)
-    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
-    assert torch.equal(p3b_fx.trace(slim)(x), slim(x))
+    _assert_slim_matches(gm, groups, plan, torch.randn(3, 3, size, size), atol=1e-5)  # traced at batch 2
 
 
 @st.composite
@@ -200,19 +209,11 @@ def test_random_mvitv2_models_and_plans(cfg: dict[str, object], ratio: float, se
     from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg  # noqa: PLC0415
 
     model = MultiScaleVit(MultiScaleVitCfg(**cfg), img_size=32, num_classes=3).eval()  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # weights large enough that a wrong slice shows
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, seed)
     gm = p3b_fx.trace(model, input_shape=(1, 3, 32, 32))
     groups = p3b_fx.find_groups(gm)
     plan = KeepPlan.random(groups, ratio, seed)
-    slim = p3b_fx.slim(gm, plan, groups)
-    x = torch.randn(3, 3, 32, 32)  # traced at batch 2
-    with torch.no_grad():
-        torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-4, rtol=0)
-    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
-    assert torch.equal(p3b_fx.trace(slim)(x), slim(x))
+    _assert_slim_matches(gm, groups, plan, torch.randn(3, 3, 32, 32), atol=1e-4)  # traced at batch 2
 
 
 @st.composite
@@ -240,19 +241,11 @@ def test_random_cait_models_and_plans(cfg: dict[str, object], ratio: float, seed
     other than the traced one, parameter count as planned, retrace equal, and the heads and the
     mixed maps between the two talking-heads projections are groups of their own."""
     model = timm.create_model("cait_xxs24_224", pretrained=False, **cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # weights large enough that a wrong slice shows
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    _random_weights(model, seed)
     gm = p3b_fx.trace(model, input_shape=(1, 3, 16, 16))
     groups = p3b_fx.find_groups(gm)
     for role in ("heads", "hidden"):
         group = groups.group(f"blocks.0.attn:{role}")
         assert group.prunable and group.size == cfg["num_heads"], group.reason
     plan = KeepPlan.random(groups, ratio, seed)
-    slim = p3b_fx.slim(gm, plan, groups)
-    x = torch.randn(3, 3, 16, 16)  # traced at batch 2
-    with torch.no_grad():
-        torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-4, rtol=0)
-    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
-    assert torch.equal(p3b_fx.trace(slim)(x), slim(x))
+    _assert_slim_matches(gm, groups, plan, torch.randn(3, 3, 16, 16), atol=1e-4)  # traced at batch 2

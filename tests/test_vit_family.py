@@ -675,6 +675,22 @@ def test_mvitv2_pooled_attention_prunes_heads_and_head_dims(tmp_path: Path) -> N
     assert not {"Einsum", "ScatterND"} & set(old.ops) and old.parity_max_abs_diff <= 1e-4
 
 
+def _slim_and_export_exactly(gm: torch.fx.GraphModule, groups: p3b_fx.GroupSet, tmp_path: Path) -> None:
+    """A random plan keeping half of every group at 64 px: slim equals hard-masked and moves the
+    output far more than that, and its ONNX file for JetPack 4.6 matches it, each within 1e-5 of
+    the output's size (random-weight hybrids reach large activations)."""
+    x = torch.randn(2, 3, 64, 64)
+    plan = KeepPlan.random(groups, 0.5, seed=0)
+    slim = p3b_fx.slim(gm, plan, groups)
+    with torch.no_grad():
+        out, dense = slim(x), gm(x)
+        atol = 1e-5 * max(float(dense.abs().max()), 1.0)
+        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=atol, rtol=0)
+    assert (out - dense).abs().max() > 1e2 * atol
+    report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
+    assert report.parity_max_abs_diff <= atol
+
+
 def test_swiftformer_additive_attention_prunes_whole_and_exports(tmp_path: Path) -> None:
     """SwiftFormer's additive attention: a residual add inside its branch (``proj(…) + query``), a
     linear between its first and last (``proj``), a learnt vector contracted with the queries and a
@@ -687,16 +703,7 @@ def test_swiftformer_additive_attention_prunes_whole_and_exports(tmp_path: Path)
     assert len(groups.blocks) == 4
     assert all(g.prunable for g in groups), [g.reason for g in groups if not g.prunable]
     assert all(len(b.mids) == 1 for b in groups.blocks)
-    x = torch.randn(2, 3, 64, 64)
-    plan = KeepPlan.random(groups, 0.5, seed=0)
-    slim = p3b_fx.slim(gm, plan, groups)
-    with torch.no_grad():
-        out, dense = slim(x), gm(x)
-        atol = 1e-5 * max(float(dense.abs().max()), 1.0)
-        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=atol, rtol=0)
-    assert (out - dense).abs().max() > 1e3 * atol
-    report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
-    assert report.parity_max_abs_diff <= atol
+    _slim_and_export_exactly(gm, groups, tmp_path)
 
 
 def test_volo_outlook_attention_prunes_heads_and_value_head_dims(tmp_path: Path) -> None:
@@ -736,13 +743,4 @@ def test_caformer_scaled_residuals_and_star_relu_prune_and_export(tmp_path: Path
     groups = p3b_fx.find_groups(gm)
     assert len(groups.blocks) == 24
     assert all(g.prunable for g in groups if g.role is not Role.SELECT)
-    x = torch.randn(2, 3, 64, 64)
-    plan = KeepPlan.random(groups, 0.5, seed=0)
-    slim = p3b_fx.slim(gm, plan, groups)
-    with torch.no_grad():
-        out, dense = slim(x), gm(x)
-        atol = 1e-5 * max(float(dense.abs().max()), 1.0)
-        torch.testing.assert_close(out, p3b_fx.apply_masks(gm, plan, groups)(x), atol=atol, rtol=0)
-    assert (out - dense).abs().max() > 1e2 * atol
-    report = export_onnx(slim, x, tmp_path / "m.onnx", jetpack=jetpack("4.6"), atol=atol)
-    assert report.parity_max_abs_diff <= atol
+    _slim_and_export_exactly(gm, groups, tmp_path)
