@@ -843,15 +843,19 @@ class Pruner:
 
 
 def gate_specs(groups: GroupSet, granularity: str, round_to: int) -> dict[str, list[GateSpec]]:
-    """The prunable gates of every block for a granularity (reference: elements; deploy: heads + hidden)."""
+    """The prunable gates of every block for a granularity (reference: elements; deploy: heads + hidden,
+    and the contracted channels of a block without q · k, rounded like hidden neurons)."""
     roles = _GRANULARITY_ROLES[granularity]
     out: dict[str, list[GateSpec]] = {}
     for block in groups.blocks:
         specs = []
         for name in block.groups:
             g = groups.group(name)
-            if g.prunable and g.role in roles and (block.kind, g.role) in _GATE_TYPES:
-                step = round_to if g.role is Role.HIDDEN else 1
+            # deploy keeps head_dim whole for TensorRT's fused attention; a block without q · k (SwiftFormer's
+            # additive attention, an MLP-kind block) runs none, and its contracted channels are plain widths
+            width = granularity == "deploy" and g.role is Role.HEAD_DIM and block.kind is BlockKind.MLP
+            if g.prunable and (g.role in roles or width) and (block.kind, g.role) in _GATE_TYPES:
+                step = round_to if g.role is Role.HIDDEN or width else 1
                 specs.append(GateSpec(name, g.size, _GATE_TYPES[(block.kind, g.role)], step))
         out[block.name] = specs
     return out
@@ -1475,6 +1479,10 @@ def describe_model(cfg: PruneConfig) -> str:
     for granularity in _GRANULARITY_ROLES:
         share = _most_removable(cfg, groups, costs, dense, granularity)[1]
         roles = "+".join(str(r) for r in ROLE_ORDER if r in _GRANULARITY_ROLES[granularity])
+        specs = gate_specs(groups, granularity, 1).values()
+        gated = {groups.group(spec.name).role for block_specs in specs for spec in block_specs}
+        if Role.HEAD_DIM in gated - _GRANULARITY_ROLES[granularity]:
+            roles += ", and head_dim where a block has no q · k"
         lines.append(f"--granularity {granularity} ({roles}): --prune-ratio up to {max(share, 0.0):.1%} "
                      f"of the {cfg.budget}")  # fmt: skip
     return "\n".join(lines)

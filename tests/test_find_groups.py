@@ -938,6 +938,8 @@ def test_a_residual_inside_a_branch_and_a_linear_between_the_first_and_last_prun
             ("blocks.0.attn.final.weight", 1)} <= members  # fmt: skip
     gated = {spec.name for spec in gate_specs(groups, "reference", 1)[block.name]}
     assert inner[0].name in gated  # P3B prunes it (a contracted index of a block without q · k)
+    deploy = {spec.name: spec.round_to for spec in gate_specs(groups, "deploy", 8)[block.name]}
+    assert deploy == {inner[0].name: 8}  # no fused attention to keep whole: a width, rounded
     _assert_random_plans_exact(gm, groups, torch.randn(3, 3, 32, 32))
     plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=1)
     slim = p3b_fx.slim(gm, plan, groups)
