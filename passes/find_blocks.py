@@ -99,15 +99,15 @@ def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
         shape_a, shape_b = list(a.meta[meta.SHAPE]), list(b.meta[meta.SHAPE])
         if len(shape_a) == len(shape_b):  # alike but for the written axis
             del shape_a[dim], shape_b[dim]
-        x = residual_scaled(a)
-        return (x, b) if shape_a == shape_b and x in _ancestors_in_range(b, order[x] - 1, order) else None
+        streams = [x for x in (a, residual_scaled(a)) if x in _ancestors_in_range(b, order[x] - 1, order)]
+        return (streams[0], b) if shape_a == shape_b and streams else None
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(args) != 2 or not _same_tensor_shape(*args):  # numbers add too (H + pad_h): no residual
         return None
     for a, b in ((args[0], args[1]), (args[1], args[0])):
-        x = residual_scaled(a)
-        if order[x] < order[b] and x in _ancestors_in_range(b, order[x] - 1, order):
-            return x, b
+        for x in (a, residual_scaled(a)):  # the operand itself first: a block found before stays as it was
+            if order[x] < order[b] and x in _ancestors_in_range(b, order[x] - 1, order):
+                return x, b
     return None
 
 
