@@ -340,12 +340,17 @@ def mid_linear(node: fx.Node, t: Tracker) -> State:
     input feature adds nothing. Its output features are a new index space of their own (dim 0 of
     weight and bias), gated after it, which merges with the index space it meets (``+ query``), as
     a projection of the block input does (``Tracker._start``). Only its feature axis changes; where
-    another axis carries a group, its pruned elements stay zero only without a bias."""
+    another axis carries a group, its pruned elements stay zero only without a bias. A linear over
+    an axis no group runs along (gMLP's spatial gating mixes the tokens) leaves every group where
+    it is, and its output axis is no group either."""
     state = first_state(node, t)
     src = node.args[0]
     assert isinstance(src, fx.Node)
     mod = t.gm.get_submodule(str(node.target))
     axis = t.resolve(state[-1])
+    if not axis:  # over an axis no group runs along (gMLP's token mixing): the other axes keep theirs
+        t.zero[node] = mod.bias is None and t.zero.get(src, False)
+        return state
     t.record_param(f"{node.target}.weight", 1, axis)
     t.labels.contracted.update(axis)  # it ends here, as a q/k head dim ends at q · k
     out = t.labels.new(int(node.meta[meta.SHAPE][-1]))

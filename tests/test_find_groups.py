@@ -1040,3 +1040,33 @@ def test_a_residual_through_an_identity_or_a_scale_is_a_block(scaled: bool) -> N
     with torch.no_grad():
         torch.testing.assert_close(p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x),
                                    atol=1e-5, rtol=0)  # fmt: skip
+
+
+class _SpatialGatingMlp(nn.Module):
+    """gMLP's spatial gating unit: fc1's outputs split into u and v, v normalised and mixed over the
+    tokens by a linear between fc1 and fc2, then ``u * v``."""
+
+    def __init__(self, d: int, tokens: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(2 * d, d)
+        self.norm, self.proj = nn.LayerNorm(2 * d), nn.Linear(tokens, tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.fc1(x).chunk(2, dim=-1)
+        v = self.proj(self.norm(v).transpose(-1, -2)).transpose(-1, -2)
+        return self.fc2(u * v)
+
+
+def test_a_linear_over_the_tokens_inside_a_block_leaves_the_groups_where_they_are() -> None:
+    """A linear between the first and the last that mixes an axis no group runs along (gMLP's
+    tokens) starts no group: its weight is not sliced, and the hidden neurons (u and v together,
+    under v's norm) stay prunable. Slim equals hard-masked."""
+    model = tiny_vit(depth=1)
+    model.blocks[0].mlp = _SpatialGatingMlp(48, 17)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    hidden = [g for g in groups if g.block == "blocks.0.mlp" and g.role is Role.HIDDEN]
+    assert [(g.size, g.prunable) for g in hidden] == [(96, True)], [g.reason for g in hidden]
+    assert groups.block("blocks.0.mlp").mids == ()
+    assert not any(m.param.startswith("blocks.0.mlp.proj") for g in groups for m in g.members)
+    _assert_random_plans_exact(gm, groups, torch.randn(3, 3, 32, 32))
