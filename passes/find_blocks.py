@@ -176,8 +176,8 @@ _FORK_WINDOW = 400
 """How far back (in graph nodes) ``_forked`` looks for the tensor both operands come from."""
 
 
-def _make_branch(
-    gm: fx.GraphModule, add: fx.Node, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]
+def _make_branch(  # noqa: PLR0917 - private helper of find_blocks
+    gm: fx.GraphModule, add: fx.Node, a: fx.Node, b: fx.Node, order: dict[fx.Node, int], dynamic: set[fx.Node]
 ) -> Branch | str:
     body = _ancestors_in_range(b, order[a], order) | {b}
     body.discard(a)
@@ -190,11 +190,27 @@ def _make_branch(
     linears = [n for n in nodes if is_linear(gm, n)]
     if len(linears) < 2:
         return f"residual add '{add.name}': branch has {len(linears)} nn.Linear (need a first and a last)"
-    name = _common_prefix([str(n.target) for n in linears]) or f"branch_{add.name}"
+    first = next((n for n in linears if n in dynamic), linears[0])
+    if first is not linears[0]:  # a bias MLP computed from constants before it (vit_srelpos's shared one)
+        linears = [first, *(n for n in linears if n is not first)]
+    name = (_common_prefix([str(n.target) for n in linears])
+            or _common_prefix([str(n.target) for n in linears if n in dynamic])
+            or f"branch_{add.name}")  # fmt: skip
     kind = BlockKind.ATTENTION if any(is_attention_op(n) for n in nodes) else BlockKind.MLP
     return Branch(
         name, kind, a.name, add.name, b.name, tuple(n.name for n in nodes), tuple(n.name for n in linears)
     )
+
+
+def _dynamic(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes computed from the model's input. A branch's first linear is the first of its
+    linears among them, not a linear of a bias computed from constants alone, which may come before
+    it in the graph (vit_srelpos evaluates one relative-position MLP before the blocks)."""
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(i in out for i in n.all_input_nodes):
+            out.add(n)
+    return out
 
 
 def _size_reads(body: set[fx.Node]) -> set[fx.Node]:
@@ -250,6 +266,7 @@ NUMBER_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, opera
 def find_blocks(gm: fx.GraphModule) -> BlockSearch:
     """All residual branches of ``gm`` (which must carry shape meta, see AnnotateShapesPass)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    dynamic = _dynamic(gm)
     branches: list[Branch] = []
     unsupported: list[str] = []
     for node in gm.graph.nodes:
@@ -261,7 +278,7 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearch:
             if why:
                 unsupported.append(why)
             continue
-        found = _make_branch(gm, node, *operands, order)
+        found = _make_branch(gm, node, *operands, order, dynamic)
         (unsupported if isinstance(found, str) else branches).append(found)  # type: ignore[arg-type]
     return BlockSearch(_outermost(branches), tuple(unsupported))
 

@@ -744,3 +744,27 @@ def test_caformer_scaled_residuals_and_star_relu_prune_and_export(tmp_path: Path
     assert len(groups.blocks) == 24
     assert all(g.prunable for g in groups if g.role is not Role.SELECT)
     _slim_and_export_exactly(gm, groups, tmp_path)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_shared_relative_position_mlp_is_no_first_linear(depth: int) -> None:
+    """vit_srelpos computes one relative-position bias MLP from constants before the blocks and
+    hands its output to every attention. With one block that MLP lies between the stream and the
+    attention in the graph, and its first linear was taken for the block's: the read group was the
+    MLP's 2 coordinates, the heads were never tracked, and its hidden layer (a linear between the
+    first and the last) made the plan's parameter count wrong. The first linear is now the first
+    that reads the stream; the MLP's last linear is sliced with the heads (one block), or, read by
+    several blocks, the first attention is kept whole and the others gather the bias. Slim equals
+    hard-masked with the plan's parameter count."""
+    model = timm.create_model("vit_srelpos_small_patch16_224", pretrained=False, depth=depth, img_size=64,
+                              num_classes=5).eval()  # fmt: skip
+    _random_weights(model, 0.3)
+    gm = p3b_fx.trace(model)
+    groups = p3b_fx.find_groups(gm)
+    attentions = [b for b in groups.blocks if b.kind is p3b_fx.BlockKind.ATTENTION]
+    assert all(b.read_node.endswith("attn_qkv") for b in attentions)
+    assert groups.group(f"{attentions[0].name}:heads").prunable
+    x = torch.randn(2, 3, 64, 64)
+    plan = KeepPlan.random(groups, 0.5, seed=1)
+    slim = _slim_exactly(gm, groups, plan, x)
+    assert sum(p.numel() for p in slim.parameters()) == plan.predicted_params(groups)
