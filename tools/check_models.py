@@ -43,6 +43,7 @@ MODELS = (
     "vit_medium_patch16_gap_256", "vit_small_r26_s32_224", "flexivit_small", "vitamin_small_224",
     # attention variants
     "beit_base_patch16_224", "beitv2_base_patch16_224", "vit_relpos_small_patch16_224",
+    "vit_srelpos_small_patch16_224",
     "eva02_tiny_patch14_224", "eva02_base_patch14_224", "eva02_base_patch16_clip_224",
     "beit3_base_patch16_224", "vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_224",
     "vit_small_patch16_dinov3", "vit_pe_core_tiny_patch16_384", "vit_small_patch16_18x2_224",
