@@ -22,6 +22,7 @@ from p3b_fx.core import meta
 from p3b_fx.core.groups import Role
 from passes.axis_labels import State, Unsupported, reshape_state
 from passes.decompose_einsum import einsum_operands, einsum_terms
+from passes.decompose_fold import as_pair
 
 if TYPE_CHECKING:
     from passes.track_axes import Tracker
@@ -356,7 +357,7 @@ def mid_linear(node: fx.Node, t: Tracker) -> State:
     out = t.labels.new(int(node.meta[meta.SHAPE][-1]))
     t.secondary.add(out)
     t.record_param(f"{node.target}.weight", 0, (out,))
-    if getattr(mod, "bias", None) is not None:
+    if mod.bias is not None:
         t.record_param(f"{node.target}.bias", 0, (out,))
     t.mids.append(node)
     t.hidden.add(out)  # hidden neurons (find_groups._role), unless it merges into a group of other role
@@ -364,8 +365,12 @@ def mid_linear(node: fx.Node, t: Tracker) -> State:
     return (*state[:-1], (out,))
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+def _kernel_positions(node: fx.Node, t: Tracker, pos: int) -> int:
+    """k·k of an unfold or fold node: its module's ``kernel_size``, or the call's (argument ``pos``)."""
+    size: Any = (t.gm.get_submodule(str(node.target)).kernel_size if node.op == "call_module"
+                 else _dim(node, pos, "kernel_size"))  # fmt: skip
+    kh, kw = as_pair(size)
+    return kh * kw
 
 
 def unfold(node: fx.Node, t: Tracker) -> State:
@@ -377,9 +382,7 @@ def unfold(node: fx.Node, t: Tracker) -> State:
     state: State = unary(True)(node, t)
     if len(state) != 4 or any(state[2:]) or state[0]:
         raise Unsupported("unfolds an axis a group runs along, or a tensor that is not (N, C, H, W)")
-    kernel = _pair(t.gm.get_submodule(str(node.target)).kernel_size if node.op == "call_module"
-                   else _dim(node, 1, "kernel_size"))  # fmt: skip
-    kk = kernel[0] * kernel[1]
+    kk = _kernel_positions(node, t, 1)
     channels = (*state[1], t.labels.new_opaque(kk)) if state[1] and kk > 1 else state[1]
     return (state[0], channels, ())
 
@@ -391,11 +394,7 @@ def fold(node: fx.Node, t: Tracker) -> State:
     state: State = unary(True)(node, t)
     if len(state) != 3 or state[0] or state[2]:
         raise Unsupported("folds an axis a group runs along, or a tensor that is not (N, C·k·k, L)")
-    if node.op == "call_module":
-        kernel = _pair(t.gm.get_submodule(str(node.target)).kernel_size)
-    else:
-        kernel = _pair(_dim(node, 2, "kernel_size"))
-    kk = kernel[0] * kernel[1]
+    kk = _kernel_positions(node, t, 2)
     channels = t.resolve(state[1])
     if not channels:
         return (state[0], (), (), ())

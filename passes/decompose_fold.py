@@ -25,7 +25,8 @@ from torch import fx, nn
 from p3b_fx.core.pass_infra import ReplaceCallsPass, known_shape
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+def as_pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """``k`` → ``(k, k)``; a pair as ints (torch's 2-d size arguments)."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
@@ -38,8 +39,8 @@ def fold_ops(  # noqa: PLR0917 - the positional signature of F.fold
     stride: int | Sequence[int] = 1,
 ) -> torch.Tensor:
     """``F.fold`` of a batched (N, C·k·k, L) tensor as a grouped transposed convolution (module doc)."""
-    (oh, ow), (kh, kw) = _pair(output_size), _pair(kernel_size)
-    (dh, dw), (ph, pw), (sh, sw) = _pair(dilation), _pair(padding), _pair(stride)
+    (oh, ow), (kh, kw) = as_pair(output_size), as_pair(kernel_size)
+    (dh, dw), (ph, pw), (sh, sw) = as_pair(dilation), as_pair(padding), as_pair(stride)
     h = (oh + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     w = (ow + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     n, channels, _ = x.shape
@@ -76,7 +77,7 @@ def is_fold(gm: fx.GraphModule, node: fx.Node) -> bool:
     else:
         hit = node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Fold)
     shape = known_shape(node.args[0] if node.args else node.kwargs.get("input"))
-    return hit and (shape is None or len(shape) == 3)  # an unbatched fold fails clearly at export
+    return hit and (shape is None or len(shape) == 3)  # an unbatched one stays: the exporter names Col2Im
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ class Branch:
     add_node: str
     branch_input: str  # the add operand that is the branch output
     nodes: tuple[str, ...]  # topological order, add node excluded
-    linears: tuple[str, ...]  # call_module nn.Linear nodes in order
+    linears: tuple[str, ...]  # call_module nn.Linear nodes in order, but the first is the first computed
+    # from the model's input (a bias MLP of constants may come before it: _make_branch)
 
 
 @dataclass(frozen=True)
