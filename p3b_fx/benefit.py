@@ -401,7 +401,8 @@ class BlockLayout:
     ``grid`` None: the block carries no patch tokens (CaiT's class-attention blocks read the class
     token alone), so it gets no patch probe. ``has_class_token``: token 0 is the class token.
     ``spatial``: the stream is (batch, h, w, dim) instead, the grid without prefix tokens (Swin's
-    stages); the probes read it as its h·w tokens.
+    stages); the probes read it as its h·w tokens. ``channels_first`` (with ``spatial``): the stream
+    is (batch, dim, h, w), an image (FastViT, PoolFormer, EfficientFormerV2, SwiftFormer).
     """
 
     dim: int
@@ -409,6 +410,7 @@ class BlockLayout:
     grid: tuple[int, int] | None
     has_class_token: bool
     spatial: bool = False
+    channels_first: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -418,11 +420,13 @@ class BlockLayout:
     def stream_shape(self) -> tuple[int, ...]:
         """The stream's shape after the batch axis."""
         if self.spatial and self.grid is not None:
-            return (*self.grid, self.dim)
+            return (self.dim, *self.grid) if self.channels_first else (*self.grid, self.dim)
         return (self.num_tokens, self.dim)
 
     def tokens(self, f: torch.Tensor) -> torch.Tensor:
         """``f`` as (batch, tokens, dim)."""
+        if self.channels_first:
+            return f.flatten(2).transpose(1, 2)
         return f.flatten(1, 2) if self.spatial else f
 
 

@@ -38,6 +38,7 @@ from p3b_fx.core.pass_infra import module_device, module_dtype
 from p3b_fx.errors import TraceError
 from passes.annotate_shapes import restore_tensor_state, tensor_state
 from passes.functional_linear import FunctionalLinearPass
+from passes.pointwise_conv import PointwiseConvPass
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ OPENED_LEAVES: tuple[type[nn.Module], ...] = _timm_classes(
     "tiny_vit:TinyVitBlock",  # pads to whole windows: `if pad_b > 0 or pad_r > 0`
     "twins:LocallyGroupedAttn",  # the same padding
     "mobilevit:MobileVitBlock",  # resizes to whole patches: `if new_h != H or new_w != W`
+    "mobilevit:MobileVitV2Block",  # the same
+    "efficientvit_msra:LocalWindowAttention",  # `if H <= self.window_resolution` and window padding
 )
 """timm leaf modules the tracer traces into, specialising their shape-dependent control flow (each
 is tested: ``tests/test_trace.py``). Left closed: modules without an ``nn.Linear`` (convolutions,
@@ -266,6 +269,7 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
     name = type(model).__name__
     gm = fx.GraphModule(model, graph, class_name=f"Traced{name}" if name != "GraphModule" else name)
     FunctionalLinearPass()(gm)  # BEiT / EVA-02 qkv: F.linear(x, W, cat(biases)) → an nn.Linear of gm's own
+    PointwiseConvPass()(gm)  # 1×1 convolutions → permute, nn.Linear, permute (undone in the slim model)
     gm.meta[INPUT_SHAPE_KEY] = tuple(shape)
     gm.train(was_training)
     return gm

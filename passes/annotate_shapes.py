@@ -40,8 +40,10 @@ def tensor_state(gm: nn.Module) -> dict[tuple[str, str], Any]:
 
 
 def restore_tensor_state(gm: nn.Module, state: dict[tuple[str, str], Any]) -> None:
-    """Undo what a module's forward stored in itself while running on fake tensors (ConViT caches
-    ``self.rel_indices = self.get_rel_indices(N)``: a fake tensor there broke every later real run)."""
+    """Undo what a module's forward stored in itself while running on fake tensors or being traced
+    (ConViT caches ``self.rel_indices = self.get_rel_indices(N)``, LeViT and EfficientViT-M
+    ``self.attention_bias_cache[device] = ...``: a fake tensor or a proxy there broke every later
+    real run of the model)."""
     for (path, name), value in state.items():
         module = gm.get_submodule(path)
         if name in module._buffers:
@@ -49,10 +51,15 @@ def restore_tensor_state(gm: nn.Module, state: dict[tuple[str, str], Any]) -> No
                 module._buffers[name] = value
         elif getattr(module, name, None) is not value:
             setattr(module, name, value)
-    for path, module in gm.named_modules():  # fake tensors stored under new names
+    traced = (FakeTensor, fx.Proxy)
+    for path, module in gm.named_modules():  # fake tensors (or a tracer's proxies) stored under new names
         for store in (module._buffers, vars(module)):
-            for name in [k for k, v in store.items() if isinstance(v, FakeTensor) and (path, k) not in state]:
+            for name in [k for k, v in store.items() if isinstance(v, traced) and (path, k) not in state]:
                 del store[name]
+        for cache in [v for k, v in vars(module).items() if isinstance(v, dict) and not k.startswith("_")]:
+            # EfficientViT-M's and LeViT's ``attention_bias_cache[device] = ...`` in eval mode
+            for key in [k for k, v in cache.items() if isinstance(v, traced)]:
+                del cache[key]
 
 
 @dataclass(frozen=True)

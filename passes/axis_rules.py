@@ -177,19 +177,40 @@ def channel_params(mod: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}.{n}" for n in names if getattr(mod, n, None) is not None]
 
 
-def batch_norm_1d(node: fx.Node, t: Tracker) -> State:
-    """``nn.BatchNorm1d`` on (N, C) or (N, C, L): each channel is normalised by its own statistics
-    (batch or running) and scaled by its own weight, so slicing the channel axis (dim 1) together
-    with those four vectors computes the kept channels exactly. Zeros do not stay zeros (the bias and
-    the mean move them). LeViT's ``LinearNorm``: ``bn(linear(x).flatten(0, 1)).reshape_as(...)``."""
+def batch_norm(node: fx.Node, t: Tracker) -> State:
+    """A BatchNorm module on (N, C, ...): ``nn.BatchNorm1d`` on (N, C) or (N, C, L) (LeViT's
+    ``LinearNorm``: ``bn(linear(x).flatten(0, 1)).reshape_as(...)``), ``BatchNorm2d`` / ``3d`` on
+    images (the convolution blocks of EfficientFormerV2, LeViT-conv, EfficientViT, MobileViTv2 once
+    their 1×1 convolutions are linears: ``passes.pointwise_conv``), timm's ``BatchNormAct2d`` (a
+    BatchNorm2d, then an elementwise dropout and activation). Each channel is normalised by its own
+    statistics (batch or running) and scaled by its own weight, so slicing the channel axis (dim 1)
+    together with those four vectors computes the kept channels exactly. Zeros do not stay zeros
+    (the bias and the mean move them)."""
     state = first_state(node, t)
-    if len(state) not in (2, 3) or any(axis for k, axis in enumerate(state) if k != 1):
-        raise Unsupported("a group axis reaches BatchNorm1d off its channel axis")
+    if len(state) < 2 or any(axis for k, axis in enumerate(state) if k != 1):
+        raise Unsupported(f"a group axis reaches {describe_module(t, node)} off its channel axis")
     mod = t.gm.get_submodule(str(node.target))
+    if any(p for child in mod.children() for p in child.parameters()):
+        raise Unsupported(f"{type(mod).__name__} with an activation or dropout that has parameters")
     if state[1]:
         for name in channel_params(mod, str(node.target)):
             t.record_param(name, 0, state[1])
     t.zero[node] = False
+    return state
+
+
+def describe_module(t: Tracker, node: fx.Node) -> str:
+    return type(t.gm.get_submodule(str(node.target))).__name__
+
+
+def spatial_resize(node: fx.Node, t: Tracker) -> State:
+    """``nn.Upsample`` / ``F.interpolate`` of (N, C, spatial...) (EfficientFormerV2's attention
+    upsamples its strided output back): each channel is resized on its own, so axes 0 and 1 keep
+    their groups, and a pruned channel, zero everywhere, resizes to zero. A group axis among the
+    spatial ones is unsupported."""
+    state: State = unary(True)(node, t)
+    if len(state) < 3 or any(state[2:]):
+        raise Unsupported("resizes a group axis")
     return state
 
 
@@ -1142,7 +1163,9 @@ def build_rules() -> dict[Any, Rule]:
     rules.update({F.layer_norm: layer_norm, nn.LayerNorm: layer_norm, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
                   "reshape": reshape, "view": reshape, "reshape_as": reshape_as, "view_as": reshape_as,
-                  nn.BatchNorm1d: batch_norm_1d, nn.Conv1d: depthwise_conv, nn.Conv2d: depthwise_conv,
+                  nn.BatchNorm1d: batch_norm, nn.BatchNorm2d: batch_norm,
+                  nn.BatchNorm3d: batch_norm, nn.SyncBatchNorm: batch_norm, nn.Upsample: spatial_resize,
+                  F.interpolate: spatial_resize, nn.Conv1d: depthwise_conv, nn.Conv2d: depthwise_conv,
                   nn.Conv3d: depthwise_conv,
                   torch.reshape: reshape, "flatten": reshape, torch.flatten: reshape, "unflatten": reshape,
                   "permute": permute, torch.permute: permute, "transpose": transpose,
@@ -1174,6 +1197,11 @@ def _add_timm_rules(rules: dict[Any, Rule]) -> None:
     for name in ("LayerNorm", "RmsNorm", "SimpleNorm"):
         if hasattr(timm_norm, name):
             rules[getattr(timm_norm, name)] = layer_norm
+    from timm.layers import norm_act  # noqa: PLC0415
+
+    for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"):
+        if hasattr(norm_act, name):
+            rules[getattr(norm_act, name)] = batch_norm
     for name in ("GELU", "GELUTanh", "QuickGELU"):
         from timm.layers import activations  # noqa: PLC0415
 

@@ -39,10 +39,18 @@ from p3b_fx.core.groups import (
 from p3b_fx.errors import UnsupportedModelError
 from passes.annotate_shapes import AnnotateShapesPass
 from passes.axis_labels import Labels
-from passes.axis_rules import channel_params, norm_kind, norm_params, normalized_shape, permute_dims
+from passes.axis_rules import (
+    batch_norm,
+    channel_params,
+    node_key,
+    norm_kind,
+    norm_params,
+    normalized_shape,
+    permute_dims,
+)
 from passes.decompose_einsum import einsum_operands, einsum_terms
 from passes.find_blocks import Branch, find_blocks, is_attention_op, is_linear
-from passes.track_axes import Tracker, describe, unindexed
+from passes.track_axes import Tracker, describe, rules, unindexed
 
 _CHANNEL_MODULES = (nn.Dropout, nn.Identity, DropPath)
 _ROLE_ORDER = {role: i for i, role in enumerate(ROLE_ORDER)}
@@ -346,6 +354,14 @@ class _WritePath:
     padded: list[fx.Node] = field(default_factory=list)  # LayerNorms / RMSNorms over the channels
     dim: int = -1  # the channels' axis (negative) where the branch meets the residual add
 
+    def add_param(self, found: tuple[str, int, fx.Node | None] | tuple[()], size: int) -> None:
+        """Take a per-channel parameter :func:`_channel_param` found (``()``: none), and the reshape
+        it is read through (MetaFormer's ``scale.view(C, 1, 1)``: resized with the channels)."""
+        if found:
+            self.members.append(Member(found[0], found[1], (size,), 0))
+            if found[2] is not None:
+                self.reshapes.append((found[2], self.dim))
+
 
 def _write_group(
     gm: fx.GraphModule, br: Branch, writes: list[fx.Node], out: fx.Node
@@ -413,8 +429,7 @@ def _channel_path(
         if found is None:
             why = f"no channel rule for '{user.name}' ({describe(gm, user)}) after the block's last linear"
             return node, why
-        if found:
-            path.members.append(Member(found[0], found[1], (size,), 0))
+        path.add_param(found, size)
         node = user
     return node, ""
 
@@ -547,8 +562,12 @@ def _off_last_axis_step(
         return ""
     found = _channel_param(gm, user, node, size, path.dim)  # drop path; FastViT's (C, 1, 1) layer scale
     if found is not None:
-        if found:
-            path.members.append(Member(found[0], found[1], (size,), 0))
+        path.add_param(found, size)
+        return ""
+    batch_norm = _channel_batch_norm(gm, user, node, size, path.dim)
+    if batch_norm is not None:  # EfficientFormerV2, LeViT-conv, EfficientViT: a conv's BatchNorm2d
+        path.members += [Member(name, 0, (size,), 0) for name in batch_norm]
+        path.norm = user
         return ""
     reshaped = _reshaped_channels(user, node, size, path.dim) if _is_reshape(user) else None
     if reshaped is not None:  # (N, C, H·W) → (N, C, H, W): the channels' axis kept whole
@@ -631,10 +650,13 @@ def _join(ends: list[fx.Node], size: int) -> tuple[fx.Node | None, str]:
 
 def _channel_param(
     gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int, dim: int = -1
-) -> tuple[str, int] | tuple[()] | None:
+) -> tuple[str, int, fx.Node | None] | tuple[()] | None:
     """For a per-channel op after the last linear, the channels on axis ``dim`` (negative): ``()``
-    (no parameter), ``(param, dim)`` for a parameter of one value per channel there and 1 on every
-    other axis it spans (a layer scale: (C,) channels last, (C, 1, 1) on (N, C, H, W)), or None."""
+    (no parameter), ``(param, dim, reshape)`` for a parameter of one value per channel there and 1 on
+    every other axis it spans (a layer scale: (C,) channels last, (C, 1, 1) on (N, C, H, W)), read
+    directly (``reshape`` None) or through a reshape of a (C,) parameter (MetaFormer's
+    ``scale.view(C, 1, 1)``: ``reshape`` is that node, whose channel size the slim rewrite resizes),
+    or None."""
     if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _CHANNEL_MODULES):
         return ()
     if node.target not in (operator.mul, torch.mul, "mul", "mul_"):
@@ -642,11 +664,39 @@ def _channel_param(
     other = node.args[1] if node.args[0] is src else node.args[0]
     if isinstance(other, (int, float)):
         return ()
+    reshape = None
+    if isinstance(other, fx.Node) and _is_reshape(other) and len(other.users) == 1:
+        param = other.args[0]
+        param_shape = param.meta.get(meta.SHAPE) if isinstance(param, fx.Node) else None
+        if isinstance(param, fx.Node) and param.op == "get_attr" and tuple(param_shape or ()) == (size,):
+            reshape, other = other, param
+            shape = reshape.meta.get(meta.SHAPE)
+            ok = shape and len(shape) >= -dim and math.prod(shape) == shape[dim] == size
+            return (str(param.target), 0, reshape) if ok else None
     shape = other.meta.get(meta.SHAPE) if isinstance(other, fx.Node) and other.op == "get_attr" else None
     if shape and len(shape) >= -dim and math.prod(shape) == shape[dim] == size:
         assert isinstance(other, fx.Node)
-        return (str(other.target), len(shape) + dim)
+        return (str(other.target), len(shape) + dim, reshape)
     return None
+
+
+def _channel_batch_norm(
+    gm: fx.GraphModule, node: fx.Node, src: fx.Node, size: int, dim: int
+) -> list[str] | None:
+    """The per-channel tensors of a BatchNorm module (``nn.BatchNorm1d/2d/3d``, timm's
+    ``BatchNormAct2d``: axis rule ``axis_rules.batch_norm``) that normalises the ``size`` channels
+    on axis ``dim`` of ``src``, its channel axis (1); else None."""
+    if node.op != "call_module" or node.args[:1] != (src,) or len(node.args) != 1 or node.kwargs:
+        return None
+    mod = gm.get_submodule(str(node.target))
+    shape = src.meta.get(meta.SHAPE)
+    if rules().get(node_key(gm, node)) is not batch_norm or not shape or len(shape) < 2:
+        return None
+    if dim % len(shape) != 1 or shape[1] != size:
+        return None
+    if any(p for child in mod.children() for p in child.parameters()):
+        return None
+    return channel_params(mod, str(node.target))
 
 
 def _param_dims(
@@ -656,7 +706,8 @@ def _param_dims(
     for t in trackers:
         for (param, dim), axis in t.params.items():
             leaves = t.labels.axis_leaves(axis)
-            dims[(param, dim)] = tuple((t.labels.sizes[leaf], leaf_group.get(leaf)) for leaf in leaves)
+            if leaves:  # an axis no label runs along (EfficientViT-M's concatenated heads): its own size
+                dims[(param, dim)] = tuple((t.labels.sizes[leaf], leaf_group.get(leaf)) for leaf in leaves)
     for g in channel_groups:
         for m in g.members:
             dims[(m.param, m.dim)] = ((g.size, g.name),)

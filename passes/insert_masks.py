@@ -17,11 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import fx
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from p3b_fx.core import meta
 from p3b_fx.core.groups import Factor, GroupSet, Role, lane_name
 from p3b_fx.core.masks import MASK_MODULE, MaskBank
 from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device, module_dtype
+
+
+def _is_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _BatchNorm)
 
 
 def _dims(groups: GroupSet, param: str, dim: int) -> tuple[Factor, ...] | None:
@@ -83,11 +88,24 @@ class InsertMasksPass(GraphPass):
 
     @staticmethod
     def _new_site(gm: fx.GraphModule, src: fx.Node, site: str) -> fx.Node:
+        """A mask site on ``src``'s last axis, or on its channel axis (1) behind a BatchNorm of an
+        image (N, C, H, W): the site sees ``src.movedim(1, -1)`` and its output is moved back."""
+        shape = src.meta.get(meta.SHAPE)
+        on_channels = _is_batch_norm(gm, src) and shape is not None and len(shape) > 2
         with gm.graph.inserting_after(src):
-            node = gm.graph.call_module(MASK_MODULE, (src, site))
+            x = gm.graph.call_method("movedim", (src, 1, -1)) if on_channels else src
+        with gm.graph.inserting_after(x):
+            node = gm.graph.call_module(MASK_MODULE, (x, site))
         node.meta[meta.MASK_SITE] = site
-        node.meta[meta.SHAPE] = src.meta.get(meta.SHAPE)
-        return node
+        if not on_channels:
+            node.meta[meta.SHAPE] = shape
+            return node
+        assert shape is not None
+        x.meta[meta.SHAPE] = node.meta[meta.SHAPE] = (shape[0], *shape[2:], shape[1])
+        with gm.graph.inserting_after(node):
+            back = gm.graph.call_method("movedim", (node, -1, 1))
+        back.meta[meta.SHAPE] = shape
+        return back
 
     def _before(  # noqa: PLR0917 - private helper
         self, gm: fx.GraphModule, users: list[fx.Node], src: fx.Node, site: str,

@@ -2,9 +2,10 @@
 
 Order matters: removed blocks go first (nothing else touches them), parameters are sliced, norms
 over a shrunk axis are told the dense width, baked sizes follow, operands computed outside the
-groups (rotary tables) are gathered, then reads are gathered and writes scattered. Each pass is
-idempotent; the manager tidies (dead code, unused parameters, lint, recompile) after each one that
-changed something.
+groups (rotary tables) are gathered, then reads are gathered and writes scattered, and last the
+linears that were 1×1 convolutions (``passes.pointwise_conv``) become convolutions again. Each pass
+is idempotent; the manager tidies (dead code, unused parameters, lint, recompile) after each one
+that changed something.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from p3b_fx.core.plan import KeepPlan
 from passes.gather_operands import GatherOperandsPass
 from passes.gather_reads import GatherReadsPass
 from passes.pad_norms import PadNormsPass
+from passes.pointwise_conv import SlimConvPass
 from passes.remove_blocks import RemoveBlocksPass
 from passes.rewrite_shapes import RewriteShapesPass
 from passes.scatter_writes import ScatterWritesPass
@@ -30,4 +32,5 @@ def slim_passes(groups: GroupSet, plan: KeepPlan) -> list[GraphPass]:
         GatherOperandsPass(groups, plan),
         GatherReadsPass(groups, plan),
         ScatterWritesPass(groups, plan),
+        SlimConvPass(),
     ]

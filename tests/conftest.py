@@ -14,6 +14,8 @@ import timm
 import torch
 from torch import nn
 
+from p3b_fx.core.meta import POINTWISE_CONVS
+
 torch.set_num_threads(1)
 
 
@@ -77,6 +79,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU (not on this machine)"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (not on this machine)"))
+
+
+def assert_trace_matches(gm: torch.fx.GraphModule, model: nn.Module, x: torch.Tensor) -> None:
+    """The traced ``gm`` computes what ``model`` computes: bit for bit, or, where the trace made 1×1
+    convolutions linears (``passes.pointwise_conv``: another kernel, another summation order),
+    within float rounding of the output's size."""
+    with torch.no_grad():
+        got, want = gm(x), model(x)
+    if not gm.meta.get(POINTWISE_CONVS):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        return
+    scale = max(float(want.abs().max()), 1.0)
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got, want, atol=1e3 * eps * scale, rtol=0)
 
 
 def assert_loads_with_torch_alone(model: nn.Module, x: torch.Tensor, tmp_path: Path) -> None:

@@ -61,7 +61,10 @@ MODELS = (
     "tiny_vit_5m_224", "mobilevit_xxs", "nextvit_small", "edgenext_xx_small", "fastvit_sa12",
     "swiftformer_xs", "csatv2", "efficientvit_m0",
     # MetaFormer (convolutional stages, then attention; scaled residuals)
-    "caformer_s18",
+    "caformer_s18", "poolformer_s12",
+    # 1×1 convolutions as their linears (passes/pointwise_conv.py)
+    "efficientformerv2_s0", "mobilevitv2_050", "efficientvit_b0", "levit_conv_128s", "coatnet_0_rw_224",
+    "visformer_tiny",
 )  # fmt: skip
 PLANS = 3
 TOLERANCE = 1e-9

@@ -24,4 +24,10 @@ INPUT_SHAPE: Final = "p3b.input_shape"
 """``GraphModule.meta`` key (not node meta): the example input shape, batch 1, that the shape
 analysis uses. Writer: ``p3b_fx.trace``. Readers: ``passes.find_groups``, export."""
 
+POINTWISE_CONVS: Final = "p3b.pointwise_convs"
+"""``GraphModule.meta`` key (not node meta): the module paths of the 1×1 convolutions the trace
+made linears (tuple of str). Writer: ``passes.pointwise_conv.PointwiseConvPass`` (run by
+``p3b_fx.trace``). Reader: ``passes.pointwise_conv.SlimConvPass``, the slim rewrite's last pass,
+which makes them convolutions again and drops them from the key."""
+
 ALL_KEYS: Final = (SHAPE, BLOCK, MASK_SITE)

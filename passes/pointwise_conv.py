@@ -1,0 +1,158 @@
+"""PointwiseConvPass: a 1×1 convolution becomes a linear over the channels; SlimConvPass turns it back.
+
+Pattern: ``call_module C`` with ``C`` exactly an ``nn.Conv2d`` of kernel 1×1, stride 1, no padding
+and one group (EfficientFormerV2's and MobileViTv2's attention, FastViT's and PoolFormer's
+``ConvMlp``, the MBConv of MaxViT and CoAtNet, LeViT-conv, Visformer), reading a batched NCHW input.
+
+Result: ``x.permute(0, 2, 3, 1)`` → ``call_module C`` with ``C`` an ``nn.Linear`` (weight
+``W[:, :, 0, 0]``, the same bias) → ``.permute(0, 3, 1, 2)``. Why: every later pass (blocks, groups,
+masks, folding, slicing) follows ``nn.Linear`` modules and gates the last axis, so without this the
+blocks of those models are either not found or kept whole. Nothing else is needed: the channel
+axis of the NCHW tensors between such linears (depthwise convolutions, BatchNorm2d, a
+squeeze-excite) has its own axis rules.
+
+Same function up to rounding: a 1×1 convolution is that matmul (its kernel accumulates the same
+products, possibly in another order). The Linear's weight is a new Parameter with the conv's values
+(a conv weight has two more dimensions, and a Parameter cannot be a view); the traced model's conv
+keeps its own, as :class:`passes.functional_linear.FunctionalLinearPass` does for BEiT's bias. Only
+the GraphModule changes (its intermediate modules are its own containers).
+
+The paths of the converted modules are kept in ``gm.meta[POINTWISE_KEY]``. :class:`SlimConvPass`,
+run on the slim model, makes each such ``permute → Linear → permute`` a 1×1 ``nn.Conv2d`` again
+(with the sliced weight): the deployed graph is the convolution network that was traced, narrower,
+with no transposes that TensorRT would have to run around a MatMul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from p3b_fx.core import meta
+from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
+
+POINTWISE_KEY = meta.POINTWISE_CONVS
+_TO_LAST = (0, 2, 3, 1)
+_TO_CHANNELS = (0, 3, 1, 2)
+
+
+def is_pointwise(module: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` that is a matmul over the channels at every pixel."""
+    if type(module) is not nn.Conv2d:
+        return False
+    padding = module.padding
+    no_pad = padding in ("valid", "same") or tuple(padding) == (0, 0)
+    return module.kernel_size == (1, 1) and module.stride == (1, 1) and no_pad and module.groups == 1
+
+
+def _copy(param: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+    """A new Parameter holding a copy of ``value`` (``param``'s values, reshaped), trained as ``param``."""
+    return nn.Parameter(value.clone(), requires_grad=param.requires_grad)
+
+
+def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+@dataclass(frozen=True)
+class PointwiseConvPass(GraphPass):
+    """Rewrite each 1×1 ``nn.Conv2d`` call into ``permute → nn.Linear → permute`` (edits ``gm`` in place).
+
+    A module called more than once (shared weights) is converted once and every call rewritten."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        converted: list[str] = list(gm.meta.get(POINTWISE_KEY, ()))
+        calls: dict[str, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            one_input = node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+            if one_input and is_pointwise(gm.get_submodule(str(node.target))):
+                calls.setdefault(str(node.target), []).append(node)
+        for path, nodes in calls.items():
+            conv = gm.get_submodule(path)
+            assert isinstance(conv, nn.Conv2d)
+            linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
+            linear.weight = _copy(conv.weight, conv.weight.detach()[:, :, 0, 0])
+            if conv.bias is not None:
+                linear.bias = _copy(conv.bias, conv.bias.detach())
+            _set_module(gm, path, linear)
+            converted.append(path)
+            for node in nodes:
+                with gm.graph.inserting_before(node):
+                    last = gm.graph.call_method("permute", (node.args[0], *_TO_LAST))
+                    call = gm.graph.call_module(path, (last,))
+                    back = gm.graph.call_method("permute", (call, *_TO_CHANNELS))
+                replace_node(gm, node, back)
+        gm.meta[POINTWISE_KEY] = tuple(converted)
+        return PassResult(gm, bool(calls))
+
+
+def _permute_dims(node: object) -> tuple[int, ...] | None:
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "permute"):
+        return None
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    ints = tuple(d for d in dims if isinstance(d, int))
+    return ints if len(ints) == len(dims) else None
+
+
+def _channels_last_source(node: object) -> tuple[fx.Node, fx.Node | None] | None:
+    """(x, idx) where ``node`` is ``x.permute(0, 2, 3, 1)``, or ``index_select`` of it on the last
+    axis (``passes.gather_reads``: the block reads the kept residual channels only), idx None for
+    the former; else None."""
+    gathered: fx.Node | None = None
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.index_select:
+        args = node.args
+        if len(args) != 3 or args[1] != -1 or not isinstance(args[2], fx.Node):
+            return None
+        node, gathered = args[0], args[2]
+    if not isinstance(node, fx.Node) or _permute_dims(node) != _TO_LAST:
+        return None
+    x = node.args[0]
+    return (x, gathered) if isinstance(x, fx.Node) else None
+
+
+@dataclass(frozen=True)
+class SlimConvPass(GraphPass):
+    """Make every ``permute(0, 2, 3, 1) → Linear → permute(0, 3, 1, 2)`` whose Linear was a 1×1 conv
+    (``gm.meta[POINTWISE_KEY]``) a 1×1 ``nn.Conv2d`` again, a gather of the channels before it
+    (``index_select`` on the last axis) moved to the channel axis. A Linear called otherwise (a
+    mask site between, during training) is left as it is: the function is the same either way."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        paths = set(gm.meta.get(POINTWISE_KEY, ()))
+        calls: dict[str, list[tuple[fx.Node, fx.Node | None, fx.Node, fx.Node]]] = {}
+        other: set[str] = set()
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or str(node.target) not in paths:
+                continue
+            found = _channels_last_source(node.args[0]) if len(node.args) == 1 and not node.kwargs else None
+            users = list(node.users)
+            if found is not None and len(users) == 1 and _permute_dims(users[0]) == _TO_CHANNELS:
+                calls.setdefault(str(node.target), []).append((*found, node, users[0]))
+            else:
+                other.add(str(node.target))
+        done = [p for p in calls if p not in other and type(gm.get_submodule(p)) is nn.Linear]
+        for path in done:
+            linear = gm.get_submodule(path)
+            assert isinstance(linear, nn.Linear)
+            bias = linear.bias is not None
+            conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=bias, device="meta")
+            conv.weight = _copy(linear.weight, linear.weight.detach()[:, :, None, None])
+            if linear.bias is not None:
+                conv.bias = _copy(linear.bias, linear.bias.detach())
+            _set_module(gm, path, conv)
+            for x, idx, node, back in calls[path]:
+                with gm.graph.inserting_before(node):
+                    src = x if idx is None else gm.graph.call_function(torch.index_select, (x, 1, idx))
+                    call = gm.graph.call_module(path, (src,))
+                replace_node(gm, back, call)  # the permutes and the old gather go with the clean-up
+        if done:
+            gm.meta[POINTWISE_KEY] = tuple(p for p in gm.meta.get(POINTWISE_KEY, ()) if p not in done)
+        return PassResult(gm, bool(done))
+
+
+__all__ = ["POINTWISE_KEY", "PointwiseConvPass", "SlimConvPass", "is_pointwise"]
