@@ -66,6 +66,7 @@ class PointwiseConvPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         converted: list[str] = list(gm.meta.get(POINTWISE_KEY, ()))
         calls: dict[str, list[fx.Node]] = {}
+        permuted: dict[fx.Node, fx.Node] = {}
         for node in gm.graph.nodes:
             one_input = node.op == "call_module" and len(node.args) == 1 and not node.kwargs
             if one_input and is_pointwise(gm.get_submodule(str(node.target))):
@@ -80,13 +81,23 @@ class PointwiseConvPass(GraphPass):
             _set_module(gm, path, linear)
             converted.append(path)
             for node in nodes:
+                last = self._channels_last(gm, node.args[0], permuted)
                 with gm.graph.inserting_before(node):
-                    last = gm.graph.call_method("permute", (node.args[0], *_TO_LAST))
                     call = gm.graph.call_module(path, (last,))
                     back = gm.graph.call_method("permute", (call, *_TO_CHANNELS))
                 replace_node(gm, node, back)
         gm.meta[POINTWISE_KEY] = tuple(converted)
         return PassResult(gm, bool(calls))
+
+    @staticmethod
+    def _channels_last(gm: fx.GraphModule, x: fx.Node, permuted: dict[fx.Node, fx.Node]) -> fx.Node:
+        """One ``x.permute(0, 2, 3, 1)`` for every 1×1 conv reading ``x``: EfficientFormerV2's q, k
+        and v then read one node, which makes them one read group (``find_groups``) and lets them
+        start on one label (``Tracker``), as three linears of one input do."""
+        if x not in permuted:
+            with gm.graph.inserting_after(x):
+                permuted[x] = gm.graph.call_method("permute", (x, *_TO_LAST))
+        return permuted[x]
 
 
 def _permute_dims(node: object) -> tuple[int, ...] | None:
@@ -136,6 +147,7 @@ class SlimConvPass(GraphPass):
             else:
                 other.add(str(node.target))
         done = [p for p in calls if p not in other and type(gm.get_submodule(p)) is nn.Linear]
+        gathers: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
         for path in done:
             linear = gm.get_submodule(path)
             assert isinstance(linear, nn.Linear)
@@ -146,13 +158,24 @@ class SlimConvPass(GraphPass):
                 conv.bias = _copy(linear.bias, linear.bias.detach())
             _set_module(gm, path, conv)
             for x, idx, node, back in calls[path]:
+                src = x if idx is None else self._gathered(gm, x, idx, gathers)
                 with gm.graph.inserting_before(node):
-                    src = x if idx is None else gm.graph.call_function(torch.index_select, (x, 1, idx))
                     call = gm.graph.call_module(path, (src,))
                 replace_node(gm, back, call)  # the permutes and the old gather go with the clean-up
         if done:
             gm.meta[POINTWISE_KEY] = tuple(p for p in gm.meta.get(POINTWISE_KEY, ()) if p not in done)
         return PassResult(gm, bool(done))
+
+    @staticmethod
+    def _gathered(
+        gm: fx.GraphModule, x: fx.Node, idx: fx.Node, gathers: dict[tuple[fx.Node, fx.Node], fx.Node]
+    ) -> fx.Node:
+        """One ``index_select(x, 1, idx)`` for every convolution reading those channels of ``x``."""
+        if (x, idx) not in gathers:
+            anchor = max((x, idx), key=lambda n: list(gm.graph.nodes).index(n))
+            with gm.graph.inserting_after(anchor):
+                gathers[(x, idx)] = gm.graph.call_function(torch.index_select, (x, 1, idx))
+        return gathers[(x, idx)]
 
 
 __all__ = ["POINTWISE_KEY", "PointwiseConvPass", "SlimConvPass", "is_pointwise"]

@@ -72,6 +72,12 @@ MODELS: dict[str, list[str]] = {
     "swiftformer_xs": ["--img-size", "64", "--blocks-only"],  # additive attention, one per stage
     "volo_d1_224": ["--img-size", "64"],  # outlook attention: unfold, attention over k x k, fold
     "caformer_s18": ["--img-size", "64"],  # MetaFormer: scaled residuals, StarReLU, conv stages first
+    # 1×1 convolutions as linears (passes/pointwise_conv.py)
+    "poolformer_s12": ["--img-size", "64"],  # pooling mixer, 1×1 conv MLPs, (C, 1, 1) layer scale views
+    "efficientformerv2_s0": ["--img-size", "64"],  # BatchNorm2d after every 1×1 conv, strided attention
+    "mobilevitv2_050": ["--img-size", "64"],  # separable linear attention over patches
+    "efficientvit_m0": ["--img-size", "64"],  # cascaded group attention over windows
+    "levit_conv_128s": ["--img-size", "64"],  # LeViT with 1×1 convs and BatchNorm2d
     "sam2_hiera_tiny": ["--img-size", "64", "--model-kwargs",  # query pooling, windowed and global blocks
                         '{"stages": [1, 2, 2, 1], "global_att_blocks": [2], "window_spec": [8, 4, 4, 2]}'],
     "mvitv2_tiny": ["--img-size", "64"],  # pooled q, k and v per head, spatial relative positions
