@@ -69,6 +69,7 @@ class PointwiseConvPass(GraphPass):
         permuted: dict[fx.Node, fx.Node] = {}
         for node in gm.graph.nodes:
             one_input = node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+            one_input = one_input and isinstance(node.args[0], fx.Node)
             if one_input and is_pointwise(gm.get_submodule(str(node.target))):
                 calls.setdefault(str(node.target), []).append(node)
         for path, nodes in calls.items():
@@ -81,7 +82,9 @@ class PointwiseConvPass(GraphPass):
             _set_module(gm, path, linear)
             converted.append(path)
             for node in nodes:
-                last = self._channels_last(gm, node.args[0], permuted)
+                x = node.args[0]
+                assert isinstance(x, fx.Node)
+                last = self._channels_last(gm, x, permuted)
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(path, (last,))
                     back = gm.graph.call_method("permute", (call, *_TO_CHANNELS))
