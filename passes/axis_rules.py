@@ -195,8 +195,25 @@ def batch_norm(node: fx.Node, t: Tracker) -> State:
     if state[1]:
         for name in channel_params(mod, str(node.target)):
             t.record_param(name, 0, state[1])
-    t.zero[node] = False
+    t.zero[node] = _gated_after(node, t)
     return state
+
+
+def _gated_after(node: fx.Node, t: Tracker) -> bool:
+    """Whether BatchNorm ``node`` normalises the first linear's output and nothing else reads that
+    output (directly or through a permute back to (N, C, H, W)): then the first-out gate goes after
+    the BatchNorm (``Tracker.first_out_site``, ``Block.first_out_site``) and zeros leave it, so a
+    contraction of its channels further on (EfficientFormerV2's q · k after q's BatchNorm) is exact."""
+    src = node.args[0]
+    chain = [src]
+    while isinstance(chain[-1], fx.Node) and chain[-1].target in ("permute", "contiguous"):
+        chain.append(chain[-1].args[0])
+    if t.lane != 0 or t.first_out_site is not None or chain[-1] is not t.read:
+        return False
+    if any(len(n.users) != 1 for n in chain if isinstance(n, fx.Node)):
+        return False
+    t.first_out_site = node
+    return True
 
 
 def describe_module(t: Tracker, node: fx.Node) -> str:

@@ -143,7 +143,7 @@ def _analyse(
     leaf_group: dict[str, str] = {}
     reads: list[Group] = []
     for k, (read, write) in enumerate(lanes):
-        tracker = Tracker(gm, Labels(prefix=br.name if k == 0 else f"{br.name}~{k}"))
+        tracker = Tracker(gm, Labels(prefix=br.name if k == 0 else f"{br.name}~{k}"), lane=k)
         tracker.run(nodes, read, write)
         lane_groups, lane_leaves = _inner_groups(br, tracker, write, set(leaf_group.values()))
         trackers.append(tracker)
@@ -172,13 +172,15 @@ def _analyse(
             axes=tuple((write_g.name,) if d == dim % rank else () for d in range(rank))
         )
     (read, write), *more = lanes
+    first_out = trackers[0].first_out_site
     block = Block(br.name, br.kind, tuple(g.name for g in groups), params, flops, br.input_node, br.add_node,
                   read.name, write.name, br.branch_input,
                   tuple((r.name, w.name) for r, w in more), buffers,
                   path.norm.name if path.norm is not None else "",
                   _inner_norms(trackers, leaf_group) + _write_norms(path, write_g), path.dim,
                   tuple(n.name for t in trackers for n in t.mids),
-                  any(t.gate_first_out for t in trackers))  # fmt: skip
+                  any(t.gate_first_out for t in trackers),
+                  first_out.name if first_out is not None else "")  # fmt: skip
     return block, groups, infos
 
 

@@ -3,7 +3,8 @@
 Pattern: the blocks of a ``GroupSet``. Result: the same graph plus a ``MaskBank`` submodule and, per
 block, mask sites at (1) the input of every linear reading the residual (read gate), (2) the first
 linear's output when a prunable index is contracted there (per-head dimension: q·k must lose it too)
-or summed over (``Block.gate_first_out``), (3) the last linear's input (heads, head_dim, hidden),
+or summed over (``Block.gate_first_out``); after a BatchNorm of that output alone
+(``Block.first_out_site``), (3) the last linear's input (heads, head_dim, hidden),
 (4) the last linear's output (write gate; after a BatchNorm that follows it, ``Block.write_site``,
 as that moves zeros), and (5) around a norm over a group axis inside the block (``Block.norms``):
 before it, and after it unless only the last linear reads it, and (6) around a linear between the
@@ -75,7 +76,8 @@ class InsertMasksPass(GraphPass):
                 readers = [u for u in point.users if u.op == "call_module" and u.args[0] is point]
                 self._before(gm, readers, point, read_g, ((sizes.get(read_g, 1), read_g),), sites)
                 if Role.HEAD_DIM in roles or b.gate_first_out:
-                    self._after(gm, read, lane_name(f"{b.name}:first_out", lane),
+                    first_at = names[b.first_out_site] if b.first_out_site and lane == 0 else read
+                    self._after(gm, first_at, lane_name(f"{b.name}:first_out", lane),
                                 _dims(self.groups, f"{read.target}.weight", 0), sites)  # fmt: skip
                 win = write.args[0]
                 assert isinstance(win, fx.Node)

@@ -53,6 +53,11 @@ class Tracker:
     norms: list[fx.Node] = field(default_factory=list)  # norms over a group axis (axis_rules._norm_over_last)
     mids: list[fx.Node] = field(default_factory=list)  # linears between the first and the last (mid_linear)
     gate_first_out: bool = False  # a sum over a group axis relies on zeros at the first linear's output
+    # the first linear (run), and the BatchNorm right after it that the first-out gate follows, so
+    # that zeros reach what comes next (EfficientFormerV2's q = BN(conv(x))): axis_rules.batch_norm
+    read: fx.Node | None = None
+    first_out_site: fx.Node | None = None
+    lane: int = 0  # the block's lane this tracker follows (only lane 0's first-out gate may move)
     hidden: set[str] = field(default_factory=set)  # the output labels of the linears in ``mids``
     # untracked operands the slim graph gathers at run time: node -> (operand, operand dim, group axis)
     gathers: dict[fx.Node, list[tuple[fx.Node, int, tuple[str, ...]]]] = field(default_factory=dict)
@@ -191,6 +196,7 @@ class Tracker:
         they must agree element by element anyway. Only the first linear's output is masked (the
         hard-masked model zeroes pruned elements there), so only it keeps zeros."""
         first = self.labels.new(int(read.meta[meta.SHAPE][-1]))
+        self.read = read
         params = dict(self.gm.named_parameters())
         root = unindexed(read.args[0])
         for node in nodes[nodes.index(read) :]:

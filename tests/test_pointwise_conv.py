@@ -153,3 +153,25 @@ def test_efficientvit_m0_slims_exactly() -> None:
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(slim(x), p3b_fx.apply_masks(gm, plan, groups)(x), atol=1e-9, rtol=1e-9)
+
+
+def test_efficientformerv2_q_after_its_batch_norm_keeps_head_dims_prunable() -> None:
+    """EfficientFormerV2's attention: q, k and v are 1×1 convs of one input, each followed by a
+    BatchNorm2d. The three read one permute of the input (one read group, one label), and q's
+    first-out gate sits after q's BatchNorm (``Block.first_out_site``), so q · k contracts zeros and
+    the head dims are prunable; v's head dims too. Slim equals hard-masked in float64."""
+    model = timm.create_model("efficientformerv2_s0", pretrained=False, num_classes=5, img_size=64)
+    gm = p3b_fx.trace(model.eval().double(), input_shape=(1, 3, 64, 64))
+    groups = p3b_fx.find_groups(gm)
+    block = groups.block("stages.3.blocks.3.token_mixer")
+    assert block.first_out_site.endswith("q_bn")
+    for name in ("head_dim", "head_dim'", "heads", "read"):
+        group = groups.group(f"{block.name}:{name}")
+        assert group.prunable, group.reason
+    k_weight = next(p for p in block.params if p.name.endswith("token_mixer.k.conv.weight"))
+    assert k_weight.dims[1] == ((176, f"{block.name}:read"),)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=0)
+    with torch.no_grad():
+        slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
+    torch.testing.assert_close(slim, masked, atol=1e-9 * float(masked.abs().max()), rtol=0)

@@ -122,6 +122,9 @@ class Block:
     # whether the first linear's output is gated for a sum over a group axis (``axis_rules.reduction``)
     # where no per-head dimension is prunable (the gate is there for those anyway)
     gate_first_out: bool = False
+    # the node after which the first-out gate sits when not the first linear: a BatchNorm that
+    # normalises the first linear's output alone (EfficientFormerV2's q), as it moves zeros
+    first_out_site: str = ""
 
     def all_lanes(self) -> tuple[tuple[str, str], ...]:
         """(first linear, last linear) of every lane, the block's own first."""
