@@ -25,6 +25,7 @@ with no transposes that TensorRT would have to run around a MatMul.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,25 @@ def is_pointwise(module: nn.Module) -> bool:
 def _copy(param: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     """A new Parameter holding a copy of ``value`` (``param``'s values, reshaped), trained as ``param``."""
     return nn.Parameter(value.clone(), requires_grad=param.requires_grad)
+
+
+def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Make ``node`` compute out of place if it writes into its input (NeXt-ViT's
+    ``nn.ReLU(inplace=True)`` after a 1×1 conv). Its input is now a permuted view of the linear's
+    output, and while training that linear is a custom autograd Function (``passes.fold_masks``),
+    whose output views autograd refuses to modify in place. Same values either way."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if getattr(module, "inplace", False) is True:
+            fresh = copy.copy(module)  # gm's own: the traced model keeps its in-place module
+            fresh.inplace = False
+            _set_module(gm, str(node.target), fresh)
+    elif node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_"):
+        name = str(node.target)[:-1]
+        if hasattr(torch.Tensor, name):
+            node.target = name
+    elif node.op == "call_function" and node.kwargs.get("inplace") is True:
+        node.kwargs = {**node.kwargs, "inplace": False}
 
 
 def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
@@ -88,6 +108,8 @@ class PointwiseConvPass(GraphPass):
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(path, (last,))
                     back = gm.graph.call_method("permute", (call, *_TO_CHANNELS))
+                for user in list(node.users):
+                    _out_of_place(gm, user)
                 replace_node(gm, node, back)
         gm.meta[POINTWISE_KEY] = tuple(converted)
         return PassResult(gm, bool(calls))

@@ -175,3 +175,23 @@ def test_efficientformerv2_q_after_its_batch_norm_keeps_head_dims_prunable() -> 
     with torch.no_grad():
         slim, masked = p3b_fx.slim(gm, plan, groups)(x), p3b_fx.apply_masks(gm, plan, groups)(x)
     torch.testing.assert_close(slim, masked, atol=1e-9 * float(masked.abs().max()), rtol=0)
+
+
+def test_an_in_place_activation_after_a_pointwise_conv_trains_with_folded_masks() -> None:
+    """NeXt-ViT: ``nn.ReLU(inplace=True)`` on a 1×1 conv's output. That output is now a permuted
+    view of a linear, which training folds into a custom autograd Function, and autograd refuses to
+    modify such a view in place: the trace makes those activations out of place (its own copies;
+    the traced model keeps its in-place ReLU). Forward and backward with soft masks run, and the
+    gates collect gradients."""
+    model = _Net()
+    model.blocks[0].act = nn.ReLU(inplace=True)
+    gm = p3b_fx.trace(model.train(), input_shape=(1, 3, 6, 6))
+    assert model.blocks[0].act.inplace and not gm.get_submodule("blocks.0.act").inplace
+    groups = p3b_fx.find_groups(gm)
+    masked, bank = p3b_fx.insert_masks(gm, groups)
+    p3b_fx.fold_masks(masked)
+    for gate in bank.gates().values():
+        gate.mul_(0.9)
+    bank.scoring(True)
+    masked(torch.randn(4, 3, 6, 6)).sum().backward()
+    assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in bank.gates().values())
