@@ -62,7 +62,7 @@ def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
         module = gm.get_submodule(str(node.target))
         if getattr(module, "inplace", False) is True:
             fresh = copy.copy(module)  # gm's own: the traced model keeps its in-place module
-            fresh.inplace = False
+            setattr(fresh, "inplace", False)  # noqa: B010 - nn.Module types attributes as tensors
             _set_module(gm, str(node.target), fresh)
     elif node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_"):
         name = str(node.target)[:-1]
