@@ -26,6 +26,7 @@ with no transposes that TensorRT would have to run around a MatMul.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,30 @@ def is_pointwise(module: nn.Module) -> bool:
 def _copy(param: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     """A new Parameter holding a copy of ``value`` (``param``'s values, reshaped), trained as ``param``."""
     return nn.Parameter(value.clone(), requires_grad=param.requires_grad)
+
+
+_VIEW_METHODS = frozenset({"view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous",
+                           "squeeze", "unsqueeze", "expand", "view_as", "reshape_as", "detach"})  # fmt: skip
+
+
+def _aliases(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes that may receive ``node``'s output itself or a view of it: its users, and theirs
+    through views and modules that may return their input (``nn.Identity``, dropout; NeXt-ViT's MLP
+    runs ``act(norm(conv(x)))`` with an ``nn.Identity`` norm)."""
+    found: list[fx.Node] = []
+    stack = list(node.users)
+    while stack:
+        user = stack.pop()
+        if user in found:
+            continue
+        found.append(user)
+        passes_through = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
+            user.op == "call_module"
+            and isinstance(gm.get_submodule(str(user.target)), (nn.Identity, nn.modules.dropout._DropoutNd))
+        )
+        if passes_through or user.target is operator.getitem:
+            stack.extend(user.users)
+    return found
 
 
 def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -108,7 +133,7 @@ class PointwiseConvPass(GraphPass):
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(path, (last,))
                     back = gm.graph.call_method("permute", (call, *_TO_CHANNELS))
-                for user in list(node.users):
+                for user in _aliases(gm, node):
                     _out_of_place(gm, user)
                 replace_node(gm, node, back)
         gm.meta[POINTWISE_KEY] = tuple(converted)

@@ -178,15 +178,15 @@ def test_efficientformerv2_q_after_its_batch_norm_keeps_head_dims_prunable() -> 
 
 
 def test_an_in_place_activation_after_a_pointwise_conv_trains_with_folded_masks() -> None:
-    """NeXt-ViT: ``nn.ReLU(inplace=True)`` on a 1×1 conv's output. That output is now a permuted
-    view of a linear, which training folds into a custom autograd Function, and autograd refuses to
-    modify such a view in place: the trace makes those activations out of place (its own copies;
-    the traced model keeps its in-place ReLU). Forward and backward with soft masks run, and the
-    gates collect gradients."""
+    """NeXt-ViT: ``nn.ReLU(inplace=True)`` on a 1×1 conv's output, behind an ``nn.Identity`` norm.
+    That output is now a permuted view of a linear, which training folds into a custom autograd
+    Function, and autograd refuses to modify such a view in place: the trace makes those
+    activations out of place (its own copies; the traced model keeps its in-place ReLU). Forward
+    and backward with soft masks run, and the gates collect gradients."""
     model = _Net()
-    model.blocks[0].act = nn.ReLU(inplace=True)
+    model.blocks[0].act = nn.Sequential(nn.Identity(), nn.ReLU(inplace=True))
     gm = p3b_fx.trace(model.train(), input_shape=(1, 3, 6, 6))
-    assert model.blocks[0].act.inplace and not gm.get_submodule("blocks.0.act").inplace
+    assert model.blocks[0].act[1].inplace and not gm.get_submodule("blocks.0.act.1").inplace
     groups = p3b_fx.find_groups(gm)
     masked, bank = p3b_fx.insert_masks(gm, groups)
     p3b_fx.fold_masks(masked)
