@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,36 @@ def test_masks_reallocate_between_updates() -> None:
     second = pruner.allocate(kappa, scores, 0.1)
     back = ~first.hard[hidden] & second.hard[hidden]
     assert back.any()
+
+
+def test_a_target_below_the_last_blocks_smallest_configuration_is_taken_up_by_the_others() -> None:
+    """Deploy granularity on a two-head ViT: an attention block keeps one head or two. The last
+    pruned block (the second attention; the last MLP is not pruned) gets a target nearer one head
+    than none, keeps one head and overshoots, and no later block can take the difference up. The
+    second pass carries it into the first pruned blocks: together the blocks meet their target cost
+    within one hidden neuron, where one pass missed it by the whole overshoot."""
+    cfg = tiny_config(Path("unused"), granularity="deploy", round_to=1)
+    gm = p3b_fx.trace(train.build_model(cfg))
+    groups = p3b_fx.find_groups(gm)
+    pruner = _pruner(cfg, gm, groups)
+    assert [b.name for b in groups.blocks] == [
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+    ]
+    one_head = pruner.costs.block_cost("blocks.1.attn", {"blocks.1.attn:heads": 1}) / pruner.dense[2]
+    kappa = np.array([one_head, 0.5, 0.6 * one_head, 1.0])
+    scores = {g: torch.rand(gate.numel(), generator=torch.Generator().manual_seed(0)).double().numpy()
+              for g, gate in pruner.bank.gates().items()}  # fmt: skip
+    target = float((kappa * pruner.dense).sum())
+    one_pass = pruner._allocate(kappa, scores, 0.1, 0.0)
+    overshoot = sum(one_pass.block_cost) - target
+    assert overshoot >= 0.3 * one_head * pruner.dense[2]  # the case this is about: one head kept
+    alloc = pruner.allocate(kappa, scores, 0.1)
+    assert alloc.block_cost[2] == one_pass.block_cost[2]  # the last pruned block still keeps its head
+    neuron = float(pruner.dense[1]) / groups.group("blocks.0.mlp:hidden").size
+    assert abs(sum(alloc.block_cost) - target) <= neuron < overshoot
 
 
 def _pruner(cfg: PruneConfig, gm: Any, groups: Any) -> train.Pruner:
