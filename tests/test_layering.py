@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,12 @@ def test_passes_import_only_the_core(path: Path) -> None:
         if m.startswith("p3b_fx") and not m.startswith(("p3b_fx.core", "p3b_fx.errors"))
     }
     assert not bad, f"{path.name} imports {bad}"
+
+
+@pytest.mark.parametrize("module", ["passes.find_groups", "passes.pointwise_conv", "p3b_fx.core.masks"])
+def test_a_pass_or_the_core_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """``import passes.find_groups`` before anything else once failed with a circular import (the
+    core's package ran the facade, whose compiler imports that pass); the facade now loads lazily."""
+    code = f"import {module}; import p3b_fx; assert p3b_fx.trace and p3b_fx.KeepPlan"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
