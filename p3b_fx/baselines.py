@@ -277,7 +277,7 @@ def run_global(
         accs += tuned
     atomic_save(model, out / "slim.pt")
     macs_tp, params = tp.utils.count_ops_and_params(model, example)
-    try:  # the same MAC counter as P3B's reports (linears + attention matmuls), so they compare
+    try:  # the same MAC counter as P3B's reports (linears, attention matmuls, convolutions), so they compare
         macs = p3b_fx.find_groups(p3b_fx.trace(model.eval(), input_shape=tuple(example.shape))).flops_total
     except P3BError as exc:
         logger.warning("counting MACs with torch_pruning's counter instead: %s", exc)

@@ -511,7 +511,7 @@ def export_variants(
 
 
 def flops_of(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates per sample of the (dense or slim) model's linears and matmuls."""
+    """Multiply-accumulates per sample of the (dense or slim) model's linears, matmuls and convolutions."""
     return p3b_fx.find_groups(p3b_fx.trace(model, input_shape=(1, *input_shape))).flops_total
 
 

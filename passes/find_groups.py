@@ -770,7 +770,30 @@ def _flop_terms(gm: fx.GraphModule, nodes: list[fx.Node], trackers: list[Tracker
             terms.extend(_attention_flops(n, lane, leaf_group))
         elif n.op == "call_function" and n.target is torch.einsum:
             terms.extend(_einsum_flops(n, trackers, leaf_group))
+        elif n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd):
+            terms.extend(_conv_flops(gm, n, trackers, leaf_group, dims))
     return tuple(terms)
+
+
+def _conv_flops(gm: fx.GraphModule, n: fx.Node, trackers: list[Tracker], leaf_group: dict[str, str],
+                dims: dict[tuple[str, int], tuple[Factor, ...]]) -> list[FlopTerm]:  # fmt: skip
+    """A convolution inside a block (1×1 ones are linears by now): output positions × output
+    channels × input channels per group × kernel positions, the channel factors those of its
+    weight (a depthwise convolution's filters are sliced with the channels it runs on; one before
+    the first linear, FastViT's 7×7 in its MLPs, runs at full width), and the groups folded into
+    its batch axis (MViTv2 pools each head's q, k and v)."""
+    mod = gm.get_submodule(str(n.target))
+    assert isinstance(mod, nn.modules.conv._ConvNd)
+    out = n.meta.get(meta.SHAPE)
+    if not isinstance(out, tuple) or len(out) < 3:
+        return []
+    w = f"{n.target}.weight"
+    factors = [*dims.get((w, 0), ((mod.out_channels, None),)),
+               *dims.get((w, 1), ((mod.in_channels // mod.groups, None),))]  # fmt: skip
+    t = next((t for t in trackers if n in t.states), None)
+    if t is not None:
+        factors += _per_sample(t, t.states[n][0], leaf_group)
+    return [FlopTerm(math.prod(out[2:]) * math.prod(mod.kernel_size), tuple(factors))]
 
 
 def _einsum_flops(n: fx.Node, trackers: list[Tracker], leaf_group: dict[str, str]) -> list[FlopTerm]:

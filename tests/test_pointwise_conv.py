@@ -195,3 +195,14 @@ def test_an_in_place_activation_after_a_pointwise_conv_trains_with_folded_masks(
     bank.scoring(True)
     masked(torch.randn(4, 3, 6, 6)).sum().backward()
     assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in bank.gates().values())
+
+
+def test_convolutions_inside_a_block_count_in_its_flops() -> None:
+    """The MACs of a block count its depthwise convolution too (output positions × channels ×
+    kernel), sliced with the hidden neurons it runs on: 6×6 positions, 8 channels, 16 hidden, 3×3."""
+    gm = p3b_fx.trace(_randomised(_Net()), input_shape=(1, 3, 6, 6))
+    groups = p3b_fx.find_groups(gm)
+    block = groups.block("blocks.0")
+    linears, depthwise = 2 * 36 * 8 * 16, 36 * 16 * 9
+    assert groups.block_flops(block) == linears + depthwise
+    assert groups.block_flops(block, {"blocks.0:hidden": 8}) == (linears + depthwise) // 2

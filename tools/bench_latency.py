@@ -176,9 +176,9 @@ def write_doc(  # noqa: PLR0917 - one call site
         "ONNX Runtime's idle threads do not spin (`session.intra_op.allow_spinning` = 0) except in "
         "the `_spin` rows (its default); "
         "milliseconds per batch as median (p10–p90). FLOP ratio = dense / slim multiply-accumulates "
-        "of the linears and attention matmuls; reduction = parameters removed; speed-up = dense / slim "
-        "median; speed-up of p10s = dense p10 / slim p10 (the least disturbed runs: a check on the "
-        "medians where other processes share the cores).",
+        "of the linears, attention matmuls and convolutions; reduction = parameters removed; "
+        "speed-up = dense / slim median; speed-up of p10s = dense p10 / slim p10 (the least disturbed "
+        "runs: a check on the medians where other processes share the cores).",
         f"Command: `{command}`. Plot: [{path.with_suffix('.png').name}]({path.with_suffix('.png').name}).",
         "",
         "| model | granularity | reduction | FLOP ratio | backend | dense ms | slim ms | speed-up | "

@@ -212,7 +212,7 @@ class GroupSet:
         return sum(math.prod(_product(d, kept) for d in p.dims) for p in block.params)
 
     def block_flops(self, block: Block, kept: Mapping[str, int] | None = None) -> int:
-        """Multiply-accumulates per sample of ``block`` under ``kept`` (linears and matmuls)."""
+        """Multiply-accumulates per sample of ``block`` under ``kept`` (linears, matmuls, convolutions)."""
         kept = kept or {}
         if self.block_removed(block, kept):
             return 0
