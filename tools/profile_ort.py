@@ -68,7 +68,9 @@ def variants(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[Path, f
     model, shape = MODELS.get(args.model, timm_model(args.model))()
     gm = p3b_fx.trace(model, input_shape=(1, *shape))
     groups = p3b_fx.find_groups(gm)
-    models: dict[str, nn.Module] = {"dense": gm}
+    # the dense model through the same rewrite as the slim ones (a plan keeping everything): 1×1
+    # convolutions, linears in the trace (passes/pointwise_conv.py), are convolutions again in both
+    models: dict[str, nn.Module] = {"dense": p3b_fx.slim(gm, p3b_fx.KeepPlan.dense(groups), groups)}
     flops = {"dense": float(groups.flops_total)}
     for gran in args.granularities:
         for red in args.reductions:
