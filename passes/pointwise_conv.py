@@ -117,6 +117,8 @@ class PointwiseConvPass(GraphPass):
             one_input = one_input and isinstance(node.args[0], fx.Node)
             if one_input and is_pointwise(gm.get_submodule(str(node.target))):
                 calls.setdefault(str(node.target), []).append(node)
+        read = {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+        calls = {path: nodes for path, nodes in calls.items() if path not in read}  # weight read elsewhere
         for path, nodes in calls.items():
             conv = gm.get_submodule(path)
             assert isinstance(conv, nn.Conv2d)

@@ -206,3 +206,22 @@ def test_convolutions_inside_a_block_count_in_its_flops() -> None:
     linears, depthwise = 2 * 36 * 8 * 16, 36 * 16 * 9
     assert groups.block_flops(block) == linears + depthwise
     assert groups.block_flops(block, {"blocks.0:hidden": 8}) == (linears + depthwise) // 2
+
+
+class _WeightRead(nn.Module):
+    """A 1×1 conv whose weight another op reads too (its shape must stay the conv's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.conv.weight.sum()
+
+
+def test_a_conv_whose_weight_is_read_elsewhere_stays_a_convolution() -> None:
+    model = _WeightRead().eval()
+    gm = fx.symbolic_trace(model)
+    assert not PointwiseConvPass()(gm).modified
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
