@@ -962,11 +962,13 @@ def _token_layout(model: nn.Module, tokens: int, dim: int) -> BlockLayout | None
     return None
 
 
-def _channels_first(gm: fx.GraphModule, block: Block, shape: tuple[int, ...]) -> bool:
+def _channels_first(
+    gm: fx.GraphModule, names: Mapping[str, fx.Node], block: Block, shape: tuple[int, ...]
+) -> bool:
     """Whether the 4-D stream ``shape`` a block reads is (N, C, H, W) rather than (N, H, W, C): its
     first linear reads C channels (``passes.pointwise_conv`` made a 1×1 conv one), or, where both
     axes are that wide, the block writes its channels on axis -3 (``Block.write_dim``)."""
-    read = next((n for n in gm.graph.nodes if n.name == block.read_node), None)
+    read = names.get(block.read_node)
     width = getattr(gm.get_submodule(str(read.target)), "in_features", None) if read is not None else None
     if isinstance(width, int) and (shape[1] == width) != (shape[3] == width):
         return shape[1] == width
@@ -993,7 +995,7 @@ def block_layouts(
                 f"{'an unknown shape' if shape is None else tuple(shape)}; use --method uniform, which needs "
                 "no block-benefit probes"
             )
-        if len(shape) == 4 and _channels_first(gm, block, shape):  # an image (N, C, H, W): FastViT
+        if len(shape) == 4 and _channels_first(gm, names, block, shape):  # an image (N, C, H, W): FastViT
             grid = (int(shape[2]), int(shape[3]))
             layouts.append(BlockLayout(int(shape[1]), 0, grid, False, spatial=True, channels_first=True))
             continue

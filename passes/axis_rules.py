@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers.drop import DropPath
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from p3b_fx.core import meta
 from p3b_fx.core.groups import Role
@@ -190,7 +191,7 @@ def batch_norm(node: fx.Node, t: Tracker) -> State:
     if len(state) < 2 or any(axis for k, axis in enumerate(state) if k != 1):
         raise Unsupported(f"a group axis reaches {describe_module(t, node)} off its channel axis")
     mod = t.gm.get_submodule(str(node.target))
-    if any(p for child in mod.children() for p in child.parameters()):
+    if _inner_params(mod):
         raise Unsupported(f"{type(mod).__name__} with an activation or dropout that has parameters")
     if state[1]:
         for name in channel_params(mod, str(node.target)):
@@ -210,10 +211,25 @@ def _gated_after(node: fx.Node, t: Tracker) -> bool:
         chain.append(chain[-1].args[0])
     if t.lane != 0 or t.first_out_site is not None or chain[-1] is not t.read:
         return False
+    if not gate_follows(t.gm.get_submodule(str(node.target))):
+        return False
     if any(len(n.users) != 1 for n in chain if isinstance(n, fx.Node)):
         return False
     t.first_out_site = node
     return True
+
+
+def _inner_params(mod: nn.Module) -> bool:
+    """Whether a BatchNorm module's submodules (timm's activation and dropout) hold parameters."""
+    return any(True for child in mod.children() for _ in child.parameters())
+
+
+def gate_follows(mod: nn.Module) -> bool:
+    """Whether a mask gate may follow BatchNorm ``mod`` on its channel axis, axis 1: a torch
+    BatchNorm (timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` are ones, its frozen one is not),
+    which is what ``insert_masks`` moves that axis last for, with nothing that has parameters after
+    its normalisation."""
+    return isinstance(mod, _BatchNorm) and not _inner_params(mod)
 
 
 def describe_module(t: Tracker, node: fx.Node) -> str:

@@ -42,6 +42,7 @@ from passes.axis_labels import Labels
 from passes.axis_rules import (
     batch_norm,
     channel_params,
+    gate_follows,
     node_key,
     norm_kind,
     norm_params,
@@ -666,19 +667,17 @@ def _channel_param(
     other = node.args[1] if node.args[0] is src else node.args[0]
     if isinstance(other, (int, float)):
         return ()
-    reshape = None
     if isinstance(other, fx.Node) and _is_reshape(other) and len(other.users) == 1:
         param = other.args[0]
         param_shape = param.meta.get(meta.SHAPE) if isinstance(param, fx.Node) else None
         if isinstance(param, fx.Node) and param.op == "get_attr" and tuple(param_shape or ()) == (size,):
-            reshape, other = other, param
-            shape = reshape.meta.get(meta.SHAPE)
+            shape = other.meta.get(meta.SHAPE)
             ok = shape and len(shape) >= -dim and math.prod(shape) == shape[dim] == size
-            return (str(param.target), 0, reshape) if ok else None
+            return (str(param.target), 0, other) if ok else None
     shape = other.meta.get(meta.SHAPE) if isinstance(other, fx.Node) and other.op == "get_attr" else None
     if shape and len(shape) >= -dim and math.prod(shape) == shape[dim] == size:
         assert isinstance(other, fx.Node)
-        return (str(other.target), len(shape) + dim, reshape)
+        return (str(other.target), len(shape) + dim, None)
     return None
 
 
@@ -687,16 +686,15 @@ def _channel_batch_norm(
 ) -> list[str] | None:
     """The per-channel tensors of a BatchNorm module (``nn.BatchNorm1d/2d/3d``, timm's
     ``BatchNormAct2d``: axis rule ``axis_rules.batch_norm``) that normalises the ``size`` channels
-    on axis ``dim`` of ``src``, its channel axis (1); else None."""
+    on axis ``dim`` of ``src``, its channel axis (1), and that the write gate may follow
+    (``axis_rules.gate_follows``); else None."""
     if node.op != "call_module" or node.args[:1] != (src,) or len(node.args) != 1 or node.kwargs:
         return None
     mod = gm.get_submodule(str(node.target))
     shape = src.meta.get(meta.SHAPE)
-    if rules().get(node_key(gm, node)) is not batch_norm or not shape or len(shape) < 2:
+    if rules().get(node_key(gm, node)) is not batch_norm or not gate_follows(mod):
         return None
-    if dim % len(shape) != 1 or shape[1] != size:
-        return None
-    if any(p for child in mod.children() for p in child.parameters()):
+    if not shape or len(shape) < 2 or dim % len(shape) != 1 or shape[1] != size:
         return None
     return channel_params(mod, str(node.target))
 

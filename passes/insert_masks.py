@@ -18,16 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import fx
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from p3b_fx.core import meta
 from p3b_fx.core.groups import Factor, GroupSet, Role, lane_name
 from p3b_fx.core.masks import MASK_MODULE, MaskBank
 from p3b_fx.core.pass_infra import GraphPass, PassResult, module_device, module_dtype
-
-
-def _is_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _BatchNorm)
+from passes.axis_rules import gate_follows
 
 
 def _dims(groups: GroupSet, param: str, dim: int) -> tuple[Factor, ...] | None:
@@ -93,7 +89,8 @@ class InsertMasksPass(GraphPass):
         """A mask site on ``src``'s last axis, or on its channel axis (1) behind a BatchNorm of an
         image (N, C, H, W): the site sees ``src.movedim(1, -1)`` and its output is moved back."""
         shape = src.meta.get(meta.SHAPE)
-        on_channels = _is_batch_norm(gm, src) and shape is not None and len(shape) > 2
+        on_channels = src.op == "call_module" and gate_follows(gm.get_submodule(str(src.target)))
+        on_channels = on_channels and shape is not None and len(shape) > 2
         with gm.graph.inserting_after(src):
             x = gm.graph.call_method("movedim", (src, 1, -1)) if on_channels else src
         with gm.graph.inserting_after(x):

@@ -34,6 +34,7 @@ from torch import fx, nn
 
 from p3b_fx.core import meta
 from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
+from passes.axis_rules import permute_dims
 
 POINTWISE_KEY = meta.POINTWISE_CONVS
 _TO_LAST = (0, 2, 3, 1)
@@ -153,13 +154,13 @@ class PointwiseConvPass(GraphPass):
 
 
 def _permute_dims(node: object) -> tuple[int, ...] | None:
+    """The dims of a ``permute`` method call (``axis_rules.permute_dims``), None for any other node."""
     if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "permute"):
         return None
-    dims = node.args[1:]
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = tuple(dims[0])
-    ints = tuple(d for d in dims if isinstance(d, int))
-    return ints if len(ints) == len(dims) else None
+    try:
+        return tuple(permute_dims(node))
+    except (TypeError, ValueError):  # dims computed at run time
+        return None
 
 
 def _channels_last_source(node: object) -> tuple[fx.Node, fx.Node | None] | None:

@@ -112,7 +112,7 @@ def test_an_image_stream_is_read_channels_first() -> None:
     gm = p3b_fx.trace(_randomised(_Net()), input_shape=(1, 3, 6, 6))
     groups = p3b_fx.find_groups(gm)
     block = groups.blocks[0]
-    assert _channels_first(gm, block, (2, 8, 6, 6))
+    assert _channels_first(gm, {n.name: n for n in gm.graph.nodes}, block, (2, 8, 6, 6))
 
 
 class _Cached(nn.Module):
