@@ -39,6 +39,7 @@ from p3b_fx.errors import TraceError
 from passes.annotate_shapes import restore_tensor_state, tensor_state
 from passes.functional_linear import FunctionalLinearPass
 from passes.pointwise_conv import PointwiseConvPass
+from passes.split_linear import SplitLinearPass
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ def trace(model: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> fx
     gm = fx.GraphModule(model, graph, class_name=f"Traced{name}" if name != "GraphModule" else name)
     FunctionalLinearPass()(gm)  # BEiT / EVA-02 qkv: F.linear(x, W, cat(biases)) → an nn.Linear of gm's own
     PointwiseConvPass()(gm)  # 1×1 convolutions → permute, nn.Linear, permute (undone in the slim model)
+    SplitLinearPass()(gm)  # a linear split into unequal sections → one per section (fused in the slim model)
     gm.meta[INPUT_SHAPE_KEY] = tuple(shape)
     gm.train(was_training)
     return gm

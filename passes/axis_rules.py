@@ -284,6 +284,37 @@ def reshape_as(node: fx.Node, t: Tracker) -> State:
     return out
 
 
+def expand_as(node: fx.Node, t: Tracker) -> State:
+    """``x.expand_as(other)``: ``x``'s one-element axes repeated to ``other``'s sizes (MobileViTv2's
+    context vector over the value's positions). An axis ``x`` and ``other`` both have keeps one group:
+    the slim sizes must match. A repeated axis carries ``other``'s labels (its values do not vary along
+    it), and a label on ``x``'s one element is fixed. A group on only one side is fixed too: the other
+    side keeps every element, so the slim shapes would not match."""
+    src = node.args[0]
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if not isinstance(src, fx.Node) or src not in t.states or not isinstance(other, fx.Node):
+        raise Unsupported("expand_as of an untracked value or to a non-tensor")
+    out_shape = tuple(node.meta[meta.SHAPE])
+    rank = len(out_shape)
+    src_shape = (1,) * (rank - len(src.meta[meta.SHAPE])) + tuple(src.meta[meta.SHAPE])
+    state = ((),) * (rank - len(t.states[src])) + tuple(t.resolve(t.states[src]))
+    theirs = tuple(t.resolve(t.states[other])) if other in t.states else ((),) * rank
+    out: list[tuple[str, ...]] = []
+    for x, o, size, full in zip(state, theirs, src_shape, out_shape, strict=True):
+        if size != full:  # repeated
+            if x:
+                t.labels.mark((x,), f"repeated by expand_as at node '{node.name}'")
+            out.append(o)
+        elif x and o:
+            out.append(t.unify_axis(node, x, o, size, full))
+        else:
+            if x or o:
+                t.labels.mark((x or o,), f"expand_as at node '{node.name}' meets an axis no group runs along")
+            out.append(x or o)
+    t.zero[node] = t.zero.get(src, False)
+    return tuple(out)
+
+
 def unsqueeze(node: fx.Node, t: Tracker) -> State:
     state = unary(True)(node, t)
     dim = int(_dim(node, 1, "dim")) % (len(state) + 1)
@@ -1196,7 +1227,7 @@ def build_rules() -> dict[Any, Rule]:
     rules.update({F.layer_norm: layer_norm, nn.LayerNorm: layer_norm, F.softmax: softmax,
                   nn.Softmax: softmax_module, torch.softmax: softmax, "softmax": softmax,
                   "reshape": reshape, "view": reshape, "reshape_as": reshape_as, "view_as": reshape_as,
-                  nn.BatchNorm1d: batch_norm, nn.BatchNorm2d: batch_norm,
+                  "expand_as": expand_as, nn.BatchNorm1d: batch_norm, nn.BatchNorm2d: batch_norm,
                   nn.BatchNorm3d: batch_norm, nn.SyncBatchNorm: batch_norm, nn.Upsample: spatial_resize,
                   F.interpolate: spatial_resize, nn.Conv1d: depthwise_conv, nn.Conv2d: depthwise_conv,
                   nn.Conv3d: depthwise_conv,

@@ -143,14 +143,19 @@ def _analyse(
     inner: list[Group] = []
     leaf_group: dict[str, str] = {}
     reads: list[Group] = []
+    points: set[fx.Node] = set()
     for k, (read, write) in enumerate(lanes):
         tracker = Tracker(gm, Labels(prefix=br.name if k == 0 else f"{br.name}~{k}"), lane=k)
-        tracker.run(nodes, read, write)
-        lane_groups, lane_leaves = _inner_groups(br, tracker, write, set(leaf_group.values()))
+        own = _lane_nodes(nodes, lanes, k)
+        tracker.run(own, read, write)
+        kind = _lane_kind(br, own)
+        lane_groups, lane_leaves = _inner_groups(br, tracker, write, set(leaf_group.values()), kind)
         trackers.append(tracker)
         inner += lane_groups
         leaf_group.update(lane_leaves)
-        reads.append(_read_group(gm, br, read, k))
+        if read.args[0] not in points:  # lanes of one input share its read group (the first's)
+            reads.append(_read_group(gm, br, read, k))
+        points.add(read.args[0])  # type: ignore[arg-type]
     write_g, path = _write_group(gm, br, [w for _, w in lanes], names[br.branch_input])
     groups = sorted([*reads, *inner, write_g], key=lambda g: _ROLE_ORDER[g.role])
     dims = _param_dims(trackers, leaf_group, [*reads, write_g])
@@ -223,7 +228,7 @@ def _lanes(br: Branch, names: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node
     firsts = [lin for lin in linears if not upstream[lin]]
     roots = list(dict.fromkeys(unindexed(lin.args[0]) for lin in firsts))
     if len(roots) < 2:
-        return single
+        return _lanes_of_one_input(linears, firsts, upstream) or single
     lanes: list[tuple[fx.Node, fx.Node]] = []
     claimed: set[fx.Node] = set()
     for root in roots:
@@ -234,6 +239,57 @@ def _lanes(br: Branch, names: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node
         claimed |= set(mine)
         lanes.append((mine[0], mine[-1]))
     return lanes if claimed == inside else single
+
+
+def _lane_nodes(nodes: list[fx.Node], lanes: list[tuple[fx.Node, fx.Node]], k: int) -> list[fx.Node]:
+    """The branch's nodes lane ``k`` tracks: all of them, less those that only other lanes' last
+    linears depend on (lanes of one input would otherwise start on each other's linears)."""
+    if len(lanes) < 2 or len({unindexed(r.args[0]) for r, _ in lanes}) == len(lanes):
+        return nodes
+    body = set(nodes)
+
+    def ancestors(last: fx.Node) -> set[fx.Node]:
+        seen: set[fx.Node] = {last}
+        stack = [last]
+        while stack:
+            for i in stack.pop().all_input_nodes:
+                if i in body and i not in seen:
+                    seen.add(i)
+                    stack.append(i)
+        return seen
+
+    mine = ancestors(lanes[k][1])
+    others = set().union(*(ancestors(w) for j, (_, w) in enumerate(lanes) if j != k)) - mine
+    return [n for n in nodes if n not in others]
+
+
+def _lanes_of_one_input(
+    linears: list[fx.Node], firsts: list[fx.Node], upstream: dict[fx.Node, set[fx.Node]]
+) -> list[tuple[fx.Node, fx.Node]]:
+    """Lanes whose first linears read one input: ViT-22B's parallel block (timm's
+    ``ParallelScalingBlock``) projects the MLP's hidden neurons and q, k, v from one norm (one
+    linear split into sections, ``passes.split_linear``) and adds ``attn_out(…) + mlp_out(…)``. First
+    linears that some later linear depends on together are one lane; each lane must end in one
+    linear that depends on all of its first linears. [] when that gives fewer than two lanes."""
+    lanes: list[list[fx.Node]] = []
+    for first in firsts:
+        after = {lin for lin in linears if first in upstream[lin]}
+        joined = [lane for lane in lanes if any(upstream[lin] & set(lane) for lin in after)]
+        merged = [first] + [lin for lane in joined for lin in lane]
+        lanes = [lane for lane in lanes if lane not in joined] + [merged]
+    if len(lanes) < 2:
+        return []
+    out: list[tuple[fx.Node, fx.Node]] = []
+    claimed: list[fx.Node] = []
+    for heads in lanes:
+        mine = [lin for lin in linears if lin in heads or upstream[lin] & set(heads)]
+        if not set(heads) <= upstream[mine[-1]]:  # also a lane of one linear: it ends where it starts
+            return []
+        out.append((mine[0], mine[-1]))
+        claimed += mine
+    if len(claimed) != len(set(claimed)) or len(claimed) != len(linears):
+        return []
+    return sorted(out, key=lambda lane: linears.index(lane[0]))
 
 
 def _gathers(
@@ -258,8 +314,16 @@ def _axes(t: Tracker, state: Any, leaf_group: dict[str, str]) -> tuple[tuple[str
     return tuple(tuple(leaf_group.get(leaf, "") for leaf in t.labels.axis_leaves(axis)) for axis in state)
 
 
+def _lane_kind(br: Branch, own: list[fx.Node]) -> BlockKind:
+    """An attention block's lane without attention (the MLP lane of a parallel block) is an MLP: its
+    first linear's outputs are hidden neurons."""
+    if br.kind is not BlockKind.ATTENTION or len(own) == len(br.nodes):
+        return br.kind
+    return br.kind if any(is_attention_op(n) for n in own) else BlockKind.MLP
+
+
 def _inner_groups(
-    br: Branch, t: Tracker, write: fx.Node, taken: set[str]
+    br: Branch, t: Tracker, write: fx.Node, taken: set[str], kind: BlockKind
 ) -> tuple[list[Group], dict[str, str]]:
     leaves = list(dict.fromkeys(leaf for root in t.labels.roots() for leaf in t.labels.leaves(root)))
     reaching = set(t.labels.axis_leaves(t.params.get((f"{write.target}.weight", 1), ())))
@@ -268,8 +332,8 @@ def _inner_groups(
     for leaf in leaves:
         if leaf in t.labels.opaque:  # the batch folded into a group axis: no group of its own
             continue
-        role = _role(t.labels, leaf, br.kind, t.hidden)
-        if role is Role.INNER and _beside_heads(t, leaf, br.kind):
+        role = _role(t.labels, leaf, kind, t.hidden)
+        if role is Role.INNER and _beside_heads(t, leaf, kind):
             role = Role.HEAD_DIM
         ends_well = leaf in reaching or _contracted(t.labels, leaf)
         reason = t.labels.reason(leaf) or ("" if ends_well else "does not reach the block's last linear")

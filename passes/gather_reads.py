@@ -26,7 +26,7 @@ class GatherReadsPass(PlanPass):
         for name in live_blocks(self.groups, self.plan):
             for lane, (read_name, _) in enumerate(self.groups.block(name).all_lanes()):
                 group = lane_name(f"{name}:read", lane)
-                if not shrunk(self.groups, self.plan, group):
+                if not self.groups.has_group(group) or not shrunk(self.groups, self.plan, group):  # shared
                     continue
                 read = names[read_name]
                 point = read.args[0]

@@ -3,7 +3,8 @@
 Order matters: removed blocks go first (nothing else touches them), parameters are sliced, norms
 over a shrunk axis are told the dense width, baked sizes follow, operands computed outside the
 groups (rotary tables) are gathered, then reads are gathered and writes scattered, and last the
-linears that were 1×1 convolutions (``passes.pointwise_conv``) become convolutions again. Each pass
+linears that were 1×1 convolutions (``passes.pointwise_conv``) become convolutions again and the
+sections of a split linear one module again (``passes.split_linear``). Each pass
 is idempotent; the manager tidies (dead code, unused parameters, lint, recompile) after each one
 that changed something.
 """
@@ -21,6 +22,7 @@ from passes.remove_blocks import RemoveBlocksPass
 from passes.rewrite_shapes import RewriteShapesPass
 from passes.scatter_writes import ScatterWritesPass
 from passes.slice_params import SliceParamsPass
+from passes.split_linear import FuseSplitPass
 
 
 def slim_passes(groups: GroupSet, plan: KeepPlan) -> list[GraphPass]:
@@ -33,4 +35,5 @@ def slim_passes(groups: GroupSet, plan: KeepPlan) -> list[GraphPass]:
         GatherReadsPass(groups, plan),
         ScatterWritesPass(groups, plan),
         SlimConvPass(),
+        FuseSplitPass(),
     ]

@@ -172,6 +172,12 @@ class Tracker:
             if merged is not None:
                 out.append(merged)
                 continue
+            if x != y and x and y and 1 in (sx, sy) and sx != sy:  # a one-element axis broadcasts
+                one = x if sx == 1 else y
+                reason = f"a one-element axis broadcast against a longer one at node '{node.name}'"
+                self.labels.mark((one,), reason)
+                out.append(y if sx == 1 else x)
+                continue
             if x != y and x and y:
                 raise Unsupported("two different index spaces meet on one axis")
             if (x and not y and sy != 1) or (y and not x and sx != 1):

@@ -76,16 +76,17 @@ def test_random_plan_rejects_bad_ratio(groups: p3b_fx.GroupSet, ratio: float) ->
 
 
 def test_a_plan_may_not_empty_a_block_whose_removal_is_not_exact() -> None:
-    """The blocks of timm's parallel-scaling ViT have no prunable write gate (one fused input
-    projection split into unequal parts): emptying their read group is refused."""
+    """XCiT's class-attention blocks have no prunable write gate (their output joins the class token
+    back by a ``cat``): emptying their read group is refused."""
     import timm  # noqa: PLC0415
 
-    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, img_size=16, patch_size=4,
-                              embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()  # fmt: skip
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, depth=1,
+                              num_classes=5).eval()  # fmt: skip
     gm = p3b_fx.trace(model)
     groups = p3b_fx.find_groups(gm)
-    assert not any(groups.block_removable(b) for b in groups.blocks)
-    read = f"{groups.blocks[0].name}:read"
+    fixed = [b for b in groups.blocks if not groups.block_removable(b)]
+    assert [b.name for b in fixed] == [f"cls_attn_blocks.{i}.{k}" for i in (0, 1) for k in ("attn", "mlp")]
+    read = f"{fixed[0].name}:read"
     assert groups.group(read).prunable
     with pytest.raises(PlanError, match="cannot be removed exactly: its write group is not prunable"):
         p3b_fx.KeepPlan.from_mapping(groups, {read: []})

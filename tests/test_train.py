@@ -191,11 +191,13 @@ def test_p3b_prunes_parallel_blocks(tmp_path: Path) -> None:
 
 
 def test_a_prune_ratio_beyond_what_the_prunable_groups_can_shed_fails_before_training(tmp_path: Path) -> None:
-    """The parallel-scaling ViT's blocks cannot be removed exactly (only their read gate is
-    prunable), so a ratio their gates cannot reach is refused before anything is written."""
-    cfg = tiny_config(
-        tmp_path / "run", model="vit_base_patch16_xp_224", model_kwargs=PARALLEL, prune_ratio=0.9
-    )
+    """XCiT's class-attention blocks cannot be removed exactly (their written channels join the
+    class token back by a ``cat``, which has no channel rule), so at the deploy granularity they keep
+    a head and a hidden neuron each and their read and written channels whole: a ratio the gates
+    cannot reach is refused before anything is written (it can remove at most 79.3 %)."""
+    xcit = {"img_size": 32, "depth": 1}
+    cfg = tiny_config(tmp_path / "run", model="xcit_nano_12_p16_224", model_kwargs=xcit, prune_ratio=0.8,
+                      granularity="deploy")  # fmt: skip
     with pytest.raises(
         ConfigError, match=r"can remove at most \d+\.\d% of its params.*--prune-ratio 0\.\d\d or less"
     ):

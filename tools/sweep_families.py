@@ -50,6 +50,7 @@ MODELS: dict[str, list[str]] = {
     "vit_base_patch16_clip_224": ["--model-kwargs", SMALL],
     "vit_medium_patch16_gap_256": ["--model-kwargs", SMALL],
     "vit_small_patch16_18x2_224": ["--model-kwargs", SMALL],
+    "vit_base_patch16_xp_224": ["--model-kwargs", SMALL],  # ViT-22B-style parallel blocks
     "cait_xxs24_224": ["--model-kwargs", SMALL],
     "vit_small_r26_s32_224": ["--img-size", "64"],
     "xcit_nano_12_p16_224": ["--img-size", "64"],

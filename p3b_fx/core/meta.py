@@ -30,4 +30,11 @@ made linears (tuple of str). Writer: ``passes.pointwise_conv.PointwiseConvPass``
 ``p3b_fx.trace``). Reader: ``passes.pointwise_conv.SlimConvPass``, the slim rewrite's last pass,
 which makes them convolutions again and drops them from the key."""
 
+SPLIT_LINEARS: Final = "p3b.split_linears"
+"""``GraphModule.meta`` key (not node meta): the module paths of the linears whose output was split
+into unequal sections, each now an ``nn.ModuleList`` of one linear per section (tuple of str).
+Writer: ``passes.split_linear.SplitLinearPass`` (run by ``p3b_fx.trace``). Reader:
+``passes.split_linear.FuseSplitPass``, the slim rewrite's last pass, which fuses them back and drops
+them from the key."""
+
 ALL_KEYS: Final = (SHAPE, BLOCK, MASK_SITE)
