@@ -348,6 +348,39 @@ def test_train_step_probe_flop_share_orders_the_probes() -> None:
     assert share[same] == pytest.approx(quarter)
 
 
+def test_train_step_bench_takes_any_timm_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model`` times a timm model of its own input size: its probes get each stream's default
+    width (a multi-stage model has no one width), and the variants that set the width as a share of
+    one are refused up front."""
+    import bench_train_step as b  # noqa: PLC0415
+
+    args = b.parser().parse_args(["--model", "efficientformerv2_s0", "--img-size", "64", "--batch-size", "2"])
+    cfg = b._config(args, "unused")
+    assert (cfg.model, cfg.img_size, cfg.probe_hidden, cfg.model_kwargs) == (
+        "efficientformerv2_s0",
+        64,
+        None,
+        {"num_classes": 10},
+    )
+    assert b._batch(args, torch.device("cpu"))[0].shape == (2, 3, 64, 64)
+    assert 0 < b.probe_flop_share(args, "conv, hidden dim/4 (default)") < 0.5
+    with pytest.raises(SystemExit):
+        b.main(["--model", "efficientformerv2_s0", "--variants", "1", "--count-ops"])
+    assert "set the conv probe width as a share of embed_dim" in capsys.readouterr().err
+    source = b._config(b.parser().parse_args([]), "unused")
+    assert source.probe_hidden == 48 and source.model_kwargs["embed_dim"] == 192
+
+
+def test_trace_overhead_bench_writes_its_table(tmp_path: Path) -> None:
+    import bench_trace_overhead  # noqa: PLC0415
+
+    out = tmp_path / "overhead.md"
+    argv = ["--models", "efficientformerv2_s0", "--img-size", "64", "--batch-size", "2", "--rounds", "1"]
+    assert bench_trace_overhead.main([*argv, "--out", str(out)]) == 0
+    row = out.read_text().splitlines()[-1]
+    assert row.startswith("| efficientformerv2_s0 | ") and row.count("x |") == 2
+
+
 def test_bench_cli_checks_its_output_before_measuring(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -61,7 +61,7 @@ import p3b_fx
 from p3b_fx import train
 from p3b_fx.config import PruneConfig
 from p3b_fx.core.io import atomic_write_text, kept_notes
-from p3b_fx.errors import P3BError
+from p3b_fx.errors import ConfigError, P3BError
 from p3b_fx.machine import describe
 
 
@@ -128,11 +128,37 @@ MEMORY_ROUNDS = 3
 """Rounds after warm-up in a memory worker (peak memory is reached in the first probe step)."""
 
 
+DEFAULT_SHARE = 0.25
+"""The default conv probe width as a share of the stream width (``benefit.default_hidden``)."""
+
+
+def _model(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The timm model and its kwargs: the source architecture unless ``--model`` names another."""
+    if args.model is None:
+        return "vit_tiny_patch16_224", json.loads(args.model_kwargs or json.dumps(SOURCE_ARCH))
+    return args.model, {"num_classes": 10, **json.loads(args.model_kwargs or "{}")}
+
+
+def _describe_model(args: argparse.Namespace) -> str:
+    name, kwargs = _model(args)
+    size = f" at {args.img_size} px" if args.img_size else ""
+    if args.model is None:
+        return f"timm ViT {json.dumps(kwargs)}"
+    return f"timm `{name}` {json.dumps(kwargs)}{size}"
+
+
 def _config(args: argparse.Namespace, out: str) -> PruneConfig:
-    kwargs = json.loads(args.model_kwargs)
-    hidden = max(1, round(args.hidden_share * int(kwargs.get("embed_dim", 192))))
+    name, kwargs = _model(args)
+    hidden: int | None = None  # the default width, per block: dim // 4, at least 16
+    if "embed_dim" in kwargs:
+        hidden = max(1, round(args.hidden_share * int(kwargs["embed_dim"])))
+    elif args.probe == "patch_conv" and args.hidden_share != DEFAULT_SHARE:
+        raise ConfigError(
+            f"this variant sets the conv probe width to {args.hidden_share} of the model width, but "
+            f"{name} has no embed_dim in --model-kwargs: run the variants at the default width with it"
+        )
     return PruneConfig(
-        model="vit_tiny_patch16_224", model_kwargs=kwargs, data="digits",
+        model=name, model_kwargs=kwargs, img_size=args.img_size, data="digits",
         num_classes=10, epochs=10, batch_size=args.batch_size, probe=args.probe, out=out,
         device=args.device, amp=True, probe_hidden=hidden, probe_every=args.every,
         probe_fraction=args.fraction, probe_cudagraphs=args.probe_graphs,
@@ -199,8 +225,15 @@ def _plain_step(
     return step
 
 
+def _trace(model: nn.Module, cfg: PruneConfig) -> torch.fx.GraphModule:
+    """``p3b_fx.trace`` at the input size the run feeds (a model built for ``--img-size`` may not
+    take its default size)."""
+    side = train.model_input(model, cfg)[0]
+    return p3b_fx.trace(model, input_shape=(1, 3, side, side))
+
+
 def _p3b_step(model: nn.Module, cfg: PruneConfig, device: torch.device, out: Path) -> tuple[Any, Any]:
-    gm = p3b_fx.trace(model)
+    gm = _trace(model, cfg)
     groups = p3b_fx.find_groups(gm)
     masked, bank = p3b_fx.insert_masks(gm, groups, share_parameters=True)
     taps = train.tap(masked, groups)
@@ -231,7 +264,7 @@ def probe_flop_share(args: argparse.Namespace, label: str) -> float:
         model = train.build_model(cfg).train()
         with FlopCounterMode(display=False) as plain:
             F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
-        gm = p3b_fx.trace(model)
+        gm = _trace(model, cfg)
         groups = p3b_fx.find_groups(gm)
         masked, _ = p3b_fx.insert_masks(gm, groups, share_parameters=True)
         taps = train.tap(masked, groups)
@@ -320,7 +353,7 @@ def _first_variant(args: argparse.Namespace) -> str:
 
 def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A synthetic batch of ``--batch-size`` images of the model's input size, labels in [0, 10)."""
-    side = int(json.loads(args.model_kwargs).get("img_size", 224))
+    side = int(args.img_size or _model(args)[1].get("img_size", 224))
     x = torch.randn(args.batch_size, 3, side, side, device=device)
     return x, torch.randint(0, 10, (args.batch_size,), device=device)
 
@@ -523,7 +556,8 @@ def count_ops(args: argparse.Namespace) -> str:
             counts[name] = counter.ops
     phases = ["forward", "backward", "taylor", "optimizer", "probes", "other"]
     rows = [
-        f"aten operators per training step: {args.model_kwargs}, batch {args.batch_size}, device {device}; "
+        f"aten operators per training step: {_describe_model(args)}, batch {args.batch_size}, "
+        f"device {device}; "
         "each cell: ops that are not views (views and shape-only ops)",
         "",
         "| phase | " + " | ".join(counts) + " |",
@@ -623,13 +657,23 @@ def write_doc(path: Path, generated: str) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--model-kwargs", default=json.dumps(SOURCE_ARCH), help="timm ViT kwargs (JSON)")
+    p.add_argument(
+        "--model",
+        help="a timm model name (random weights, 10 classes) instead of the shipped source model's "
+        "architecture; the variants that set the probe width as a share need embed_dim in --model-kwargs",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        help="timm kwargs (JSON); default without --model: the source architecture "
+        + json.dumps(SOURCE_ARCH),
+    )
+    p.add_argument("--img-size", type=int, help="input side in pixels (default: the model's own)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=12, help="measured timing rounds (every variant once each)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--probe", default="patch_conv", help=argparse.SUPPRESS)
-    p.add_argument("--hidden-share", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--hidden-share", type=float, default=DEFAULT_SHARE, help=argparse.SUPPRESS)
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--fraction", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--probe-dtype", default="float32", help=argparse.SUPPRESS)
@@ -674,6 +718,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.variants and not all(1 <= i <= len(VARIANTS) for i in args.variants):
         p.error(f"--variants: numbers run from 1 to {len(VARIANTS)}, got {args.variants}")
+    if args.model is not None and "embed_dim" not in json.loads(args.model_kwargs or "{}"):
+        shared = [
+            label for label in _selected(args)
+            if VARIANTS[label].kind == "patch_conv" and VARIANTS[label].share != DEFAULT_SHARE
+        ]  # fmt: skip
+        if shared:
+            p.error(
+                f"--model {args.model}: variant(s) {', '.join(repr(v) for v in shared)} set the conv probe "
+                "width as a share of embed_dim, which --model-kwargs does not give; leave them out"
+            )
     if args.worker:
         print(json.dumps(timing_worker(args) if args.worker == "timing" else worker(args)))
         return 0
@@ -707,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Command: `{shlex.join(['python', 'tools/bench_train_step.py', *argv])}`, run {when}; "
             f"machine: {_machine(args.device)}; "
             f"device {args.device}, {args.threads} thread(s).\n"
-            f"Model: timm ViT {args.model_kwargs}; batch {args.batch_size}; "
+            f"Model: {_describe_model(args)}; batch {args.batch_size}; "
             f"timing: {args.rounds} round-robin rounds after {args.warmup} warm-up rounds in one process; "
             + (
                 "memory: not measured (--timing-only).\n\n"
