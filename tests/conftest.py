@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,9 @@ import timm
 import torch
 from torch import nn
 
+from p3b_fx.core.groups import GroupSet
 from p3b_fx.core.meta import POINTWISE_CONVS
+from p3b_fx.core.plan import KeepPlan
 
 torch.set_num_threads(1)
 
@@ -93,6 +95,37 @@ def assert_trace_matches(gm: torch.fx.GraphModule, model: nn.Module, x: torch.Te
     scale = max(float(want.abs().max()), 1.0)
     eps = torch.finfo(want.dtype).eps
     torch.testing.assert_close(got, want, atol=1e3 * eps * scale, rtol=0)
+
+
+def exact_slim_plans(
+    gm: torch.fx.GraphModule, groups: GroupSet, x: torch.Tensor, seeds: int = 3
+) -> Iterator[tuple[KeepPlan, torch.fx.GraphModule]]:
+    """(plan, slim model) for random half-keeping plans: each slim model computes what the
+    hard-masked model does (float64 inputs: within 1e-12) and the plan changes the output."""
+    import p3b_fx  # noqa: PLC0415
+
+    for seed in range(seeds):
+        plan = KeepPlan.random(groups, 0.5, seed=seed)
+        slim = p3b_fx.slim(gm, plan, groups)
+        with torch.no_grad():
+            masked = p3b_fx.apply_masks(gm, plan, groups)(x)
+            torch.testing.assert_close(slim(x), masked, atol=1e-12, rtol=0)
+            assert (slim(x) - gm(x)).abs().max() > 1e-3  # the plan changes the output
+        yield plan, slim
+
+
+def assert_gates_train(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
+    """Forward and backward through ``gm`` with every gate in place, folded into the linears and
+    soft (0.9): each gate collects a finite gradient."""
+    import p3b_fx  # noqa: PLC0415
+
+    masked, bank = p3b_fx.insert_masks(gm, p3b_fx.find_groups(gm))
+    p3b_fx.fold_masks(masked)
+    for gate in bank.gates().values():
+        gate.mul_(0.9)
+    bank.scoring(True)
+    masked(x).sum().backward()
+    assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in bank.gates().values())
 
 
 def assert_loads_with_torch_alone(model: nn.Module, x: torch.Tensor, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from p3b_fx.core.groups import Role
 from p3b_fx.train import _channels_first
 from passes.annotate_shapes import restore_tensor_state, tensor_state
 from passes.pointwise_conv import POINTWISE_KEY, PointwiseConvPass, is_pointwise
+from tests.conftest import assert_gates_train
 
 
 class _ConvMlp(nn.Module):
@@ -187,14 +188,7 @@ def test_an_in_place_activation_after_a_pointwise_conv_trains_with_folded_masks(
     model.blocks[0].act = nn.Sequential(nn.Identity(), nn.ReLU(inplace=True))
     gm = p3b_fx.trace(model.train(), input_shape=(1, 3, 6, 6))
     assert model.blocks[0].act[1].inplace and not gm.get_submodule("blocks.0.act.1").inplace
-    groups = p3b_fx.find_groups(gm)
-    masked, bank = p3b_fx.insert_masks(gm, groups)
-    p3b_fx.fold_masks(masked)
-    for gate in bank.gates().values():
-        gate.mul_(0.9)
-    bank.scoring(True)
-    masked(torch.randn(4, 3, 6, 6)).sum().backward()
-    assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in bank.gates().values())
+    assert_gates_train(gm, torch.randn(4, 3, 6, 6))
 
 
 def test_convolutions_inside_a_block_count_in_its_flops() -> None:

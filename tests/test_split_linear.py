@@ -12,6 +12,7 @@ from torch import fx, nn
 import p3b_fx
 from passes.pointwise_conv import POINTWISE_KEY
 from passes.split_linear import SPLIT_KEY, SplitLinearPass
+from tests.conftest import assert_gates_train, exact_slim_plans
 
 
 class _TokenSepAttn(nn.Module):
@@ -128,13 +129,7 @@ def test_key_value_channels_prune_and_the_slim_model_fuses_the_sections_back() -
         assert hidden.size == 8 and hidden.prunable, hidden.reason
         one = groups.group("blocks.0:hidden")
         assert one.size == 1 and not one.prunable and "one-element axis" in one.reason
-        for seed in range(3):
-            plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
-            slim = p3b_fx.slim(gm, plan, groups)
-            with torch.no_grad():
-                masked = p3b_fx.apply_masks(gm, plan, groups)(x)
-                torch.testing.assert_close(slim(x), masked, atol=1e-12, rtol=0)
-                assert (slim(x) - gm(x)).abs().max() > 1e-3
+        for plan, slim in exact_slim_plans(gm, groups, x):
             fused = slim.get_submodule("blocks.0.qkv")
             assert type(fused) is (nn.Conv2d if image else nn.Linear)
             kept = len(plan.effective(groups)["blocks.0:hidden'"])
@@ -145,15 +140,7 @@ def test_key_value_channels_prune_and_the_slim_model_fuses_the_sections_back() -
 
 def test_split_sections_train_with_folded_masks() -> None:
     model, x = _model(image=True)
-    gm = p3b_fx.trace(model.float().train(), input_shape=(1, 8, 4, 5))
-    groups = p3b_fx.find_groups(gm)
-    masked, bank = p3b_fx.insert_masks(gm, groups)
-    p3b_fx.fold_masks(masked)
-    for gate in bank.gates().values():
-        gate.mul_(0.9)
-    bank.scoring(True)
-    masked(x.float()).sum().backward()
-    assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in bank.gates().values())
+    assert_gates_train(p3b_fx.trace(model.float().train(), input_shape=(1, 8, 4, 5)), x.float())
 
 
 def test_mobilevitv2_attention_prunes_its_key_value_channels() -> None:
@@ -200,13 +187,6 @@ def test_a_parallel_block_of_one_input_is_two_lanes_with_every_group_prunable() 
     assert sorted(roles) == ["head_dim", "heads", "hidden", "read", "write"]
     assert all(g.prunable for g in roles.values()), {g.name: g.reason for g in roles.values()}
     assert roles["hidden"].size == 256 and roles["heads"].size == 4
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for seed in range(3):
-        plan = p3b_fx.KeepPlan.random(groups, 0.5, seed=seed)
-        slim = p3b_fx.slim(gm, plan, groups)
-        with torch.no_grad():
-            masked = p3b_fx.apply_masks(gm, plan, groups)(x)
-            torch.testing.assert_close(slim(x), masked, atol=1e-12, rtol=0)
-            assert (slim(x) - gm(x)).abs().max() > 1e-3
+    for plan, slim in exact_slim_plans(gm, groups, torch.randn(2, 3, 32, 32, dtype=torch.float64)):
         assert type(slim.get_submodule("blocks.0.in_proj")) is nn.Linear
         assert sum(p.numel() for p in slim.parameters()) == groups.model_params(plan.kept_sizes(groups))
