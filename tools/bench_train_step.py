@@ -24,6 +24,9 @@ keep-ratio re-allocation (``Pruner.update``, once per window, not per step).
 
 Usage: ``python tools/bench_train_step.py [--threads 1] [--batch-size 64] [--write docs/bench-train-step.md]``
 (``--write`` replaces the table and keeps everything from the hand-written notes marker on).
+Model: the shipped source model's architecture (random weights) by default; ``--model NAME``
+(with ``--img-size``, ``--model-kwargs``) times any timm model, e.g. ``--model deit_small_patch16_224
+--batch-size 16 --variants 2 5 6 14``; its conv probes then take each stream's default width.
 ``--profile FILE`` instead profiles the plain and the default P3B step with torch.profiler: the top
 operators of each and the P3B step per region of ``Loop.train_step`` (``p3b.forward``, ``.backward``,
 ``.taylor``, ``.optimizer``, ``.probes``). ``--count-ops`` counts the aten operators one step of each
