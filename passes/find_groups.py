@@ -144,9 +144,8 @@ def _analyse(
     leaf_group: dict[str, str] = {}
     reads: list[Group] = []
     points: set[fx.Node] = set()
-    for k, (read, write) in enumerate(lanes):
+    for k, ((read, write), own) in enumerate(zip(lanes, _lane_nodes(nodes, lanes), strict=True)):
         tracker = Tracker(gm, Labels(prefix=br.name if k == 0 else f"{br.name}~{k}"), lane=k)
-        own = _lane_nodes(nodes, lanes, k)
         tracker.run(own, read, write)
         kind = _lane_kind(br, own)
         lane_groups, lane_leaves = _inner_groups(br, tracker, write, set(leaf_group.values()), kind)
@@ -241,11 +240,11 @@ def _lanes(br: Branch, names: dict[str, fx.Node]) -> list[tuple[fx.Node, fx.Node
     return lanes if claimed == inside else single
 
 
-def _lane_nodes(nodes: list[fx.Node], lanes: list[tuple[fx.Node, fx.Node]], k: int) -> list[fx.Node]:
-    """The branch's nodes lane ``k`` tracks: all of them, less those that only other lanes' last
+def _lane_nodes(nodes: list[fx.Node], lanes: list[tuple[fx.Node, fx.Node]]) -> list[list[fx.Node]]:
+    """The branch's nodes each lane tracks: all of them, less those that only other lanes' last
     linears depend on (lanes of one input would otherwise start on each other's linears)."""
     if len(lanes) < 2 or len({unindexed(r.args[0]) for r, _ in lanes}) == len(lanes):
-        return nodes
+        return [nodes] * len(lanes)
     body = set(nodes)
 
     def ancestors(last: fx.Node) -> set[fx.Node]:
@@ -258,9 +257,12 @@ def _lane_nodes(nodes: list[fx.Node], lanes: list[tuple[fx.Node, fx.Node]], k: i
                     stack.append(i)
         return seen
 
-    mine = ancestors(lanes[k][1])
-    others = set().union(*(ancestors(w) for j, (_, w) in enumerate(lanes) if j != k)) - mine
-    return [n for n in nodes if n not in others]
+    owned = [ancestors(w) for _, w in lanes]
+    out = []
+    for k, mine in enumerate(owned):
+        others = set().union(*(a for j, a in enumerate(owned) if j != k)) - mine
+        out.append([n for n in nodes if n not in others])
+    return out
 
 
 def _lanes_of_one_input(

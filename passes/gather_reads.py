@@ -26,7 +26,8 @@ class GatherReadsPass(PlanPass):
         for name in live_blocks(self.groups, self.plan):
             for lane, (read_name, _) in enumerate(self.groups.block(name).all_lanes()):
                 group = lane_name(f"{name}:read", lane)
-                if not self.groups.has_group(group) or not shrunk(self.groups, self.plan, group):  # shared
+                # lanes of one input have no read group of their own: the first lane's gathers for all
+                if not self.groups.has_group(group) or not shrunk(self.groups, self.plan, group):
                     continue
                 read = names[read_name]
                 point = read.args[0]

@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 
 from p3b_fx.core import meta
-from p3b_fx.core.pass_infra import GraphPass, PassResult, replace_node
+from p3b_fx.core.pass_infra import GraphPass, PassResult, param_copy, replace_node
 from passes.axis_rules import permute_dims
 
 POINTWISE_KEY = meta.POINTWISE_CONVS
@@ -48,11 +48,6 @@ def is_pointwise(module: nn.Module) -> bool:
     padding = module.padding
     no_pad = padding in ("valid", "same") or tuple(padding) == (0, 0)
     return module.kernel_size == (1, 1) and module.stride == (1, 1) and no_pad and module.groups == 1
-
-
-def _copy(param: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
-    """A new Parameter holding a copy of ``value`` (``param``'s values, reshaped), trained as ``param``."""
-    return nn.Parameter(value.clone(), requires_grad=param.requires_grad)
 
 
 _VIEW_METHODS = frozenset({"view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous",
@@ -89,18 +84,13 @@ def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
         if getattr(module, "inplace", False) is True:
             fresh = copy.copy(module)  # gm's own: the traced model keeps its in-place module
             setattr(fresh, "inplace", False)  # noqa: B010 - nn.Module types attributes as tensors
-            _set_module(gm, str(node.target), fresh)
+            gm.set_submodule(str(node.target), fresh)
     elif node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_"):
         name = str(node.target)[:-1]
         if hasattr(torch.Tensor, name):
             node.target = name
     elif node.op == "call_function" and node.kwargs.get("inplace") is True:
         node.kwargs = {**node.kwargs, "inplace": False}
-
-
-def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 @dataclass(frozen=True)
@@ -124,10 +114,10 @@ class PointwiseConvPass(GraphPass):
             conv = gm.get_submodule(path)
             assert isinstance(conv, nn.Conv2d)
             linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
-            linear.weight = _copy(conv.weight, conv.weight.detach()[:, :, 0, 0])
+            linear.weight = param_copy(conv.weight, conv.weight.detach()[:, :, 0, 0])
             if conv.bias is not None:
-                linear.bias = _copy(conv.bias, conv.bias.detach())
-            _set_module(gm, path, linear)
+                linear.bias = param_copy(conv.bias, conv.bias.detach())
+            gm.set_submodule(path, linear)
             converted.append(path)
             for node in nodes:
                 x = node.args[0]
@@ -206,10 +196,10 @@ class SlimConvPass(GraphPass):
             assert isinstance(linear, nn.Linear)
             bias = linear.bias is not None
             conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=bias, device="meta")
-            conv.weight = _copy(linear.weight, linear.weight.detach()[:, :, None, None])
+            conv.weight = param_copy(linear.weight, linear.weight.detach()[:, :, None, None])
             if linear.bias is not None:
-                conv.bias = _copy(linear.bias, linear.bias.detach())
-            _set_module(gm, path, conv)
+                conv.bias = param_copy(linear.bias, linear.bias.detach())
+            gm.set_submodule(path, conv)
             for x, idx, node, back in calls[path]:
                 src = x if idx is None else self._gathered(gm, x, idx, gathers)
                 with gm.graph.inserting_before(node):

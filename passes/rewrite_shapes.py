@@ -19,7 +19,7 @@ from torch import fx
 
 from p3b_fx.core import meta
 from p3b_fx.core.groups import GroupSet
-from p3b_fx.core.pass_infra import PassResult
+from p3b_fx.core.pass_infra import PassResult, is_split
 from passes.slim_common import PlanPass
 
 _RESHAPES = ("reshape", "view")
@@ -49,10 +49,7 @@ def _rewrite_split(node: fx.Node, groups: GroupSet, kept: dict[str, int]) -> boo
     """``split(sections, dim)`` with sizes baked in (TinyViT: ``split([key_dim, key_dim, val_dim],
     dim=3)`` of each head's q, k and v): each part's size becomes its kept size, read from the
     groups along ``dim`` of the ``getitem`` that takes the part."""
-    if not (
-        (node.op == "call_method" and node.target == "split")
-        or (node.op == "call_function" and node.target in (torch.split, torch.Tensor.split))
-    ):
+    if not is_split(node):
         return False
     sections = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
     dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)

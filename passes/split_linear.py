@@ -33,19 +33,15 @@ import torch
 from torch import fx, nn
 
 from p3b_fx.core import meta
-from p3b_fx.core.pass_infra import GraphPass, PassResult
+from p3b_fx.core.pass_infra import GraphPass, PassResult, is_split, param_copy
 from passes.axis_rules import permute_dims
 
 SPLIT_KEY = meta.SPLIT_LINEARS
-_SPLITS = (torch.split, torch.Tensor.split)
 
 
 def _split_args(node: fx.Node) -> tuple[fx.Node, list[int], int] | None:
     """(input, sections, dim) of a ``split`` into a list of int sections, else None."""
-    is_split = (node.op == "call_method" and node.target == "split") or (
-        node.op == "call_function" and node.target in _SPLITS
-    )
-    if not is_split or not node.args or not isinstance(node.args[0], fx.Node):
+    if not is_split(node) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     sections = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -99,15 +95,6 @@ def _linear_chain(gm: fx.GraphModule, x: fx.Node, dim: int) -> tuple[fx.Node, li
             return None
         pos = dims.index(pos)
     return (node, chain) if pos == dim % rank else None
-
-
-def _copy_rows(param: torch.Tensor, start: int, size: int) -> nn.Parameter:
-    return nn.Parameter(param.detach()[start : start + size].clone(), requires_grad=param.requires_grad)
-
-
-def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 @dataclass(frozen=True)
@@ -166,12 +153,12 @@ class SplitLinearPass(GraphPass):
         start = 0
         for size in sections:
             part = nn.Linear(linear.in_features, size, bias=linear.bias is not None, device="meta")
-            part.weight = _copy_rows(linear.weight, start, size)
+            part.weight = param_copy(linear.weight, linear.weight[start : start + size])
             if linear.bias is not None:
-                part.bias = _copy_rows(linear.bias, start, size)
+                part.bias = param_copy(linear.bias, linear.bias[start : start + size])
             sections_list.append(part)
             start += size
-        _set_module(gm, path, sections_list)
+        gm.set_submodule(path, sections_list)
         outs: list[fx.Node] = []
         with gm.graph.inserting_before(split):
             for i in range(len(sections)):
@@ -247,7 +234,7 @@ class FuseSplitPass(GraphPass):
         if len({w.shape[1:] for w in weights}) != 1 or len({b is None for b in biases}) != 1:
             return None
         first = parts[0]
-        weight = torch.cat([w.detach() for w in weights], 0)
+        weight = torch.cat(weights, 0)
         module: nn.Linear | nn.Conv2d
         if isinstance(first, nn.Linear):
             module = nn.Linear(first.in_features, weight.shape[0], bias=first.bias is not None, device="meta")
@@ -255,17 +242,16 @@ class FuseSplitPass(GraphPass):
             assert isinstance(first, nn.Conv2d)
             has_bias = first.bias is not None
             module = nn.Conv2d(first.in_channels, weight.shape[0], 1, bias=has_bias, device="meta")
-        module.weight = nn.Parameter(weight, requires_grad=first.weight.requires_grad)
+        module.weight = param_copy(first.weight, weight)
         if first.bias is not None:
-            bias = torch.cat([b.detach() for b in biases if b is not None], 0)
-            module.bias = nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+            module.bias = param_copy(first.bias, torch.cat([b for b in biases if b is not None], 0))
         return module
 
     @staticmethod
     def _rewrite(
         gm: fx.GraphModule, path: str, module: nn.Linear | nn.Conv2d, nodes: list[fx.Node], sizes: list[int]
     ) -> None:
-        _set_module(gm, path, module)
+        gm.set_submodule(path, module)
         axis = -1 if isinstance(module, nn.Linear) else 1
         first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
         with gm.graph.inserting_before(first):

@@ -115,6 +115,19 @@ def known_shape(node: object) -> tuple[int, ...] | None:
     return None
 
 
+def param_copy(param: torch.Tensor, value: torch.Tensor) -> torch.nn.Parameter:
+    """A new Parameter holding a copy of ``value`` (``param``'s values, sliced or reshaped), trained as
+    ``param`` is (a Parameter cannot be a view of another one's shape)."""
+    return torch.nn.Parameter(value.detach().clone(), requires_grad=param.requires_grad)
+
+
+def is_split(node: fx.Node) -> bool:
+    """``x.split(…)``, ``torch.split(x, …)`` or ``Tensor.split(x, …)``."""
+    return (node.op == "call_method" and node.target == "split") or (
+        node.op == "call_function" and node.target in (torch.split, torch.Tensor.split)
+    )
+
+
 def replace_node(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> None:
     """Point every user of ``old`` at ``new``, then erase ``old``.
 
